@@ -1,0 +1,58 @@
+"""`lora-studio train`, `models` and `data check`: fine-tune, see bases, check a data file."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import DataSettings, Recipe, field_help
+from . import add_overrides
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune an adapter from a YAML recipe",
+                       description="Fine-tune a LoRA adapter as a recipe says. Settings: "
+                       + "; ".join(f"{k}: {v}" for k, v in field_help().items()))
+    p.add_argument("recipe", help="a YAML recipe, e.g. recipes/smollm2-lora-cpu.yaml")
+    add_overrides(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.set_defaults(run=run_train)
+
+    p = sub.add_parser("models", help="list the base models available without a download")
+    p.set_defaults(run=run_models)
+
+    data = sub.add_parser("data", help="work with data files").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("check", help="parse a data file, detect its format and report problems")
+    p.add_argument("file", help="a .jsonl, .json, .csv or .parquet file, or a saved datasets folder")
+    p.add_argument("--format", default="auto", help="the row format, if not detected (default: auto)")
+    p.add_argument("--base-model", default=None, help="render examples with this model's chat template")
+    p.add_argument("--max-length", type=int, default=DataSettings.max_length, help="token limit per example")
+    p.set_defaults(run=run_data_check)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..training import train
+
+    recipe = Recipe.from_yaml(args.recipe, args.overrides)
+    result = train(recipe, resume=args.resume)
+    print(f"adapter: {result.adapter_dir}")
+    for key, value in result.metrics.items():
+        print(f"  {key}: {value}")
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from ..models import list_models
+
+    for row in list_models():
+        print(f"{row['name']:<48} {row['kind']:<15} {row['status']:<10} {row['detail']}")
+    return 0
+
+
+def run_data_check(args: argparse.Namespace) -> int:
+    from ..config import DEFAULT_BASE_MODEL
+    from ..data import check_file
+    from ..models import load_tokenizer, resolve_base
+
+    tokenizer = load_tokenizer(resolve_base(args.base_model or DEFAULT_BASE_MODEL).folder)
+    print("\n".join(check_file(args.file, tokenizer, args.format, args.max_length).lines()))
+    return 0

@@ -1,0 +1,311 @@
+"""The recipe: every setting of a fine-tuning run, as frozen dataclasses.
+
+A YAML file, `--set key=value` overrides and the web form all become one `Recipe`. Each field's
+help text is written once here and reused by the CLI and the UI. Field names follow PEFT and
+transformers where one exists, and are unique across sections so `--set max_steps=3` needs no
+section prefix (`--set train.max_steps=3` works too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+
+Quantization = Literal["none", "8bit", "4bit"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+DataFormat = Literal["auto", "messages", "alpaca", "prompt_completion", "text"]
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its help text kept in the metadata."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    base_model: str = _f(
+        DEFAULT_BASE_MODEL,
+        "The pretrained model to adapt: the built-in 'smollm2-135m-instruct', a Hugging Face hub id, "
+        "a local model folder or a .gguf file.",
+    )
+    quantization: Quantization = _f("none", "Load the frozen base in 4 or 8 bits (QLoRA) to save memory.")
+    dtype: DType = _f("auto", "Weight dtype; 'auto' picks bf16/fp16 on GPUs and fp32 on CPUs (faster there).")
+    device: Device = _f("auto", "Where to train; 'auto' picks CUDA, then MPS, then CPU.")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of base_model.")
+    trust_remote_code: bool = _f(False, "Run model code shipped with a hub model. Only for models you trust.")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = _f(16, "LoRA rank: the size of the low-rank update. Higher learns more and costs more.")
+    lora_alpha: int = _f(32, "LoRA scaling; the update is multiplied by lora_alpha / r.")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input during training.")
+    target_modules: list[str] | str = _f(
+        "all-linear", "Which linear layers get adapters: 'all-linear' or a list of module names."
+    )
+    layers: int | None = _f(
+        None,
+        "Adapt only the top N transformer blocks; the lower ones stay frozen and backward stops early "
+        "(faster). Empty adapts all blocks.",
+    )
+    use_dora: bool = _f(False, "Use DoRA (weight-decomposed LoRA).")
+    use_rslora: bool = _f(False, "Use rank-stabilised LoRA scaling (lora_alpha / sqrt(r)).")
+    modules_to_save: list[str] | None = _f(None, "Extra modules trained in full and saved with the adapter.")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    train_file: str = _f("", "Training data: .jsonl, .json, .csv, .parquet or a saved `datasets` folder.")
+    val_file: str | None = _f(None, "Validation data; when empty, val_fraction of train_file is held out.")
+    format: DataFormat = _f("auto", "Row format; 'auto' detects it from the fields of the first row.")
+    val_fraction: float = _f(0.1, "Share of train_file held out for validation when val_file is empty.")
+    max_length: int = _f(512, "Longest example in tokens; longer ones are truncated.")
+    system_prompt: str | None = _f(None, "A system message added to chat examples that have none.")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    output_dir: str = _f("", "The run folder; empty means runs/<recipe name>.")
+    num_train_epochs: float = _f(1.0, "Passes over the training data.")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: run num_train_epochs).")
+    per_device_train_batch_size: int = _f(8, "Examples per step on each device.")
+    gradient_accumulation_steps: int = _f(1, "Steps whose gradients are summed before each update.")
+    learning_rate: float = _f(2e-4, "Peak learning rate of the adapter weights.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _f(
+        "cosine", "How the learning rate changes over training."
+    )
+    warmup_ratio: float = _f(0.05, "Share of steps spent warming the learning rate up.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    eval_every_steps: int = _f(50, "Validate every N steps.")
+    save_every_steps: int | None = _f(
+        None, "Checkpoint every N steps; empty means at every validation (needed to keep the best)."
+    )
+    early_stopping_patience: int | None = _f(
+        3, "Stop when validation loss has not improved for N validations; empty disables it."
+    )
+    logging_steps: int = _f(5, "Record training loss every N steps.")
+    gradient_checkpointing: Literal["auto", "on", "off"] = _f(
+        "auto", "Recompute activations to save memory; 'auto' turns it on for GPUs only (it slows CPUs)."
+    )
+    seed: int = _f(42, "Random seed for data order, the validation split and adapter init.")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSettings,
+    "lora": LoraSettings,
+    "data": DataSettings,
+    "train": TrainSettings,
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "run"
+    model: ModelSettings = field(default_factory=ModelSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "recipe") -> Recipe:
+        """Build and validate a recipe; every problem is reported in one ConfigError."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+        problems: list[str] = []
+        name = raw.get("name", "run")
+        if not isinstance(name, str) or not name:
+            problems.append(f"name: expected a non-empty string, got {name!r}")
+        for key in raw:
+            if key != "name" and key not in SECTIONS:
+                problems.append(_unknown(key, ["name", *SECTIONS], "top-level key"))
+        sections = {}
+        for section, kind in SECTIONS.items():
+            values = raw.get(section) or {}
+            if not isinstance(values, dict):
+                problems.append(f"{section}: expected a mapping, got {type(values).__name__}")
+                values = {}
+            sections[section] = _build_section(kind, section, values, problems)
+        recipe = cls(name=name if isinstance(name, str) else "run", **sections)
+        problems.extend(recipe._cross_checks())
+        if problems:
+            raise ConfigError(f"{source} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+        return recipe
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
+        """Load a YAML recipe and apply `key=value` overrides; relative data paths follow the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if isinstance(raw, dict):
+            raw.setdefault("name", path.stem)
+            _resolve_data_paths(raw, path.parent)
+            raw = apply_overrides(raw, overrides or [])
+        return cls.from_dict(raw, source=str(path))
+
+    # --- views ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **overrides: Any) -> Recipe:
+        """A copy with plain-name overrides applied, e.g. `recipe.replace(max_steps=3)`."""
+        return Recipe.from_dict(apply_overrides(self.to_dict(), [f"{k}={v!r}" for k, v in overrides.items()]))
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output_dir or f"runs/{self.name}")
+
+    def _cross_checks(self) -> list[str]:
+        problems = []
+        if not self.data.train_file:
+            problems.append("train_file: required (a .jsonl/.json/.csv/.parquet file or a datasets folder)")
+        if not 0 <= self.data.val_fraction < 1:
+            problems.append(f"val_fraction: expected a number in [0, 1), got {self.data.val_fraction}")
+        for name in ("r", "lora_alpha"):
+            if getattr(self.lora, name) <= 0:
+                problems.append(f"{name}: must be positive, got {getattr(self.lora, name)}")
+        if self.lora.layers is not None and self.lora.layers <= 0:
+            problems.append(f"layers: must be a positive number of top blocks, got {self.lora.layers}")
+        for name in ("max_length", "per_device_train_batch_size", "gradient_accumulation_steps",
+                     "eval_every_steps", "logging_steps"):
+            value = getattr(self.data, name, None) or getattr(self.train, name, None)
+            if value is not None and value <= 0:
+                problems.append(f"{name}: must be positive, got {value}")
+        if self.train.learning_rate <= 0:
+            problems.append(f"learning_rate: must be positive, got {self.train.learning_rate}")
+        if self.train.max_steps == 0 or self.train.max_steps < -1:
+            problems.append(f"max_steps: expected -1 or a positive number, got {self.train.max_steps}")
+        save = self.train.save_every_steps
+        if save is not None and (save <= 0 or save % self.train.eval_every_steps):
+            problems.append(
+                f"save_every_steps: must be a positive multiple of eval_every_steps "
+                f"({self.train.eval_every_steps}) so the best checkpoint can be kept, got {save}"
+            )
+        return problems
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def field_help() -> dict[str, str]:
+    """Plain field name -> help text, for --help and the UI's hints."""
+    return {f.name: f.metadata["help"] for kind in SECTIONS.values() for f in fields(kind)}
+
+
+def field_section(name: str) -> str | None:
+    """The section that owns a plain field name (names are unique across sections)."""
+    for section, kind in SECTIONS.items():
+        if name in {f.name for f in fields(kind)}:
+            return section
+    return None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` strings (values parsed as YAML) to a raw recipe mapping."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"override {item!r}: expected key=value, e.g. max_steps=10")
+            continue
+        value = yaml.safe_load(text) if text.strip() else None
+        if key == "name":
+            raw["name"] = value
+            continue
+        section, _, name = key.rpartition(".")
+        section = section or field_section(name)
+        if section not in SECTIONS:
+            all_names = [f.name for kind in SECTIONS.values() for f in fields(kind)]
+            problems.append(_unknown(key, all_names, "setting"))
+            continue
+        raw.setdefault(section, {})
+        raw[section] = dict(raw[section] or {})
+        raw[section][name] = value
+    if problems:
+        raise ConfigError("bad override(s):\n  - " + "\n  - ".join(problems))
+    return raw
+
+
+def _build_section(kind: type, section: str, values: dict[str, Any], problems: list[str]) -> Any:
+    hints = typing.get_type_hints(kind)
+    known = {f.name for f in fields(kind)}
+    good = {}
+    for key, value in values.items():
+        if key not in known:
+            problems.append(_unknown(f"{section}.{key}", [f"{section}.{k}" for k in known], "setting"))
+        elif not _matches(value, hints[key]):
+            problems.append(f"{key}: expected {_describe(hints[key])}, got {value!r}")
+        else:
+            good[key] = float(value) if hints[key] is float else value
+    return kind(**good)
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {type(None): "empty (null)", int: "an integer", float: "a number", bool: "true/false",
+            str: "a string"}.get(tp, str(tp))
+
+
+def _unknown(key: str, valid: list[str], what: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(valid))}"
+    return f"unknown {what} {key!r}{hint}"
+
+
+def _resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make relative data paths in a recipe file relative to the file, not the shell's folder."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    for key in ("train_file", "val_file"):
+        value = data.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            candidate = base / value
+            if candidate.exists() or not Path(value).exists():
+                data[key] = str(candidate)

@@ -1,0 +1,21 @@
+"""The errors LoRA Studio raises for things a user can fix.
+
+Each message says what was given, what was expected and what to do next. The CLI prints them
+as one line without a traceback; the UI shows them in the page.
+"""
+
+
+class LoraStudioError(Exception):
+    """Base class: a problem the user can act on (bad input, missing file, unreachable model)."""
+
+
+class ConfigError(LoraStudioError):
+    """A recipe or override is invalid."""
+
+
+class DataError(LoraStudioError):
+    """A data file cannot be used for training."""
+
+
+class ModelError(LoraStudioError):
+    """A base model or adapter cannot be resolved or loaded."""

@@ -1,0 +1,266 @@
+"""Fine-tuning: one recipe in, one run folder with a finished adapter out.
+
+    recipe = Recipe.from_yaml("recipes/smollm2-lora-cpu.yaml", ["max_steps=20"])
+    result = train(recipe)          # -> RunResult(run_dir, adapter_dir, metrics)
+
+The run folder is self-describing, so anyone can rerun or resume a job from it alone:
+    config.yaml        the resolved recipe, every default filled in
+    data_report.json   duplicates, leakage, imbalance and truncation of the data
+    metrics.jsonl      one line per log/validation: step, loss, val_loss, learning rate, tokens/s
+    status.json        running / succeeded / failed, with timestamps and the error
+    train.log          the log
+    checkpoints/       periodic Trainer checkpoints (for --resume)
+    adapter/           the final (best) adapter; appears only when complete
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .adapters import attach_lora, save_adapter
+from .config import Recipe
+from .data import PreparedData, prepare
+from .errors import LoraStudioError
+from .models import BaseModelRef, load_base, load_tokenizer, model_fingerprint, pick_device, resolve_base
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    adapter_dir: Path
+    metrics: dict[str, Any]
+
+
+def train(recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> RunResult:
+    """Fine-tune a LoRA adapter as the recipe says and return where it was written.
+
+    `callbacks` are extra transformers TrainerCallbacks (the job service uses them for progress
+    and cancellation). With `resume`, training continues from the run folder's last checkpoint.
+    """
+    run_dir = recipe.output_dir
+    ref = resolve_base(recipe.model.base_model, recipe.model.revision)
+    tokenizer = load_tokenizer(ref.folder, recipe.model.trust_remote_code)
+    data = prepare(recipe.data, tokenizer, recipe.train.seed)  # bad data fails here, before anything is written
+    checkpoint = _last_checkpoint(run_dir) if resume else None
+
+    _start_run_folder(run_dir, recipe, data, resumed=resume)
+    handler = _log_to_file(run_dir / "train.log")
+    try:
+        model, tokenizer, ref = load_base(recipe.model)
+        model = attach_lora(model, recipe.lora, _use_gradient_checkpointing(recipe))
+        trainer = build_trainer(recipe, model, tokenizer, data, callbacks)
+        _log_start(recipe, model, data)
+        try:
+            output = trainer.train(resume_from_checkpoint=checkpoint)
+        except (RuntimeError, OSError, ValueError, KeyError) as e:
+            if checkpoint is None:
+                raise
+            raise LoraStudioError(f"cannot resume from {checkpoint}: it is damaged or incomplete ({e}). "
+                                  "Delete that checkpoint folder to resume from the one before it.") from None
+        metrics = _final_metrics(trainer, output, data)
+        adapter_dir = save_adapter(trainer.model, tokenizer, run_dir / "adapter",
+                                   _adapter_metadata(recipe, ref, data, metrics))
+        _write_status(run_dir, "succeeded", metrics=metrics, adapter=str(adapter_dir))
+        log.info("adapter saved to %s", adapter_dir)
+        return RunResult(run_dir, adapter_dir, metrics)
+    except BaseException as e:
+        _write_status(run_dir, "cancelled" if isinstance(e, KeyboardInterrupt) else "failed",
+                      error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def build_trainer(recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData, callbacks: Sequence[Any] = ()) -> Any:
+    """TRL's SFTTrainer set up from the recipe: the one place training arguments are chosen."""
+    from datasets import Dataset
+    from transformers import EarlyStoppingCallback
+    from trl import SFTConfig, SFTTrainer
+
+    t, run_dir = recipe.train, recipe.output_dir
+    has_val = bool(data.val)
+    device = pick_device(recipe.model.device)
+    dtype = str(next(p for p in model.parameters()).dtype)
+    args = SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a share of all steps
+        weight_decay=t.weight_decay,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=t.eval_every_steps,
+        save_strategy="steps",
+        save_steps=t.save_every_steps or t.eval_every_steps,
+        save_total_limit=2,
+        load_best_model_at_end=has_val,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        # TRL defaults to bf16 even on CPUs, where it is ~12x slower: follow the model's dtype instead.
+        bf16="bfloat16" in dtype and device != "cpu",
+        fp16="float16" in dtype and "bfloat16" not in dtype,
+        use_cpu=device == "cpu",
+        gradient_checkpointing=_use_gradient_checkpointing(recipe),
+        max_length=recipe.data.max_length,
+        packing=False,
+        train_sampling_strategy="group_by_length",  # less padding per batch
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        seed=t.seed,
+        data_seed=t.seed,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+    columns = ("input_ids", "labels")
+    extra = [EarlyStoppingCallback(t.early_stopping_patience)] if has_val and t.early_stopping_patience else []
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in data.train]),
+        eval_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in data.val]) if has_val else None,
+        processing_class=tokenizer,
+        callbacks=[MetricsLog(run_dir / "metrics.jsonl"), *extra, *callbacks],
+    )
+
+
+def _use_gradient_checkpointing(recipe: Recipe) -> bool:
+    choice = recipe.train.gradient_checkpointing
+    return choice == "on" or (choice == "auto" and pick_device(recipe.model.device) == "cuda")
+
+
+class MetricsLog(TrainerCallback):
+    """Appends one JSON line per log event to metrics.jsonl, with tokens/s since the last one."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._last = (time.time(), 0)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        row: dict[str, Any] = {"step": state.global_step, "max_steps": state.max_steps,
+                               "epoch": round(state.epoch or 0, 4), "time": round(time.time(), 3)}
+        names = {"loss": "loss", "eval_loss": "val_loss", "learning_rate": "learning_rate",
+                 "grad_norm": "grad_norm", "train_loss": "train_loss"}
+        row.update({ours: logs[theirs] for theirs, ours in names.items() if theirs in logs})
+        if "loss" in logs:
+            now, seen = time.time(), state.num_input_tokens_seen
+            row["tokens_per_second"] = round((seen - self._last[1]) / max(now - self._last[0], 1e-9), 1)
+            self._last = (now, seen)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._last = (time.time(), state.num_input_tokens_seen)
+
+
+# --- run folder --------------------------------------------------------------------------------
+def _start_run_folder(run_dir: Path, recipe: Recipe, data: PreparedData, resumed: bool) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(run_dir / "config.yaml", recipe.to_yaml())
+    _atomic_write(run_dir / "data_report.json", json.dumps(dataclasses.asdict(data.report), indent=2))
+    if not resumed:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    _write_status(run_dir, "running", resumed=resumed)
+
+
+def _write_status(run_dir: Path, state: str, **fields: Any) -> None:
+    path = run_dir / "status.json"
+    status = json.loads(path.read_text()) if path.is_file() else {}
+    status.update(state=state, updated_at=time.time(), **fields)
+    if state == "running":
+        status.pop("error", None)
+        status.setdefault("started_at", time.time())
+    _atomic_write(path, json.dumps(status, indent=2, default=str))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _last_checkpoint(run_dir: Path) -> str:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = run_dir / "checkpoints"
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if last is None:
+        raise LoraStudioError(f"nothing to resume: {folder} has no checkpoint yet; start the run without --resume")
+    return last
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    return handler
+
+
+def _log_start(recipe: Recipe, model: Any, data: PreparedData) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("training %s: %s trainable of %s parameters (%.2f%%)", recipe.name, f"{trainable:,}", f"{total:,}",
+             100 * trainable / total)
+    for line in data.report.lines():
+        log.info("data %s", line)
+
+
+def _final_metrics(trainer: Any, output: Any, data: PreparedData) -> dict[str, Any]:
+    state = trainer.state
+    metrics = {"global_step": state.global_step, "train_loss": output.training_loss,
+               "train_runtime_s": output.metrics.get("train_runtime"),
+               "tokens_per_second": _tokens_per_second(state, output)}
+    if data.val:
+        metrics["best_val_loss"] = state.best_metric
+        metrics["best_checkpoint"] = state.best_model_checkpoint and Path(state.best_model_checkpoint).name
+        metrics["val_loss"] = trainer.evaluate()["eval_loss"]
+    return metrics
+
+
+def _tokens_per_second(state: Any, output: Any) -> float | None:
+    runtime = output.metrics.get("train_runtime")
+    return round(state.num_input_tokens_seen / runtime, 1) if runtime else None
+
+
+def _adapter_metadata(recipe: Recipe, ref: BaseModelRef, data: PreparedData, metrics: dict) -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    from . import __version__
+
+    return {
+        "lora_studio_version": __version__,
+        "base_model": recipe.model.base_model,
+        "base_model_hash": model_fingerprint(ref.folder),
+        "recipe": recipe.to_dict(),
+        "data_fingerprint": data.fingerprint,
+        "data_report": dataclasses.asdict(data.report),
+        "metrics": metrics,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__, "trl": trl.__version__},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
