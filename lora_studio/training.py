@@ -70,10 +70,12 @@ def train(recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = ()
             raise LoraStudioError(f"cannot resume from {checkpoint}: it is damaged or incomplete ({e}). "
                                   "Delete that checkpoint folder to resume from the one before it.") from None
         metrics = _final_metrics(trainer, output, data)
-        adapter_dir = save_adapter(trainer.model, tokenizer, run_dir / "adapter",
-                                   _adapter_metadata(recipe, ref, data, metrics))
-        _write_status(run_dir, "succeeded", metrics=metrics, adapter=str(adapter_dir))
-        log.info("adapter saved to %s", adapter_dir)
+        adapter_dir = run_dir / "adapter"
+        if _is_main_process():  # with several processes (accelerate launch), rank 0 writes the adapter
+            save_adapter(trainer.model, tokenizer, adapter_dir, _adapter_metadata(recipe, ref, data, metrics))
+            _write_status(run_dir, "succeeded", metrics=metrics, adapter=str(adapter_dir))
+            log.info("adapter saved to %s", adapter_dir)
+        trainer.accelerator.wait_for_everyone()
         return RunResult(run_dir, adapter_dir, metrics)
     except BaseException as e:
         _write_status(run_dir, "cancelled" if isinstance(e, KeyboardInterrupt) else "failed",
@@ -173,7 +175,15 @@ class MetricsLog(TrainerCallback):
 
 
 # --- run folder --------------------------------------------------------------------------------
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def _start_run_folder(run_dir: Path, recipe: Recipe, data: PreparedData, resumed: bool) -> None:
+    if not _is_main_process():
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(run_dir / "config.yaml", recipe.to_yaml())
     _atomic_write(run_dir / "data_report.json", json.dumps(dataclasses.asdict(data.report), indent=2))
@@ -183,6 +193,8 @@ def _start_run_folder(run_dir: Path, recipe: Recipe, data: PreparedData, resumed
 
 
 def _write_status(run_dir: Path, state: str, **fields: Any) -> None:
+    if not _is_main_process():
+        return
     path = run_dir / "status.json"
     status = json.loads(path.read_text()) if path.is_file() else {}
     status.update(state=state, updated_at=time.time(), **fields)
@@ -209,7 +221,8 @@ def _last_checkpoint(run_dir: Path) -> str:
 
 
 def _log_to_file(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path) if _is_main_process() else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
