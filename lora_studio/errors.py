@@ -19,3 +19,7 @@ class DataError(LoraStudioError):
 
 class ModelError(LoraStudioError):
     """A base model or adapter cannot be resolved or loaded."""
+
+
+class RequestError(LoraStudioError):
+    """A chat or generation request is invalid (messages, generation settings, prompt too long)."""
