@@ -68,8 +68,11 @@ class GenerationSettings:
 
     def problems(self) -> list[str]:
         out = []
-        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
-                or self.max_new_tokens < 1:
+        if (
+            not isinstance(self.max_new_tokens, int)
+            or isinstance(self.max_new_tokens, bool)
+            or self.max_new_tokens < 1
+        ):
             out.append(f"max_new_tokens: expected a positive integer, got {self.max_new_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 2:
             out.append(f"temperature: expected a number from 0 (greedy) to 2, got {self.temperature!r}")
@@ -122,10 +125,13 @@ class Generation:
 
     # called from the generating thread ---------------------------------------------------------
     def _should_stop(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self._cancelled.is_set(), dtype=torch.bool,
-                          device=input_ids.device)
+        return torch.full(
+            (input_ids.shape[0],), self._cancelled.is_set(), dtype=torch.bool, device=input_ids.device
+        )
 
-    def _finish(self, completion: list[int] | None, stop_ids: Sequence[int], error: BaseException | None) -> None:
+    def _finish(
+        self, completion: list[int] | None, stop_ids: Sequence[int], error: BaseException | None
+    ) -> None:
         if completion is not None:
             self.completion_tokens = len(completion)
             self.finish_reason = "stop" if completion and completion[-1] in stop_ids else "length"
@@ -149,14 +155,20 @@ class InferenceEngine:
         self._lock = threading.Lock()
         self._base_hash: str | None = None
         if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ModelError(f"{settings.base_model!r} has no chat template, so it cannot chat; "
-                             "use an instruction-tuned base model (one whose tokenizer has a chat_template)")
+            raise ModelError(
+                f"{settings.base_model!r} has no chat template, so it cannot chat; "
+                "use an instruction-tuned base model (one whose tokenizer has a chat_template)"
+            )
         self.stop_ids = stop_token_ids(self.tokenizer, model.generation_config)
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
 
     @classmethod
-    def from_adapters(cls, adapter_dirs: Sequence[str | Path], names: Sequence[str] | None = None,
-                      base: str | ModelSettings | None = None) -> InferenceEngine:
+    def from_adapters(
+        cls,
+        adapter_dirs: Sequence[str | Path],
+        names: Sequence[str] | None = None,
+        base: str | ModelSettings | None = None,
+    ) -> InferenceEngine:
         """An engine on the base the first adapter was trained on, with every adapter loaded."""
         if not adapter_dirs and base is None:
             raise ModelError("no adapter folder and no base model given: name at least one of them")
@@ -220,7 +232,8 @@ class InferenceEngine:
                 f"adapter {folder} was trained on base model {meta.get('base_model')!r} "
                 f"(weights hash {str(expected)[:12]}), but this engine runs {self.settings.base_model!r} "
                 f"(hash {self._base_hash[:12]}). Load it on its own base model (base_model: "
-                f"{meta.get('base_model')!r}) or retrain it on this one.")
+                f"{meta.get('base_model')!r}) or retrain it on this one."
+            )
 
     def activate(self, adapter: str | None) -> float:
         """Make `adapter` (None: the plain base) active; returns the seconds the switch took.
@@ -253,13 +266,21 @@ class InferenceEngine:
     def encode_chat(self, messages: Sequence[dict[str, Any]]) -> torch.Tensor:
         """The prompt's token ids (1 x n) as the chat template renders it, ready for the answer."""
         checked = check_messages(messages)
-        ids = self.tokenizer.apply_chat_template(checked, add_generation_prompt=True, return_tensors="pt",
-                                                 return_dict=True)["input_ids"]
+        ids = self.tokenizer.apply_chat_template(
+            checked, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
         return ids
 
-    def start(self, messages: Sequence[dict[str, Any]], adapter: str | None = None, *,
-              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
-              seed: int | None = None) -> Generation:
+    def start(
+        self,
+        messages: Sequence[dict[str, Any]],
+        adapter: str | None = None,
+        *,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Generation:
         """Start generating a reply in a background thread and return it as a `Generation`."""
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
@@ -274,18 +295,26 @@ class InferenceEngine:
         if self.context_length and prompt_len + max_new_tokens > self.context_length:
             raise RequestError(
                 f"the prompt is {prompt_len} tokens and max_new_tokens is {max_new_tokens}: together they "
-                f"exceed the model's context of {self.context_length} tokens; shorten the chat or ask for fewer")
+                f"exceed the model's context of {self.context_length} tokens; shorten the chat or ask for fewer"
+            )
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         reply = Generation(streamer, prompt_len, adapter)
         kwargs = {
-            "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-            "max_new_tokens": max_new_tokens, "streamer": streamer,
-            "eos_token_id": self.stop_ids, "pad_token_id": self.tokenizer.pad_token_id,
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "max_new_tokens": max_new_tokens,
+            "streamer": streamer,
+            "eos_token_id": self.stop_ids,
+            "pad_token_id": self.tokenizer.pad_token_id,
             "stopping_criteria": StoppingCriteriaList([reply._should_stop]),
             **sampling_kwargs(gen_settings),
         }
-        thread = threading.Thread(target=self._generate, args=(reply, kwargs, gen_settings.seed), daemon=True,
-                                  name=f"generate-{adapter or 'base'}")
+        thread = threading.Thread(
+            target=self._generate,
+            args=(reply, kwargs, gen_settings.seed),
+            daemon=True,
+            name=f"generate-{adapter or 'base'}",
+        )
         thread.start()
         return reply
 
@@ -301,25 +330,41 @@ class InferenceEngine:
                     torch.manual_seed(seed)
                 with context, torch.inference_mode():
                     out = model.generate(**kwargs)
-            completion = out[0, kwargs["input_ids"].shape[1]:].tolist()
+            completion = out[0, kwargs["input_ids"].shape[1] :].tolist()
         except BaseException as e:  # handed to the reader, who raises it
             error = e
         reply._finish(completion, self.stop_ids, error)
 
-    def stream_chat(self, messages: Sequence[dict[str, Any]], adapter: str | None = None, *,
-                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
-                    seed: int | None = None) -> Iterator[str]:
+    def stream_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        adapter: str | None = None,
+        *,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Iterator[str]:
         """The reply's text, piece by piece as it is generated (adapter None: the base model)."""
-        reply = self.start(messages, adapter, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, seed=seed)
+        reply = self.start(
+            messages, adapter, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
         yield from reply
 
-    def chat(self, messages: Sequence[dict[str, Any]], adapter: str | None = None, *,
-             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int | None = None) -> str:
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        adapter: str | None = None,
+        *,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> str:
         """The whole reply as one string."""
-        return self.start(messages, adapter, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p, seed=seed).wait()
+        return self.start(
+            messages, adapter, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        ).wait()
 
     def logits(self, input_ids: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
         """Next-token logits at every position (float32, on the CPU), for checks and comparisons."""
@@ -354,8 +399,12 @@ def sampling_kwargs(settings: GenerationSettings) -> dict[str, Any]:
     """`generate` arguments for these settings; greedy decoding when temperature is 0."""
     if settings.temperature == 0:
         return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    return {"do_sample": True, "temperature": float(settings.temperature), "top_p": float(settings.top_p),
-            "top_k": None}
+    return {
+        "do_sample": True,
+        "temperature": float(settings.temperature),
+        "top_p": float(settings.top_p),
+        "top_k": None,
+    }
 
 
 def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
@@ -381,7 +430,8 @@ def end_of_turn_token_id(tokenizer: Any) -> int | None:
     marker = "L0RA-STUDIO-END-MARKER"
     try:
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
     except Exception:  # a template that refuses this shape: fall back to the EOS ids alone
         return None
     after = text.split(marker, 1)[-1] if marker in text else ""
