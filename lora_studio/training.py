@@ -176,9 +176,9 @@ class MetricsLog(TrainerCallback):
 
 # --- run folder --------------------------------------------------------------------------------
 def _is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    # torchrun / accelerate launch set RANK; asking accelerate's PartialState here instead would
+    # initialise it before the Trainer does, without the CPU flag, and lose the process group.
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _start_run_folder(run_dir: Path, recipe: Recipe, data: PreparedData, resumed: bool) -> None:
@@ -242,7 +242,8 @@ def _log_start(recipe: Recipe, model: Any, data: PreparedData) -> None:
 
 def _final_metrics(trainer: Any, output: Any, data: PreparedData) -> dict[str, Any]:
     state = trainer.state
-    metrics = {"global_step": state.global_step, "train_loss": output.training_loss,
+    metrics = {"global_step": state.global_step, "world_size": trainer.args.world_size,
+               "train_loss": output.training_loss,
                "train_runtime_s": output.metrics.get("train_runtime"),
                "tokens_per_second": _tokens_per_second(state, output)}
     if data.val:
