@@ -1,0 +1,65 @@
+"""`lora-studio ui`: serve the web UI (loopback only unless --host says otherwise)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ui",
+        help="start the web UI (train, watch, chat, compare, export in a browser)",
+        description="Start the LoRA Studio web UI. It binds 127.0.0.1 unless --host is given; "
+        "use --auth when it is reachable from other machines.",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
+    )
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login for every page")
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=None,
+        help="largest data file a user may upload, in MB (default: 200)",
+    )
+    p.set_defaults(run=run_ui)
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError(f"--auth: expected USER:PASSWORD with both parts non-empty, got {value!r}")
+    return user, password
+
+
+def run_ui(args: argparse.Namespace) -> int:
+    auth = parse_auth(args.auth)
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port: expected a port number from 1 to 65535, got {args.port}")
+    if args.max_upload_mb is not None and args.max_upload_mb <= 0:
+        raise ConfigError(f"--max-upload-mb: expected a positive size, got {args.max_upload_mb}")
+    from ..models import studio_home
+
+    # Before gradio is imported: its uploads go under the studio's folder, and it phones no one.
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(studio_home() / "gradio"))
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from ui.app import build_app, launch
+    from ui.uploads import DEFAULT_MAX_UPLOAD_MB
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
+        log.warning(
+            "serving on %s without --auth: anyone who can reach this address can train and download models",
+            args.host,
+        )
+    max_mb = args.max_upload_mb or DEFAULT_MAX_UPLOAD_MB
+    launch(build_app(max_upload_mb=max_mb), host=args.host, port=args.port, auth=auth, max_upload_mb=max_mb)
+    return 0

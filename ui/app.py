@@ -1,0 +1,68 @@
+"""The LoRA Studio web app: four tabs over the library.
+
+    from ui.app import build_app, launch
+    launch(build_app(), host="127.0.0.1", port=7860)
+
+`build_app()` only lays out components and wires handlers: it loads no model, starts no job and
+touches no file, so tests can build it freely. Training runs in the job service's worker
+process; the page watches it through the job store.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from lora_studio.models import studio_home
+
+from . import data_tab
+from .uploads import DEFAULT_MAX_UPLOAD_MB
+
+CSS = """
+.ls-sample pre { white-space: pre-wrap; font-size: 0.85em; margin: 0.2em 0 0.8em; }
+.ls-sample-title { font-weight: 600; font-size: 0.85em; opacity: 0.7; }
+mark.ls-learn { background: #c8f7c5; color: #111; border-radius: 3px; }
+.ls-legend { font-size: 0.85em; opacity: 0.8; }
+"""
+
+
+def build_app(max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> gr.Blocks:
+    max_upload_bytes = int(max_upload_mb * 2**20)
+    with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as app:
+        gr.Markdown(
+            "# LoRA Studio\nFine-tune a language model on your own data, watch it train, "
+            "chat with the result and export it."
+        )
+        with gr.Tabs():
+            with gr.Tab("Data", id="data"):
+                data_tab.build(max_upload_bytes)
+    return app
+
+
+def launch(
+    app: gr.Blocks,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    auth: tuple[str, str] | None = None,
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    block: bool = True,
+) -> None:
+    """Serve the app: loopback by default, never a public share link, only the studio's exports served."""
+    exports = studio_home() / "exports"
+    exports.mkdir(parents=True, exist_ok=True)
+    app.queue(default_concurrency_limit=4)
+    app.launch(
+        server_name=host,
+        server_port=port,
+        auth=auth,
+        share=False,
+        max_file_size=int(max_upload_mb * 2**20),
+        allowed_paths=[str(exports)],
+        css=CSS,
+        footer_links=["api"],
+        prevent_thread_lock=not block,
+        quiet=False,
+        show_error=False,
+        ssr_mode=False,
+        mcp_server=False,
+        enable_monitoring=False,
+    )
