@@ -23,3 +23,11 @@ class ModelError(LoraStudioError):
 
 class RequestError(LoraStudioError):
     """A chat or generation request is invalid (messages, generation settings, prompt too long)."""
+
+
+class JobError(LoraStudioError):
+    """A job cannot be found or changed as asked (unknown id, already finished, nothing to resume)."""
+
+
+class TrainingCancelled(LoraStudioError):
+    """Training stopped on request at a step boundary, after saving a checkpoint it can resume from."""

@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 from .adapters import attach_lora, save_adapter
 from .config import Recipe
 from .data import PreparedData, prepare
-from .errors import LoraStudioError
+from .errors import LoraStudioError, TrainingCancelled
 from .models import BaseModelRef, load_base, load_tokenizer, model_fingerprint, pick_device, resolve_base
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ def train(recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = ()
         trainer.accelerator.wait_for_everyone()
         return RunResult(run_dir, adapter_dir, metrics)
     except BaseException as e:
-        _write_status(run_dir, "cancelled" if isinstance(e, KeyboardInterrupt) else "failed",
+        # TrainingCancelled comes from a callback (the job service) after it saved a checkpoint.
+        _write_status(run_dir, "cancelled" if isinstance(e, (KeyboardInterrupt, TrainingCancelled)) else "failed",
                       error=f"{type(e).__name__}: {e}")
         raise
     finally:

@@ -1,0 +1,507 @@
+"""Training as a service: a persistent job queue in SQLite, run by a separate worker process.
+
+    store = JobStore()                         # <LORA_STUDIO_HOME>/jobs.sqlite
+    job_id = store.submit("recipes/smollm2-lora-cpu.yaml", ["max_steps=20"])  # validated, queued
+    store.ensure_worker()                      # starts a detached `lora-studio worker` if none is alive
+    job = store.get(job_id)                    # Job: state, step/total_steps, eta_seconds, metrics, ...
+    points = store.metrics(job_id)             # [{"step": 5, "loss": 2.1, ...}, {"step": 10, "val_loss": ...}]
+    text, offset = store.read_log(job_id)      # the job's log so far; pass offset back to get only what is new
+    store.cancel(job_id)                       # queued: never runs; running: checkpoint at the next step, then stops
+    store.resume(job_id)                       # interrupted/cancelled/failed: queued again, continues from its checkpoint
+
+Public API (stable; the CLI and the web UI use only this): `JobStore(path=None)` with `submit`,
+`list`, `get`, `metrics`, `read_log`, `cancel`, `resume`, `recover`, `ensure_worker`,
+`worker_pid`; the `Job` dataclass; `JOB_STATES`. The methods under "worker side" are for
+`lora_studio.worker` only.
+
+States: queued -> running -> succeeded | failed | cancelled | interrupted. A running job whose
+process died (killed, out of memory, machine restart) is marked interrupted as soon as anyone
+reads the store (its pid is gone) or its heartbeat is older than `heartbeat_timeout`.
+`resume` puts interrupted, cancelled and failed jobs back in the queue; they continue from
+their run folder's last checkpoint (at most one checkpoint interval of work is lost).
+
+Each job's run folder is `<home>/runs/<job id>` unless its recipe sets output_dir; it holds
+what `training.train` writes, plus `job.log` (everything the job process printed). Every state
+change is one transaction (`BEGIN IMMEDIATE`), guarded by the job's attempt number, so a late
+write from a superseded process never overwrites a newer attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .config import DEFAULT_BASE_MODEL, Recipe
+from .errors import ConfigError, JobError
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
+JOB_STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+FINISHED_STATES = ("succeeded", "failed", "cancelled")
+RESUMABLE_STATES = ("interrupted", "cancelled", "failed")
+HEARTBEAT_SECONDS = 2.0  # how often a job process says it is alive
+LOG_FILE = "job.log"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,     -- submission order
+    id TEXT UNIQUE NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    recipe TEXT NOT NULL,                      -- the resolved recipe as JSON, paths absolute
+    run_dir TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    queued_at REAL NOT NULL,                   -- first in, first out by this (resume re-queues)
+    started_at REAL,
+    finished_at REAL,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER,
+    seconds_per_step REAL,
+    progress_at REAL,
+    metrics TEXT NOT NULL DEFAULT '{}',        -- the latest value of each metric
+    adapter_dir TEXT,
+    error TEXT,
+    resume INTEGER NOT NULL DEFAULT 0,         -- the next run continues from the last checkpoint
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    attempt INTEGER NOT NULL DEFAULT 0,        -- bumped by every claim
+    pid INTEGER,
+    host TEXT,
+    heartbeat_at REAL
+);
+CREATE TABLE IF NOT EXISTS metrics (job_id TEXT NOT NULL, step INTEGER NOT NULL, row TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS metrics_by_job ON metrics (job_id, step);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training job as the store last saw it (times are Unix seconds)."""
+
+    id: str
+    name: str
+    state: JobState
+    recipe: dict[str, Any]
+    run_dir: Path
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    step: int
+    total_steps: int | None
+    eta_seconds: float | None  # running jobs only, from this attempt's seconds per step
+    metrics: dict[str, Any]  # latest loss, val_loss, learning_rate, tokens_per_second; final metrics when done
+    adapter_dir: Path | None  # set when succeeded
+    error: str | None  # why it failed, or how it was interrupted
+    log_path: Path
+    cancel_requested: bool
+    attempts: int  # how many times a worker started it
+    resumes_from_checkpoint: bool  # its next (or current) run continues from the last checkpoint
+    heartbeat_at: float | None
+    queue_position: int | None  # 1 = next to start; None unless queued
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+    @property
+    def progress(self) -> float | None:
+        """Share of steps done, 0..1, when the total is known."""
+        return min(self.step / self.total_steps, 1.0) if self.total_steps else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly view (paths as strings)."""
+        row = dataclasses.asdict(self)
+        row.update({k: str(v) for k, v in row.items() if isinstance(v, Path)}, progress=self.progress)
+        return row
+
+
+class JobStore:
+    """The job queue: one SQLite file (WAL mode) that callers, the worker and job processes share."""
+
+    def __init__(self, path: str | Path | None = None, *, heartbeat_timeout: float = 120.0):
+        path = Path(path) if path is not None else _studio_home() / "jobs.sqlite"
+        self.path = Path(path).expanduser().resolve()
+        self.home = self.path.parent
+        self.heartbeat_timeout = heartbeat_timeout
+        self.home.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+        self.recover()  # a store opening is a service starting: settle jobs of processes that died
+
+    # --- submitting and reading -----------------------------------------------------------------
+    def submit(self, recipe: Recipe | dict[str, Any] | str | Path, overrides: Sequence[str] = ()) -> str:
+        """Validate a recipe (a Recipe, a mapping or a YAML path) and queue it; returns the job id.
+
+        Bad recipes (unknown keys, wrong types, a missing or unreadable data file) raise
+        ConfigError/DataError here and never enter the queue.
+        """
+        job_id = uuid.uuid4().hex[:10]
+        recipe = _pin_paths(_as_recipe(recipe, overrides), self.home / "runs" / job_id)
+        _check_data(recipe)
+        now = time.time()
+        with self._transaction() as db:
+            clash = db.execute("SELECT id FROM jobs WHERE run_dir = ? AND state IN ('queued', 'running', "
+                               "'interrupted')", (str(recipe.output_dir),)).fetchone()
+            if clash:
+                raise ConfigError(f"job {clash[0]} already uses the run folder {recipe.output_dir}; "
+                                  "set a different output_dir, or leave it empty for a fresh folder per job")
+            db.execute("INSERT INTO jobs (id, name, state, recipe, run_dir, created_at, queued_at) "
+                       "VALUES (?, ?, 'queued', ?, ?, ?, ?)",
+                       (job_id, recipe.name, json.dumps(recipe.to_dict()), str(recipe.output_dir), now, now))
+        return job_id
+
+    def list(self, states: Sequence[str] | None = None, limit: int | None = None) -> list[Job]:
+        """Jobs, newest first, optionally only those in `states`."""
+        self.recover()
+        query, args = "SELECT * FROM jobs", []
+        if states:
+            query += f" WHERE state IN ({', '.join('?' * len(states))})"
+            args.extend(states)
+        query += " ORDER BY seq DESC" + (f" LIMIT {int(limit)}" if limit else "")
+        with self._connect() as db:
+            rows = db.execute(query, args).fetchall()
+            queue = _queue_positions(db)
+        return [_to_job(row, queue) for row in rows]
+
+    def get(self, job_id: str) -> Job:
+        """One job by id (a unique prefix of the id works too)."""
+        self.recover()
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (self._full_id(db, job_id),)).fetchone()
+            return _to_job(row, _queue_positions(db))
+
+    def metrics(self, job_id: str) -> list[dict[str, Any]]:
+        """Every logged metrics row of a job, in step order (what a loss plot needs)."""
+        with self._connect() as db:
+            rows = db.execute("SELECT row FROM metrics WHERE job_id = ? ORDER BY step, rowid",
+                              (self._full_id(db, job_id),)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def read_log(self, job_id: str, offset: int = 0) -> tuple[str, int]:
+        """The job's log from byte `offset` on, and the offset to pass next time."""
+        path = self.get(job_id).log_path
+        if not path.is_file():
+            return "", offset
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+        return data.decode("utf-8", errors="replace"), offset + len(data)
+
+    # --- changing jobs ----------------------------------------------------------------------------
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a job: a queued or interrupted one at once; a running one at its next step (after a checkpoint)."""
+        with self._transaction() as db:
+            job_id = self._full_id(db, job_id)
+            (state,) = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if state in FINISHED_STATES:
+                raise JobError(f"job {job_id} already ended as {state}; there is nothing to cancel")
+            if state == "running":
+                db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            else:
+                db.execute("UPDATE jobs SET state = 'cancelled', finished_at = ?, error = ? WHERE id = ?",
+                           (time.time(), f"cancelled while {state}", job_id))
+        return self.get(job_id)
+
+    def resume(self, job_id: str, *, restart: bool = False) -> Job:
+        """Queue an interrupted, cancelled or failed job again, to continue from its last checkpoint.
+
+        A job stopped before its first checkpoint starts over (it lost less than one checkpoint
+        interval). If checkpoints were written but are gone, this refuses unless `restart`.
+        """
+        job = self.get(job_id)
+        if job.state not in RESUMABLE_STATES:
+            raise JobError(f"job {job.id} is {job.state}; only {', '.join(RESUMABLE_STATES)} jobs can be resumed")
+        has_checkpoint = _has_checkpoint(job.run_dir)
+        if not has_checkpoint and not restart and job.step >= _first_save_step(job.recipe):
+            raise JobError(f"job {job.id} reached step {job.step} but its checkpoints are missing from "
+                           f"{job.run_dir / 'checkpoints'}; `lora-studio jobs resume {job.id} --restart` "
+                           "starts it over from step 0")
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE jobs SET state = 'queued', queued_at = ?, finished_at = NULL, error = NULL, "
+                "cancel_requested = 0, resume = ? WHERE id = ? AND state = ?",
+                (time.time(), int(has_checkpoint and not restart), job.id, job.state)).rowcount
+        if not changed:
+            raise JobError(f"job {job.id} changed state while resuming it; look at it again with `jobs show`")
+        return self.get(job.id)
+
+    def recover(self) -> list[str]:
+        """Mark running jobs whose process is gone (or silent too long) interrupted; returns their ids."""
+        with self._connect() as db:
+            rows = db.execute("SELECT id, attempt, pid, host, heartbeat_at FROM jobs WHERE state = 'running'"
+                              ).fetchall()
+        now, here, lost = time.time(), socket.gethostname(), []
+        for job_id, attempt, pid, host, beat in rows:
+            if host == here and pid and not _process_alive(pid, job_id):
+                why = "its process is gone (killed, out of memory or the machine restarted)"
+            elif beat is not None and now - beat > self.heartbeat_timeout:
+                why = f"no heartbeat for {now - beat:.0f} s"
+            else:
+                continue
+            if self._end_attempt(job_id, attempt, why):
+                lost.append(job_id)
+        return lost
+
+    # --- the worker process -----------------------------------------------------------------------
+    def ensure_worker(self, concurrency: int = 1, idle_exit_seconds: float | None = 600) -> int | None:
+        """Start a detached `lora-studio worker` unless one is alive; returns its pid (None: one was alive).
+
+        The auto-started worker exits after `idle_exit_seconds` with nothing to do (None: never).
+        """
+        if self.worker_pid() is not None:
+            return None
+        cmd = [sys.executable, "-m", "lora_studio.cli", "worker", "--store", str(self.path),
+               "--concurrency", str(concurrency)]
+        if idle_exit_seconds is not None:
+            cmd += ["--idle-exit", str(idle_exit_seconds)]
+        with open(self.home / "worker.log", "ab") as log_file:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                    cwd=self.home, start_new_session=True)  # outlives its caller
+        return proc.pid
+
+    def worker_pid(self) -> int | None:
+        """The pid of the worker serving this store, or None when none is running."""
+        with self.worker_lock() as held:
+            if held:
+                return None
+        try:
+            return int(self._lock_path.read_text().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
+
+    @contextlib.contextmanager
+    def worker_lock(self) -> Iterator[bool]:
+        """Hold the one-worker-per-store lock while inside; yields False if another process holds it.
+
+        An OS file lock: it is released when its holder exits, even on SIGKILL.
+        """
+        with open(self._lock_path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    @property
+    def _lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".worker-lock")
+
+    # --- worker side (lora_studio.worker) ---------------------------------------------------------
+    def claim_next(self, worker_pid: int) -> Job | None:
+        """Move the oldest queued job to running for a worker; None when the queue is empty."""
+        with self._transaction() as db:
+            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY queued_at, seq LIMIT 1"
+                             ).fetchone()
+            if row is None:
+                return None
+            now = time.time()
+            db.execute("UPDATE jobs SET state = 'running', attempt = attempt + 1, started_at = "
+                       "COALESCE(started_at, ?), pid = ?, host = ?, heartbeat_at = ?, progress_at = NULL, "
+                       "seconds_per_step = NULL, error = NULL WHERE id = ?",
+                       (now, worker_pid, socket.gethostname(), now, row[0]))
+        return self.get(row[0])
+
+    def attempt_started(self, job_id: str, attempt: int, pid: int) -> None:
+        self._update(job_id, attempt, pid=pid, host=socket.gethostname(), heartbeat_at=time.time())
+
+    def heartbeat(self, job_id: str, attempt: int) -> None:
+        self._update(job_id, attempt, heartbeat_at=time.time())
+
+    def record_progress(self, job_id: str, attempt: int, step: int, total_steps: int | None,
+                        seconds_per_step: float | None) -> None:
+        now = time.time()
+        self._update(job_id, attempt, step=step, total_steps=total_steps, seconds_per_step=seconds_per_step,
+                     progress_at=now, heartbeat_at=now)
+
+    def record_metrics(self, job_id: str, attempt: int, row: dict[str, Any]) -> None:
+        """Append a metrics row and fold it into the job's latest metrics."""
+        with self._transaction() as db:
+            found = db.execute("SELECT metrics FROM jobs WHERE id = ? AND attempt = ?", (job_id, attempt)).fetchone()
+            if found is None:
+                return
+            latest = {**json.loads(found[0]), **{k: v for k, v in row.items() if k not in ("time", "max_steps")}}
+            db.execute("INSERT INTO metrics (job_id, step, row) VALUES (?, ?, ?)", (job_id, row["step"], json.dumps(row)))
+            db.execute("UPDATE jobs SET metrics = ? WHERE id = ?", (json.dumps(latest), job_id))
+
+    def forget_metrics_after(self, job_id: str, step: int) -> None:
+        """Drop rows past `step`: a resumed run redoes those steps from its checkpoint."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM metrics WHERE job_id = ? AND step > ?", (job_id, step))
+
+    def stop_reason(self, job_id: str, attempt: int) -> str | None:
+        """Why a running attempt should stop now: 'cancelled', 'superseded' or None (keep going)."""
+        with self._connect() as db:
+            row = db.execute("SELECT attempt, state, cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or row[0] != attempt or row[1] != "running":
+            return "superseded"
+        return "cancelled" if row[2] else None
+
+    def finish(self, job_id: str, attempt: int, state: JobState, *, error: str | None = None,
+               adapter_dir: Path | None = None, metrics: dict[str, Any] | None = None) -> bool:
+        """Record how an attempt ended; False if a newer attempt owns the job now."""
+        with self._transaction() as db:
+            row = db.execute("SELECT metrics FROM jobs WHERE id = ? AND attempt = ? AND state IN "
+                             "('running', 'interrupted')", (job_id, attempt)).fetchone()
+            if row is None:
+                return False
+            latest = {**json.loads(row[0]), **(metrics or {})}
+            db.execute("UPDATE jobs SET state = ?, error = ?, adapter_dir = ?, metrics = ?, finished_at = ?, "
+                       "cancel_requested = 0 WHERE id = ?",
+                       (state, error, adapter_dir and str(adapter_dir), json.dumps(latest, default=str),
+                        time.time(), job_id))
+        return True
+
+    def process_exited(self, job_id: str, attempt: int, returncode: int) -> None:
+        """The worker saw a job process exit; if it left the job running, it died without a word."""
+        how = (f"killed by signal {-returncode}" + (" (out of memory?)" if returncode == -9 else "")
+               if returncode < 0 else f"exited with code {returncode}")
+        self._end_attempt(job_id, attempt, f"its process {how} before recording a result")
+
+    # --- internals ----------------------------------------------------------------------------------
+    def _end_attempt(self, job_id: str, attempt: int, why: str) -> bool:
+        """A running attempt died: interrupted (resumable), or cancelled if that was asked for."""
+        with self._transaction() as db:
+            return bool(db.execute(
+                "UPDATE jobs SET state = CASE cancel_requested WHEN 1 THEN 'cancelled' ELSE 'interrupted' END, "
+                "error = ?, finished_at = ?, cancel_requested = 0 WHERE id = ? AND attempt = ? AND state = 'running'",
+                (f"interrupted: {why}", time.time(), job_id, attempt)).rowcount)
+
+    def _update(self, job_id: str, attempt: int, **values: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in values)
+        with self._transaction() as db:
+            db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND attempt = ? AND state = 'running'",
+                       (*values.values(), job_id, attempt))
+
+    def _full_id(self, db: sqlite3.Connection, job_id: str) -> str:
+        found = [r[0] for r in db.execute("SELECT id FROM jobs WHERE id LIKE ? ORDER BY seq LIMIT 2",
+                                          (job_id.replace("%", "").replace("_", "") + "%",))]
+        if len(found) != 1 or not job_id:
+            what = "matches several jobs; give more of it" if found else "is not a job in this store"
+            raise JobError(f"{job_id!r} {what} ({self.path}); `lora-studio jobs list` shows the ids")
+        return found[0]
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        # A connection per call: callers may be threads (the web UI) or separate processes.
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes
+            yield db
+        finally:
+            db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")  # take the write lock up front: no upgrade deadlocks
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+def _as_recipe(recipe: Recipe | dict[str, Any] | str | Path, overrides: Sequence[str]) -> Recipe:
+    from .config import apply_overrides
+
+    if isinstance(recipe, Recipe):
+        return Recipe.from_dict(apply_overrides(recipe.to_dict(), list(overrides))) if overrides else recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(apply_overrides(recipe, list(overrides)))
+    return Recipe.from_yaml(recipe, list(overrides))
+
+
+def _pin_paths(recipe: Recipe, default_run_dir: Path) -> Recipe:
+    """Make every path absolute (the worker runs elsewhere) and give the job its run folder."""
+    raw = recipe.to_dict()
+    for key in ("train_file", "val_file"):
+        if raw["data"][key]:
+            raw["data"][key] = str(Path(raw["data"][key]).expanduser().resolve())
+    base = Path(raw["model"]["base_model"]).expanduser()
+    if raw["model"]["base_model"] != DEFAULT_BASE_MODEL and base.exists():
+        raw["model"]["base_model"] = str(base.resolve())
+    out = raw["train"]["output_dir"]
+    raw["train"]["output_dir"] = str(Path(out).expanduser().resolve() if out else default_run_dir)
+    return Recipe.from_dict(raw)
+
+
+def _studio_home() -> Path:
+    # The same rule as models.studio_home(), which would import torch (seconds) just to read an
+    # environment variable; tests/test_jobs.py checks that the two agree.
+    return Path(os.environ.get("LORA_STUDIO_HOME", Path.home() / ".cache" / "lora-studio"))
+
+
+def _check_data(recipe: Recipe) -> None:
+    """Parse the data files now, so a job never waits in the queue only to fail on a typo."""
+    from .data import load_examples
+
+    for path in (recipe.data.train_file, recipe.data.val_file):
+        if path:
+            load_examples(path, recipe.data.format, recipe.data.system_prompt)
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    folder = run_dir / "checkpoints"
+    return folder.is_dir() and any(p.name.startswith("checkpoint-") for p in folder.iterdir())
+
+
+def _first_save_step(recipe: dict[str, Any]) -> int:
+    train = recipe["train"]
+    return train["save_every_steps"] or train["eval_every_steps"]
+
+
+def _process_alive(pid: int, marker: str) -> bool:
+    """Whether `pid` runs and is ours: on Linux its command line must mention `marker` (pids get reused)."""
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if Path("/proc/self/cmdline").exists():
+        try:
+            text = cmdline.read_bytes()
+        except OSError:
+            return False
+        return marker.encode() in text or (b"lora" in text and b"worker" in text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _queue_positions(db: sqlite3.Connection) -> dict[str, int]:
+    rows = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY queued_at, seq").fetchall()
+    return {r[0]: i + 1 for i, r in enumerate(rows)}
+
+
+def _to_job(row: sqlite3.Row, queue: dict[str, int]) -> Job:
+    r = dict(row)
+    eta = None
+    if r["state"] == "running" and r["seconds_per_step"] and r["total_steps"]:
+        eta = max(0.0, (r["total_steps"] - r["step"]) * r["seconds_per_step"] - (time.time() - r["progress_at"]))
+    run_dir = Path(r["run_dir"])
+    return Job(id=r["id"], name=r["name"], state=r["state"], recipe=json.loads(r["recipe"]), run_dir=run_dir,
+               created_at=r["created_at"], started_at=r["started_at"], finished_at=r["finished_at"],
+               step=r["step"], total_steps=r["total_steps"], eta_seconds=eta, metrics=json.loads(r["metrics"]),
+               adapter_dir=Path(r["adapter_dir"]) if r["adapter_dir"] else None, error=r["error"],
+               log_path=run_dir / LOG_FILE, cancel_requested=bool(r["cancel_requested"]),
+               attempts=r["attempt"], resumes_from_checkpoint=bool(r["resume"]),
+               heartbeat_at=r["heartbeat_at"], queue_position=queue.get(r["id"]))
