@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import gradio as gr
 
+from lora_studio.engine_pool import EnginePool
 from lora_studio.models import studio_home
 
-from . import data_tab
+from . import adapters_tab, chat_tab, data_tab, train_tab
+from .common import dataset_choices, shows_errors
 from .uploads import DEFAULT_MAX_UPLOAD_MB
 
 CSS = """
@@ -22,6 +24,12 @@ CSS = """
 .ls-sample-title { font-weight: 600; font-size: 0.85em; opacity: 0.7; }
 mark.ls-learn { background: #c8f7c5; color: #111; border-radius: 3px; }
 .ls-legend { font-size: 0.85em; opacity: 0.8; }
+.ls-bar { height: 14px; background: #e5e7eb; border-radius: 7px; overflow: hidden; margin: 4px 0 8px; }
+.ls-bar-fill { height: 100%; background: #f97316; transition: width 0.5s; }
+.ls-bar-fill.ls-succeeded { background: #16a34a; }
+.ls-bar-fill.ls-failed, .ls-bar-fill.ls-interrupted { background: #dc2626; }
+.ls-bar-fill.ls-cancelled { background: #9ca3af; }
+.ls-error { color: #dc2626; }
 """
 
 
@@ -34,8 +42,38 @@ def build_app(max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> gr.Blocks:
         )
         with gr.Tabs():
             with gr.Tab("Data", id="data"):
-                data_tab.build(max_upload_bytes)
+                data = data_tab.build(max_upload_bytes)
+            with gr.Tab("Train", id="train"):
+                train = train_tab.build()
+            with gr.Tab("Chat", id="chat") as chat_page:
+                chat = chat_tab.build(EnginePool(max_bases=2))
+            with gr.Tab("Adapters", id="adapters") as adapters_page:
+                adapters = adapters_tab.build()
+        # The Train tab follows the dataset chosen on the Data tab.
+        data.dataset.change(
+            follow_dataset, inputs=data.dataset, outputs=train.dataset, api_visibility="private"
+        )
+        app.load(shows_errors(train_tab.on_page_load), outputs=train.job, api_visibility="private")
+        # Lists come from the job store and the run folders, so a reload or restart shows them all.
+        for trigger in (app.load, chat_page.select):
+            trigger(
+                shows_errors(chat_tab.refresh_models),
+                inputs=chat.model,
+                outputs=chat.model,
+                api_visibility="private",
+            )
+        for trigger in (app.load, adapters_page.select):
+            trigger(
+                shows_errors(adapters_tab.refresh),
+                inputs=adapters.adapter,
+                outputs=[adapters.adapter, adapters.table],
+                api_visibility="private",
+            )
     return app
+
+
+def follow_dataset(path: str | None) -> gr.Dropdown:
+    return gr.Dropdown(choices=dataset_choices(), value=path)
 
 
 def launch(

@@ -13,6 +13,7 @@ import inspect
 import logging
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,39 @@ def dataset_choices() -> list[tuple[str, str]]:
     rows = [(f"upload: {p.name}", str(p)) for p in list_uploads()]
     rows += [(f"example: {p.parent.name}/{p.name}", str(p)) for p in bundled_datasets()]
     return rows
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    folder: Path
+    label: str  # what pickers show: run name, job id, when
+    base_model: str
+    job_id: str | None
+    metadata: dict[str, Any]
+
+
+def trained_adapters() -> list[TrainedAdapter]:
+    """Finished adapters, newest first: those of succeeded jobs, then any under ./runs (CLI runs)."""
+    from lora_studio.adapters import read_metadata
+    from lora_studio.jobs import JobStore
+
+    found: dict[Path, TrainedAdapter] = {}
+    candidates = [
+        (j.adapter_dir, j.name, j.id) for j in JobStore().list(states=["succeeded"]) if j.adapter_dir
+    ]
+    candidates += [(p, p.parent.name, None) for p in sorted(Path("runs").glob("*/adapter"))]
+    for folder, name, job_id in candidates:
+        folder = Path(folder).resolve()
+        if folder in found:
+            continue
+        try:
+            meta = read_metadata(folder)
+        except LoraStudioError:  # deleted or incomplete: not offered
+            continue
+        when = str(meta.get("created_at", ""))[:16].replace("T", " ")
+        label = f"{name} ({job_id}, {when})" if job_id else f"{name} (runs/{folder.parent.name}, {when})"
+        found[folder] = TrainedAdapter(folder, label, str(meta.get("base_model", "?")), job_id, meta)
+    return sorted(found.values(), key=lambda a: str(a.metadata.get("created_at", "")), reverse=True)
 
 
 def hint(name: str) -> str:

@@ -83,7 +83,8 @@ def store_upload(
 
 def list_uploads() -> list[Path]:
     """Stored uploads, newest first."""
-    files = [p for p in uploads_dir().iterdir() if p.is_file() and p.suffix in SUFFIXES]
+    folder = studio_home() / "uploads"  # listing creates nothing: building the page has no side effects
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix in SUFFIXES] if folder.is_dir() else []
     return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
 
 

@@ -1,0 +1,169 @@
+"""The Adapters tab: every trained adapter with its base, recipe, data and final metrics; downloads.
+
+A download is the adapter folder zipped, or the adapter merged into its base (a standalone
+transformers model, checked against the unmerged adapter's logits) and zipped. Archives are
+written under the studio's exports folder, the only folder the app serves files from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+import yaml
+
+from lora_studio.downloads import adapter_archive, merged_archive
+
+from .common import TrainedAdapter, shows_errors, trained_adapters
+
+COLUMNS = [
+    "adapter",
+    "base model",
+    "created",
+    "rank",
+    "layers",
+    "data",
+    "rows",
+    "steps",
+    "train loss",
+    "val loss",
+]
+
+
+@dataclass
+class AdaptersTab:
+    adapter: gr.Dropdown
+    table: gr.Dataframe
+
+
+# --- handlers -----------------------------------------------------------------------------------
+def adapters_table(adapters: list[TrainedAdapter]) -> pd.DataFrame:
+    rows = []
+    for a in adapters:
+        recipe, metrics = a.metadata.get("recipe") or {}, a.metadata.get("metrics") or {}
+        report = a.metadata.get("data_report") or {}
+        rows.append(
+            [
+                a.label,
+                _short(a.base_model),
+                str(a.metadata.get("created_at", ""))[:16].replace("T", " "),
+                (recipe.get("lora") or {}).get("r", ""),
+                (recipe.get("lora") or {}).get("layers") or "all",
+                Path((recipe.get("data") or {}).get("train_file", "")).name,
+                f"{report.get('train_rows', '?')} + {report.get('val_rows', '?')}",
+                metrics.get("global_step", ""),
+                _num(metrics.get("train_loss")),
+                _num(metrics.get("val_loss")),
+            ]
+        )
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def refresh(current: str | None = None) -> tuple[gr.Dropdown, pd.DataFrame]:
+    """The adapter list again, keeping the current pick while it exists (else the newest)."""
+    adapters = trained_adapters()
+    choices = [(a.label, str(a.folder)) for a in adapters]
+    values = [value for _, value in choices]
+    pick = current if current in values else (values[0] if values else None)
+    return gr.Dropdown(choices=choices, value=pick), adapters_table(adapters)
+
+
+def describe(folder: str | None) -> tuple[str, str]:
+    """(markdown summary, recipe YAML) of one adapter."""
+    if not folder:
+        return "No adapter yet: train one on the Train tab.", ""
+    adapter = _find(folder)
+    meta = adapter.metadata
+    lines = [
+        f"**{adapter.label}**",
+        f"- folder: `{adapter.folder}`",
+        f"- base model: `{adapter.base_model}` (weights hash `{str(meta.get('base_model_hash', ''))[:12]}`)",
+    ]
+    lines += [
+        f"- {k.replace('_', ' ')}: {_num(v) if isinstance(v, float) else v}"
+        for k, v in (meta.get("metrics") or {}).items()
+    ]
+    report = meta.get("data_report") or {}
+    if report:
+        lines.append(
+            f"- data: {report.get('format')} format, {report.get('train_rows')} training / "
+            f"{report.get('val_rows')} validation rows, data hash `{str(meta.get('data_fingerprint'))[:12]}`"
+        )
+        lines += [f"- ⚠️ {w}" for w in report.get("warnings", [])]
+    lines.append(f"- versions: {', '.join(f'{k} {v}' for k, v in (meta.get('versions') or {}).items())}")
+    return "\n".join(lines), yaml.safe_dump(meta.get("recipe") or {}, sort_keys=False)
+
+
+def download_adapter(folder: str | None) -> tuple[str, str]:
+    """(zip path for the download box, note)."""
+    path = adapter_archive(_find(folder).folder)
+    return str(path), f"Adapter archive ready: {path.name} ({path.stat().st_size / 1e6:.1f} MB)."
+
+
+def download_merged(folder: str | None) -> tuple[str, str]:
+    path, report = merged_archive(_find(folder).folder)
+    note = "\n".join(f"- {line}" for line in report)
+    return str(path), f"Merged model archive ready: {path.name} ({path.stat().st_size / 1e6:.1f} MB)\n{note}"
+
+
+def _find(folder: str | None) -> TrainedAdapter:
+    """Only adapters the studio lists may be packed: a typed-in path is never read or served."""
+    if not folder:
+        raise gr.Error("Pick an adapter first.")
+    for a in trained_adapters():
+        if str(a.folder) == str(Path(folder).resolve()):
+            return a
+    raise gr.Error("That adapter is no longer listed (deleted or moved); refresh the list.")
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+
+
+def _short(name: str) -> str:
+    return Path(name).name if "/" in name and Path(name).exists() else name
+
+
+# --- layout ---------------------------------------------------------------------------------------
+def build() -> AdaptersTab:
+    table = gr.Dataframe(
+        adapters_table([]),
+        label="Trained adapters (newest first)",
+        interactive=False,
+        elem_id="adapters-table",
+    )
+    with gr.Row():
+        adapter = gr.Dropdown(label="Adapter", choices=[], value=None, scale=4, elem_id="adapters-pick")
+        reload = gr.Button("Refresh", scale=1)
+    with gr.Row():
+        with gr.Column(scale=3):
+            summary = gr.Markdown(elem_id="adapters-summary")
+            recipe = gr.Code(label="Recipe it was trained with", language="yaml", interactive=False)
+        with gr.Column(scale=2):
+            get_adapter = gr.Button("Download the adapter (.zip)", elem_id="adapters-download")
+            get_merged = gr.Button(
+                "Merge into a standalone model and download (.zip)",
+                variant="primary",
+                elem_id="adapters-merge",
+            )
+            gr.Markdown(
+                "The adapter alone is small and needs its base model; the merged model runs "
+                "anywhere transformers runs, without PEFT."
+            )
+            archive = gr.File(label="Download", interactive=False, elem_id="adapters-file")
+            note = gr.Markdown(elem_id="adapters-note")
+
+    reload.click(shows_errors(refresh), inputs=adapter, outputs=[adapter, table], api_name="list_adapters")
+    adapter.change(
+        shows_errors(describe), inputs=adapter, outputs=[summary, recipe], api_visibility="private"
+    )
+    get_adapter.click(
+        shows_errors(download_adapter), inputs=adapter, outputs=[archive, note], api_name="download_adapter"
+    )
+    get_merged.click(
+        shows_errors(download_merged), inputs=adapter, outputs=[archive, note], api_name="download_merged"
+    )
+    return AdaptersTab(adapter=adapter, table=table)

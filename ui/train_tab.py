@@ -1,0 +1,292 @@
+"""The Train tab: a form that becomes a `Recipe`, submitted to the job service, then watched.
+
+Training runs in the job service's worker process, never in the web server. The page reads the
+job store on a timer: progress with ETA, the loss curves, the job list. Everything shown comes
+from the store, so it survives a page reload and a UI restart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from lora_studio.config import (
+    DEFAULT_BASE_MODEL,
+    DataSettings,
+    LoraSettings,
+    Quantization,
+    Recipe,
+    TrainSettings,
+)
+from lora_studio.jobs import Job, JobStore
+from lora_studio.models import studio_home
+
+from .common import base_model_choices, dataset_choices, hint, literal_choices, shows_errors
+from .job_views import jobs_table, loss_frame, progress_html
+
+POLL_SECONDS = 1.0
+
+
+@dataclass
+class TrainTab:
+    dataset: gr.Dropdown
+    job: gr.Dropdown  # the watched job
+
+
+# --- handlers -----------------------------------------------------------------------------------
+def recipe_from_form(
+    name: str,
+    base_model: str,
+    dataset: str,
+    r: float,
+    layers: float | None,
+    quantization: str,
+    epochs: float,
+    learning_rate: float,
+    max_length: float,
+    max_steps: float | None = -1,
+    batch_size: float = 8,
+    eval_every: float = 50,
+    log_every: float = 5,
+) -> Recipe:
+    """The form's values as a validated Recipe (every problem reported at once, as the CLI does)."""
+    return Recipe.from_dict(
+        {
+            "name": (name or "").strip() or "adapter",
+            "model": {
+                "base_model": (base_model or "").strip() or DEFAULT_BASE_MODEL,
+                "quantization": quantization,
+            },
+            # alpha = 2r keeps the update's scale steady when a person changes the rank.
+            "lora": {"r": _int(r), "lora_alpha": 2 * (_int(r) or 0), "layers": _int(layers) or None},
+            "data": {"train_file": (dataset or "").strip(), "max_length": _int(max_length)},
+            "train": {
+                "num_train_epochs": float(epochs or 0),
+                "learning_rate": float(learning_rate or 0),
+                "max_steps": _int(max_steps) if max_steps not in (None, 0) else -1,
+                "per_device_train_batch_size": _int(batch_size),
+                "eval_every_steps": _int(eval_every),
+                "logging_steps": _int(log_every),
+            },
+        },
+        source="the training form",
+    )
+
+
+def start_training(*form: Any) -> tuple[gr.Dropdown, str]:
+    """Submit the form as a job and make sure a worker runs it; returns (job picker, command)."""
+    store = JobStore()
+    job_id = store.submit(recipe_from_form(*form))
+    store.ensure_worker()
+    return gr.Dropdown(choices=job_choices(store), value=job_id), reproduce_command(store.get(job_id))
+
+
+def cancel_job(job_id: str | None) -> str:
+    if not job_id:
+        raise gr.Error("Pick a job to cancel first.")
+    job = JobStore().cancel(job_id)
+    return f"Cancel requested for job {job.id}: it stops at its next step, after saving a checkpoint."
+
+
+def resume_job(job_id: str | None) -> str:
+    if not job_id:
+        raise gr.Error("Pick a job to resume first.")
+    store = JobStore()
+    job = store.resume(job_id)
+    store.ensure_worker()
+    return f"Job {job.id} is queued again; it continues from its last checkpoint."
+
+
+def watch_job(job_id: str | None) -> tuple[str, pd.DataFrame, pd.DataFrame]:
+    """What the timer refreshes: (progress html, loss curves, job table)."""
+    store = JobStore()
+    table = jobs_table(store.list(limit=50))
+    if not job_id:
+        return progress_html(None), loss_frame([]), table
+    job = store.get(job_id)
+    return progress_html(job), loss_frame(store.metrics(job.id)), table
+
+
+def job_choices(store: JobStore | None = None) -> list[tuple[str, str]]:
+    jobs = (store or JobStore()).list(limit=50)
+    return [(f"{j.name} · {j.state} · {j.id}", j.id) for j in jobs]
+
+
+def on_page_load() -> gr.Dropdown:
+    """After a reload or restart: list the jobs and watch the running one (else the newest)."""
+    jobs = JobStore().list(limit=50)
+    running = [j for j in jobs if j.state in ("running", "queued")]
+    pick = (running or jobs or [None])[0]
+    return gr.Dropdown(
+        choices=[(f"{j.name} · {j.state} · {j.id}", j.id) for j in jobs], value=pick and pick.id
+    )
+
+
+def reproduce_command(job: Job) -> str:
+    """The form saved as a recipe file, and the command lines that run it without the UI.
+
+    The saved recipe leaves output_dir empty, so running it again writes a fresh run folder
+    instead of overwriting this job's.
+    """
+    raw = job.recipe | {"train": {**job.recipe["train"], "output_dir": ""}}
+    path = studio_home() / "recipes" / f"{job.name}-{job.id}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(Recipe.from_dict(raw).to_yaml())
+    return (
+        f"# the same training in a terminal:\nlora-studio train {path}\n"
+        f"# or queued for the worker, as this page does:\nlora-studio jobs submit {path}"
+    )
+
+
+def _int(value: float | None) -> int | None:
+    return None if value is None else int(round(value))
+
+
+# --- layout ---------------------------------------------------------------------------------------
+def build() -> TrainTab:
+    with gr.Row():
+        with gr.Column(scale=2):
+            name = gr.Textbox(label="Run name", value="my-adapter", info="Names the job and its adapter.")
+            base_model = gr.Dropdown(
+                label="Base model",
+                choices=base_model_choices(),
+                value=DEFAULT_BASE_MODEL,
+                allow_custom_value=True,
+                info=hint("base_model"),
+                elem_id="train-base-model",
+            )
+            dataset = gr.Dropdown(
+                label="Dataset",
+                choices=dataset_choices(),
+                value=None,
+                allow_custom_value=True,
+                info=hint("train_file"),
+                elem_id="train-dataset",
+            )
+            with gr.Row():
+                r = gr.Slider(1, 128, value=LoraSettings.r, step=1, label="LoRA rank (r)", info=hint("r"))
+                layers = gr.Number(
+                    label="Top-N layers", value=None, precision=0, minimum=0, info=hint("layers")
+                )
+            with gr.Row():
+                quantization = gr.Dropdown(
+                    label="Quantization",
+                    choices=literal_choices(Quantization),
+                    value="none",
+                    info=hint("quantization"),
+                )
+                epochs = gr.Number(
+                    label="Epochs",
+                    value=TrainSettings.num_train_epochs,
+                    minimum=0.01,
+                    step=0.5,
+                    info=hint("num_train_epochs"),
+                )
+            with gr.Row():
+                learning_rate = gr.Number(
+                    label="Learning rate",
+                    value=TrainSettings.learning_rate,
+                    minimum=0,
+                    step=1e-5,
+                    info=hint("learning_rate"),
+                )
+                max_length = gr.Number(
+                    label="Max length (tokens)",
+                    value=DataSettings.max_length,
+                    precision=0,
+                    minimum=8,
+                    info=hint("max_length"),
+                )
+            with gr.Accordion("More settings", open=False):
+                with gr.Row():
+                    max_steps = gr.Number(
+                        label="Max steps",
+                        value=-1,
+                        precision=0,
+                        minimum=-1,
+                        info=hint("max_steps"),
+                        elem_id="train-max-steps",
+                    )
+                    batch_size = gr.Number(
+                        label="Batch size",
+                        value=TrainSettings.per_device_train_batch_size,
+                        precision=0,
+                        minimum=1,
+                        info=hint("per_device_train_batch_size"),
+                    )
+                    eval_every = gr.Number(
+                        label="Validate every N steps",
+                        value=TrainSettings.eval_every_steps,
+                        precision=0,
+                        minimum=1,
+                        info=hint("eval_every_steps"),
+                    )
+                    log_every = gr.Number(
+                        label="Log loss every N steps",
+                        value=TrainSettings.logging_steps,
+                        precision=0,
+                        minimum=1,
+                        info=hint("logging_steps"),
+                    )
+            start = gr.Button("Start training", variant="primary", elem_id="train-start")
+            command = gr.Code(
+                label="The same run from the command line",
+                language="shell",
+                interactive=False,
+                elem_id="train-command",
+            )
+        with gr.Column(scale=3):
+            with gr.Row():
+                job = gr.Dropdown(label="Job", choices=[], value=None, elem_id="train-job", scale=3)
+                cancel = gr.Button("Cancel", variant="stop", scale=1, elem_id="train-cancel")
+                resume = gr.Button("Resume", scale=1)
+            progress = gr.HTML(progress_html(None), elem_id="train-progress")
+            notice = gr.Markdown()
+            plot = gr.LinePlot(
+                loss_frame([]),
+                x="step",
+                y="loss",
+                color="series",
+                title="Loss",
+                x_title="step",
+                y_title="loss",
+                height=260,
+                elem_id="train-plot",
+            )
+            table = gr.Dataframe(
+                jobs_table([]), label="Jobs (newest first)", interactive=False, elem_id="train-jobs"
+            )
+
+    form = [
+        name,
+        base_model,
+        dataset,
+        r,
+        layers,
+        quantization,
+        epochs,
+        learning_rate,
+        max_length,
+        max_steps,
+        batch_size,
+        eval_every,
+        log_every,
+    ]
+    start.click(shows_errors(start_training), inputs=form, outputs=[job, command], api_name="start_training")
+    cancel.click(shows_errors(cancel_job), inputs=job, outputs=notice, api_name="cancel_job")
+    resume.click(shows_errors(resume_job), inputs=job, outputs=notice, api_name="resume_job")
+    watch = shows_errors(watch_job)
+    job.change(watch, inputs=job, outputs=[progress, plot, table], api_name="watch_job")
+    job.focus(
+        shows_errors(lambda value: gr.Dropdown(choices=job_choices(), value=value)),
+        inputs=job,
+        outputs=job,
+        api_visibility="private",
+    )
+    gr.Timer(POLL_SECONDS).tick(
+        watch, inputs=job, outputs=[progress, plot, table], api_visibility="private", show_progress="hidden"
+    )
+    return TrainTab(dataset=dataset, job=job)
