@@ -255,11 +255,21 @@ def _build_section(kind: type, section: str, values: dict[str, Any], problems: l
     for key, value in values.items():
         if key not in known:
             problems.append(_unknown(f"{section}.{key}", [f"{section}.{k}" for k in known], "setting"))
-        elif not _matches(value, hints[key]):
+        elif not _matches(value := _coerce(value, hints[key]), hints[key]):
             problems.append(f"{key}: expected {_describe(hints[key])}, got {value!r}")
         else:
             good[key] = float(value) if hints[key] is float else value
     return kind(**good)
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """YAML reads `1e-4` (no dot) as a string: accept it where a number is expected."""
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _matches(value: Any, tp: Any) -> bool:

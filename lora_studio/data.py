@@ -149,6 +149,9 @@ def detect_format(rows: list[tuple[str, Any]], source: str) -> str:
     for name, needed in FORMAT_FIELDS.items():
         if all(k in first for k in needed):
             return name
+    for name, needed in FORMAT_FIELDS.items():
+        if any(k in first for k in needed):  # a partial match: checking the row will name what is missing
+            return name
     raise DataError(
         f"{source}: cannot tell the format from the fields {sorted(first)} of its first row. Expected "
         "'messages', 'instruction'+'output', 'prompt'+'completion' or 'text' (or set format: in the recipe)"

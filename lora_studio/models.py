@@ -92,7 +92,7 @@ def _download_from_hub(repo_id: str, revision: str | None) -> Path:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_FILES))
     except Exception as e:  # offline, unknown repo, gated model: all end the same way for the user
         raise ModelError(
-            f"could not get {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {str(e)[:200]}). "
+            f"could not get {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {' '.join(str(e).split())[:200]}). "
             "If the hub is unreachable, download the model elsewhere and set base_model to its local folder."
         ) from None
     if not any(folder.glob("*.safetensors")):
