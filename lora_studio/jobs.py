@@ -244,7 +244,7 @@ class JobStore:
                               ).fetchall()
         now, here, lost = time.time(), socket.gethostname(), []
         for job_id, attempt, pid, host, beat in rows:
-            if host == here and pid and not _process_alive(pid, job_id):
+            if host == here and pid and not _process_alive(pid):
                 why = "its process is gone (killed, out of memory or the machine restarted)"
             elif beat is not None and now - beat > self.heartbeat_timeout:
                 why = f"no heartbeat for {now - beat:.0f} s"
@@ -277,7 +277,7 @@ class JobStore:
             if held:
                 return None
         try:
-            return int(self._lock_path.read_text().strip() or 0) or None
+            return int(self.worker_lock_path.read_text().strip() or 0) or None
         except (OSError, ValueError):
             return None
 
@@ -287,7 +287,7 @@ class JobStore:
 
         An OS file lock: it is released when its holder exits, even on SIGKILL.
         """
-        with open(self._lock_path, "a+") as f:
+        with open(self.worker_lock_path, "a+") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -299,7 +299,7 @@ class JobStore:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     @property
-    def _lock_path(self) -> Path:
+    def worker_lock_path(self) -> Path:
         return self.path.with_name(self.path.name + ".worker-lock")
 
     # --- worker side (lora_studio.worker) ---------------------------------------------------------
@@ -469,15 +469,14 @@ def _first_save_step(recipe: dict[str, Any]) -> int:
     return train["save_every_steps"] or train["eval_every_steps"]
 
 
-def _process_alive(pid: int, marker: str) -> bool:
-    """Whether `pid` runs and is ours: on Linux its command line must mention `marker` (pids get reused)."""
-    cmdline = Path(f"/proc/{pid}/cmdline")
+def _process_alive(pid: int) -> bool:
+    """Whether `pid` is a live LoRA Studio process (on Linux its command line says so: pids get reused)."""
     if Path("/proc/self/cmdline").exists():
         try:
-            text = cmdline.read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()  # empty for a zombie
         except OSError:
             return False
-        return marker.encode() in text or (b"lora" in text and b"worker" in text)
+        return b"lora_studio" in cmdline or b"lora-studio" in cmdline
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

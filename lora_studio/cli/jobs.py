@@ -1,0 +1,189 @@
+"""`lora-studio jobs ...` and `lora-studio worker`: the training queue from a terminal.
+
+    lora-studio jobs submit recipes/smollm2-lora-cpu.yaml --set max_steps=50   # last line: the job id
+    lora-studio jobs list
+    lora-studio jobs show ID          lora-studio jobs logs ID --follow
+    lora-studio jobs cancel ID        lora-studio jobs resume ID
+    lora-studio worker                # the long-running worker (`submit` starts one if none is running)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..jobs import JOB_STATES, Job, JobStore
+from . import add_overrides
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    jobs = sub.add_parser("jobs", help="submit training jobs to the queue and watch, cancel or resume them")
+    cmds = jobs.add_subparsers(dest="jobs_command", metavar="JOBS_COMMAND", required=True)
+
+    p = cmds.add_parser("submit", help="check a recipe and queue it; prints the job id on the last line")
+    p.add_argument("recipe", help="a YAML recipe, e.g. recipes/smollm2-lora-cpu.yaml")
+    add_overrides(p)
+    p.add_argument("--no-worker", action="store_true", help="only queue it; do not start a worker")
+    p.set_defaults(run=run_submit)
+
+    p = cmds.add_parser("list", help="jobs, newest first")
+    p.add_argument("--state", action="append", choices=JOB_STATES, help="only jobs in this state (repeatable)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=run_list)
+
+    p = cmds.add_parser("show", help="a job's state, progress and metrics")
+    p.add_argument("job_id", help="a job id (a unique prefix is enough)")
+    p.add_argument("--json", action="store_true", help="print the job and all its metrics rows as JSON")
+    p.set_defaults(run=run_show)
+
+    p = cmds.add_parser("logs", help="print a job's log")
+    p.add_argument("job_id")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job stops running")
+    p.set_defaults(run=run_logs)
+
+    p = cmds.add_parser("cancel", help="cancel a job (a running one stops at its next step, with a checkpoint)")
+    p.add_argument("job_id")
+    p.set_defaults(run=run_cancel)
+
+    p = cmds.add_parser("resume", help="queue an interrupted, cancelled or failed job again, from its last checkpoint")
+    p.add_argument("job_id")
+    p.add_argument("--restart", action="store_true", help="start over from step 0 if its checkpoints are gone")
+    p.add_argument("--no-worker", action="store_true", help="only queue it; do not start a worker")
+    p.set_defaults(run=run_resume)
+
+    p = sub.add_parser("worker", help="run queued training jobs (long-running; one worker per studio home)")
+    p.add_argument("--concurrency", type=int, default=1, help="jobs run at the same time (default 1)")
+    p.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
+                   help="exit after this long with nothing to do (default: run until stopped)")
+    p.add_argument("--poll", type=float, default=0.5, metavar="SECONDS", help="how often to look at the queue")
+    p.add_argument("--no-prestart", action="store_true",
+                   help="do not keep a process with the training libraries loaded waiting for the next job")
+    p.add_argument("--store", type=Path, default=None, help="the job store file (default: <LORA_STUDIO_HOME>/jobs.sqlite)")
+    p.set_defaults(run=run_worker_command)
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    store = JobStore()
+    job_id = store.submit(args.recipe, args.overrides)
+    job = store.get(job_id)
+    started = None if args.no_worker else store.ensure_worker()
+    worker = "not started (--no-worker)" if args.no_worker else (
+        f"started (pid {started})" if started else f"running (pid {store.worker_pid()})")
+    print(f"queued {job.name} as job {job_id} (position {job.queue_position}); worker {worker}")
+    print(f"run folder: {job.run_dir}")
+    print(f"follow it:  lora-studio jobs logs {job_id} --follow")
+    print(job_id)
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    jobs = JobStore().list(args.state, args.limit)
+    if args.json:
+        print(json.dumps([j.to_dict() for j in jobs], indent=2))
+        return 0
+    if not jobs:
+        print("no jobs yet: `lora-studio jobs submit RECIPE` queues one")
+        return 0
+    print(f"{'ID':<11} {'NAME':<20} {'STATE':<12} {'PROGRESS':<16} {'ETA':>8} {'LOSS':>8} {'VAL':>8}  CREATED")
+    for j in jobs:
+        print(f"{j.id:<11} {j.name[:20]:<20} {j.state:<12} {_progress(j):<16} {_duration(j.eta_seconds):>8} "
+              f"{_num(j.metrics.get('loss')):>8} {_num(j.metrics.get('val_loss')):>8}  {_when(j.created_at)}")
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    store = JobStore()
+    job = store.get(args.job_id)
+    rows = store.metrics(job.id)
+    if args.json:
+        print(json.dumps({**job.to_dict(), "metrics_rows": rows}, indent=2, default=str))
+        return 0
+    print(f"job {job.id}: {job.name}, {job.state}" + (" (cancel requested)" if job.cancel_requested else ""))
+    details = {
+        "progress": _progress(job) + (f", ETA {_duration(job.eta_seconds)}" if job.eta_seconds is not None else ""),
+        "queue": f"position {job.queue_position}" if job.queue_position else None,
+        "created": _when(job.created_at), "started": _when(job.started_at), "finished": _when(job.finished_at),
+        "attempts": str(job.attempts), "run folder": str(job.run_dir), "log": str(job.log_path),
+        "adapter": job.adapter_dir and str(job.adapter_dir), "error": job.error,
+        "metrics": "  ".join(f"{k}={_num(v)}" for k, v in job.metrics.items()) or None,
+    }
+    for key, value in details.items():
+        if value:
+            print(f"  {key:<11} {value}")
+    if rows:
+        print(f"  last {min(len(rows), 10)} of {len(rows)} metrics rows:")
+        print(f"    {'step':>6} {'loss':>8} {'val_loss':>8} {'lr':>10} {'tokens/s':>9}")
+        for r in rows[-10:]:
+            print(f"    {r['step']:>6} {_num(r.get('loss')):>8} {_num(r.get('val_loss')):>8} "
+                  f"{_num(r.get('learning_rate')):>10} {_num(r.get('tokens_per_second')):>9}")
+    return 0
+
+
+def run_logs(args: argparse.Namespace) -> int:
+    store = JobStore()
+    job_id = store.get(args.job_id).id
+    text, offset = store.read_log(job_id)
+    sys.stdout.write(text)
+    while args.follow and store.get(job_id).state in ("queued", "running"):
+        time.sleep(0.5)
+        text, offset = store.read_log(job_id, offset)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    if args.follow:  # what was written between the last read and the end
+        sys.stdout.write(store.read_log(job_id, offset)[0])
+        print(f"--- job {job_id} is {store.get(job_id).state}")
+    return 0
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    job = JobStore().cancel(args.job_id)
+    if job.state == "cancelled":
+        print(f"job {job.id} cancelled")
+    else:
+        print(f"job {job.id} will stop at its next step, after saving a checkpoint (`jobs show {job.id}` to watch)")
+    return 0
+
+
+def run_resume(args: argparse.Namespace) -> int:
+    store = JobStore()
+    job = store.resume(args.job_id, restart=args.restart)
+    how = "from its last checkpoint" if job.resumes_from_checkpoint else "from step 0 (no checkpoint to continue from)"
+    if not args.no_worker:
+        store.ensure_worker()
+    print(f"job {job.id} queued again (position {job.queue_position}), {how}")
+    return 0
+
+
+def run_worker_command(args: argparse.Namespace) -> int:
+    from ..worker import run_worker
+
+    return run_worker(JobStore(args.store), concurrency=args.concurrency, poll_seconds=args.poll,
+                      idle_exit_seconds=args.idle_exit, prestart=not args.no_prestart)
+
+
+# --- formatting ------------------------------------------------------------------------------------
+def _progress(job: Job) -> str:
+    if job.total_steps:
+        return f"{job.step}/{job.total_steps} ({100 * job.progress:.0f}%)"
+    return f"step {job.step}" if job.step else "-"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _when(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+
+
+def _num(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)

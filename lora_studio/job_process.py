@@ -1,0 +1,167 @@
+"""One job's process: `training.train` with callbacks that report to the job store and stop on request.
+
+The worker runs `python -m lora_studio.job_process --store PATH JOB_ID ATTEMPT`; without a job
+the process loads the training libraries first and then waits for "JOB_ID ATTEMPT" on stdin
+(the worker's spare, so the next job starts without the import delay). Everything the process
+prints goes to the job's log.
+
+Stopping happens at a step boundary, after a checkpoint is saved: when the job is cancelled in
+the store, or when the process gets SIGTERM/SIGINT (the worker stopping or dying). A second
+signal, or one before training has begun, stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .config import Recipe
+from .errors import LoraStudioError, TrainingCancelled
+from .jobs import HEARTBEAT_SECONDS, JobStore
+from .training import train
+
+log = logging.getLogger(__name__)
+
+# Trainer log keys -> ours (as in training.MetricsLog, whose metrics.jsonl rows these match).
+_METRIC_NAMES = {"loss": "loss", "eval_loss": "val_loss", "learning_rate": "learning_rate",
+                 "grad_norm": "grad_norm", "train_loss": "train_loss"}
+
+
+class StoreProgress(TrainerCallback):
+    """Writes step, seconds per step (for the ETA) and each logged metric row to the store."""
+
+    def __init__(self, store: JobStore, job_id: str, attempt: int):
+        self.store, self.job_id, self.attempt = store, job_id, attempt
+        self._begin = (time.time(), 0)  # (time, step) when this attempt's training loop began
+        self._last_log = (time.time(), 0)  # (time, tokens seen) at the last loss row
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        now = time.time()
+        self._begin, self._last_log = (now, state.global_step), (now, state.num_input_tokens_seen)
+        # A resumed run redoes the steps after its checkpoint: drop their old rows so the curve continues.
+        self.store.forget_metrics_after(self.job_id, state.global_step)
+        self.store.record_progress(self.job_id, self.attempt, state.global_step, state.max_steps, None)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        began, first_step = self._begin
+        per_step = (time.time() - began) / max(state.global_step - first_step, 1)
+        self.store.record_progress(self.job_id, self.attempt, state.global_step, state.max_steps, per_step)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+        if not logs or not state.is_world_process_zero:
+            return
+        row: dict[str, Any] = {"step": state.global_step, "max_steps": state.max_steps,
+                               "epoch": round(state.epoch or 0, 4), "time": round(time.time(), 3)}
+        row.update({ours: logs[theirs] for theirs, ours in _METRIC_NAMES.items() if theirs in logs})
+        if "loss" in logs:
+            now, seen = time.time(), state.num_input_tokens_seen
+            row["tokens_per_second"] = round((seen - self._last_log[1]) / max(now - self._last_log[0], 1e-9), 1)
+            self._last_log = (now, seen)
+        self.store.record_metrics(self.job_id, self.attempt, row)
+
+
+class StopOnRequest(TrainerCallback):
+    """Ends training at the next step with a checkpoint when the job is cancelled or the process told to stop.
+
+    It raises TrainingCancelled from on_save, i.e. after the Trainer wrote the checkpoint, so
+    `train()` neither saves a final adapter nor records success.
+    """
+
+    def __init__(self, store: JobStore, job_id: str, attempt: int):
+        self.store, self.job_id, self.attempt = store, job_id, attempt
+        self.reason: str | None = None  # "cancelled" | "interrupted" | "superseded"
+        self.in_loop = False
+
+    def request(self, reason: str) -> None:
+        """Ask for a stop (from a signal handler). A second request, or one before the loop, stops now."""
+        if self.reason is not None or not self.in_loop:
+            raise KeyboardInterrupt
+        self.reason = reason
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.in_loop = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+        self.reason = self.reason or self.store.stop_reason(self.job_id, self.attempt)
+        if self.reason == "superseded":  # a newer attempt owns the run folder: write nothing more
+            raise TrainingCancelled(f"job {self.job_id} attempt {self.attempt} was superseded")
+        if self.reason:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.reason:
+            raise TrainingCancelled(f"{self.reason} at step {state.global_step} of {state.max_steps}; "
+                                    f"checkpoint-{state.global_step} saved, `resume` continues from it")
+
+
+def run_job(store: JobStore, job_id: str, attempt: int) -> None:
+    """Train one attempt of a job and record how it ended (never raises for a training failure)."""
+    job = store.get(job_id)
+    store.attempt_started(job_id, attempt, os.getpid())
+    progress, stopper = StoreProgress(store, job_id, attempt), StopOnRequest(store, job_id, attempt)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopper.request("interrupted"))
+    threading.Thread(target=_heartbeat, args=(store, job_id, attempt, os.getppid()), daemon=True).start()
+    log.info("job %s attempt %d: %s in process %d", job_id, attempt, job.name, os.getpid())
+    try:
+        result = train(Recipe.from_dict(job.recipe), resume=job.resumes_from_checkpoint,
+                       callbacks=[progress, stopper])
+    except TrainingCancelled as e:
+        if stopper.reason != "superseded":
+            store.finish(job_id, attempt, "cancelled" if stopper.reason == "cancelled" else "interrupted", error=str(e))
+    except KeyboardInterrupt:
+        store.finish(job_id, attempt, "interrupted", error="stopped by a signal before the next checkpoint")
+    except LoraStudioError as e:
+        store.finish(job_id, attempt, "failed", error=str(e))
+    except Exception as e:  # a bug or a library failure: keep the traceback in the job's log
+        log.exception("job %s failed", job_id)
+        store.finish(job_id, attempt, "failed", error=f"{type(e).__name__}: {e}")
+    else:
+        store.finish(job_id, attempt, "succeeded", adapter_dir=result.adapter_dir, metrics=result.metrics)
+    log.info("job %s attempt %d ended: %s", job_id, attempt, store.get(job_id).state)
+
+
+def _heartbeat(store: JobStore, job_id: str, attempt: int, parent: int) -> None:
+    """Say we are alive every few seconds; if the worker is gone, stop as if it had sent SIGTERM."""
+    while True:
+        time.sleep(HEARTBEAT_SECONDS)
+        try:
+            store.heartbeat(job_id, attempt)
+        except Exception as e:  # a busy database must not kill the job; the next beat tries again
+            log.warning("heartbeat failed: %s", e)
+        if os.getppid() != parent:  # re-parented: the worker died (where the kernel sends no signal)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lora_studio.job_process")
+    parser.add_argument("--store", required=True)
+    parser.add_argument("job", nargs="*", metavar="JOB_ID ATTEMPT")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.job:  # the spare: libraries are loaded, wait for a job
+        line = sys.stdin.readline().split()
+        if len(line) != 2:
+            return 0  # the worker went away or let us go
+        args.job = line
+        store = JobStore(args.store)
+        with open(store.get(line[0]).log_path, "ab") as f:  # from now on, print into the job's log
+            os.dup2(f.fileno(), sys.stdout.fileno())
+            os.dup2(f.fileno(), sys.stderr.fileno())
+    run_job(JobStore(args.store), args.job[0], int(args.job[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
