@@ -226,14 +226,7 @@ class InferenceEngine:
     def _check_base(self, folder: Path, meta: dict[str, Any]) -> None:
         if self._base_hash is None:
             self._base_hash = model_fingerprint(self.ref.folder)
-        expected = meta.get("base_model_hash")
-        if expected != self._base_hash:
-            raise ModelError(
-                f"adapter {folder} was trained on base model {meta.get('base_model')!r} "
-                f"(weights hash {str(expected)[:12]}), but this engine runs {self.settings.base_model!r} "
-                f"(hash {self._base_hash[:12]}). Load it on its own base model (base_model: "
-                f"{meta.get('base_model')!r}) or retrain it on this one."
-            )
+        check_adapter_base(folder, meta, self._base_hash, self.settings.base_model)
 
     def activate(self, adapter: str | None) -> float:
         """Make `adapter` (None: the plain base) active; returns the seconds the switch took.
@@ -438,6 +431,18 @@ def end_of_turn_token_id(tokenizer: Any) -> int | None:
     ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []
     special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
     return ids[0] if ids and ids[0] in special else None
+
+
+def check_adapter_base(folder: Path, meta: dict[str, Any], base_hash: str, base_label: str) -> None:
+    """Refuse an adapter whose recorded base weights hash differs from the base it is put on."""
+    expected = meta.get("base_model_hash")
+    if expected != base_hash:
+        raise ModelError(
+            f"adapter {folder} was trained on base model {meta.get('base_model')!r} "
+            f"(weights hash {str(expected)[:12]}), but it is being put on {base_label!r} "
+            f"(hash {base_hash[:12]}). Use it with its own base model ({meta.get('base_model')!r}) "
+            "or retrain it on this one."
+        )
 
 
 def base_settings(metadata: dict[str, Any]) -> ModelSettings:
