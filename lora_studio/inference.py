@@ -94,6 +94,7 @@ class Generation:
         self.adapter = adapter
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
+        self.token_ids: list[int] = []  # the reply's tokens, the final stop token included
         self.finish_reason: str | None = None
         self.text = ""
         self._streamer = streamer
@@ -133,6 +134,7 @@ class Generation:
         self, completion: list[int] | None, stop_ids: Sequence[int], error: BaseException | None
     ) -> None:
         if completion is not None:
+            self.token_ids = completion
             self.completion_tokens = len(completion)
             self.finish_reason = "stop" if completion and completion[-1] in stop_ids else "length"
         self._error = error

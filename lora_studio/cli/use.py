@@ -1,0 +1,239 @@
+"""`lora-studio chat`, `merge`, `export`, `serve` and `verify`: use and ship a trained adapter."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ..config import DEFAULT_BASE_MODEL
+from ..errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="chat with an adapter (or the base) in the terminal, streamed",
+        description="Chat in the terminal. Type /reset to start over, /exit (or Ctrl-D) to leave.",
+    )
+    p.add_argument(
+        "adapter", nargs="?", help="an adapter folder (e.g. runs/NAME/adapter); omit to chat with --base"
+    )
+    p.add_argument(
+        "--base", default=None, help=f"base model when no adapter is given (default {DEFAULT_BASE_MODEL})"
+    )
+    p.add_argument(
+        "--compare", action="store_true", help="show the base model's answer next to the adapter's"
+    )
+    p.add_argument("--prompt", help="answer this one prompt and exit (no interactive session)")
+    p.add_argument("--system", help="a system message for the conversation")
+    _generation_args(p)
+    p.set_defaults(run=run_chat)
+
+    p = sub.add_parser("merge", help="merge an adapter into its base: a standalone model folder, verified")
+    p.add_argument("adapter", help="an adapter folder")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="saved weight dtype (auto: the base checkpoint's)",
+    )
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run=run_merge)
+
+    p = sub.add_parser("export", help="export the merged model as a GGUF file (llama.cpp, Ollama), verified")
+    p.add_argument("adapter", help="an adapter folder")
+    p.add_argument("--format", default="gguf", choices=["gguf"], help="the file format (gguf)")
+    p.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="weight format in the file")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run=run_export)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve adapters over an OpenAI-compatible HTTP API",
+        description="Serve the base model and adapters at /v1/models and /v1/chat/completions. "
+        "Each adapter is PATH or NAME=PATH; `model` in a request picks one (or the base).",
+    )
+    p.add_argument("adapters", nargs="*", metavar="ADAPTER", help="adapter folders, optionally as NAME=PATH")
+    p.add_argument("--base", default=None, help="the base model (default: the first adapter's)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (default: $LORA_STUDIO_API_KEY if set)",
+    )
+    p.set_defaults(run=run_serve)
+
+    p = sub.add_parser(
+        "verify",
+        help="check the adapter answers the same unmerged, merged, as GGUF and served",
+        description="Runs the same prompts greedily through the unmerged adapter, the merged model, "
+        "the GGUF export and the server, reports any divergence, and checks the adapter's answers "
+        "differ from the base's. Targets not given are made in a temporary folder.",
+    )
+    p.add_argument("adapter", help="an adapter folder")
+    p.add_argument("--merged", help="an existing merged folder to check (default: merge now)")
+    p.add_argument("--gguf", help="an existing GGUF file to check (default: export now)")
+    p.add_argument(
+        "--quant", default="f16", choices=["f16", "q8_0"], help="format of the GGUF made for the check"
+    )
+    p.add_argument("--server", help="URL of a running server to check (default: start one on a free port)")
+    p.add_argument("--model", help="model id to ask the server for (default: the adapter's name)")
+    p.add_argument("--api-key", default=None, help="the server's API key (default: $LORA_STUDIO_API_KEY)")
+    p.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=["merged", "gguf", "server"],
+        help="leave a target out (repeatable)",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        help="a prompt to check (repeatable; default: the adapter's first training chats)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length compared (default 32)")
+    p.set_defaults(run=run_verify)
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, reproducible (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling share (default 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
+# --- chat --------------------------------------------------------------------------------------
+def run_chat(args: argparse.Namespace) -> int:
+    from ..inference import InferenceEngine, adapter_name
+
+    if args.compare and not args.adapter:
+        raise ConfigError("--compare needs an adapter folder to compare with the base")
+    if args.adapter:
+        name = adapter_name(args.adapter)
+        engine = InferenceEngine.from_adapters([args.adapter], [name], base=args.base)
+    else:
+        name, engine = None, InferenceEngine(args.base or DEFAULT_BASE_MODEL)
+    settings = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+    sides = [("base", None), (name, name)] if args.compare else [(name or engine.base_name, name)]
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    histories = {label: list(system) for label, _ in sides}
+
+    def answer(prompt: str) -> None:
+        for label, adapter in sides:
+            history = histories[label]
+            history.append({"role": "user", "content": prompt})
+            if len(sides) > 1 or sys.stdin.isatty():
+                print(f"[{label}] ", end="", flush=True)
+            text = _stream(
+                engine.stream_chat(history, adapter, **settings), lambda s: print(s, end="", flush=True)
+            )
+            print(flush=True)
+            history.append({"role": "assistant", "content": text})
+
+    if args.prompt is not None:
+        answer(args.prompt)
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {' vs '.join(label for label, _ in sides)}; /reset starts over, /exit leaves")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            histories = {label: list(system) for label, _ in sides}
+            continue
+        if line.strip():
+            answer(line)
+
+
+def _stream(pieces: Any, write: Callable[[str], Any]) -> str:
+    text = ""
+    for piece in pieces:
+        write(piece)
+        text += piece
+    return text
+
+
+# --- merge / export ----------------------------------------------------------------------------
+def run_merge(args: argparse.Namespace) -> int:
+    from ..export import merge_adapter
+
+    report = merge_adapter(args.adapter, args.out, dtype=args.dtype, overwrite=args.force)
+    print("\n".join(report.lines()))
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ..export import export_gguf
+
+    report = export_gguf(args.adapter, args.out, quant=args.quant, overwrite=args.force)
+    print("\n".join(report.lines()))
+    return 0
+
+
+# --- serve -------------------------------------------------------------------------------------
+def run_serve(args: argparse.Namespace) -> int:
+    from ..inference import InferenceEngine, adapter_name
+    from ..serve import API_KEY_ENV, model_ids, run_server
+
+    names, paths = [], []
+    for spec in args.adapters:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = adapter_name(spec), spec
+        names.append(name)
+        paths.append(path)
+    if not paths and args.base is None:
+        raise ConfigError(
+            "nothing to serve: give adapter folders, or --base MODEL to serve a base model alone"
+        )
+    engine = InferenceEngine.from_adapters(paths, names, base=args.base)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    print(
+        f"serving {', '.join(model_ids(engine))} at http://{args.host}:{args.port}/v1"
+        f"{' (API key required)' if api_key else ''}",
+        flush=True,
+    )
+    run_server(engine, host=args.host, port=args.port, api_key=api_key)
+    return 0
+
+
+# --- verify ------------------------------------------------------------------------------------
+def run_verify(args: argparse.Namespace) -> int:
+    from ..serve import API_KEY_ENV
+    from ..verify import verify
+
+    prompts = [[{"role": "user", "content": p}] for p in args.prompt] or None
+    targets = [t for t in ("merged", "gguf", "server") if t not in args.skip]
+    report = verify(
+        args.adapter,
+        merged_dir=args.merged,
+        gguf_file=args.gguf,
+        server_url=args.server,
+        server_model=args.model,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        targets=targets,
+        quant=args.quant,
+        prompts=prompts,
+        max_new_tokens=args.max_new_tokens,
+    )
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
