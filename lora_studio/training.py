@@ -23,8 +23,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
+from safetensors import SafetensorError
 from transformers import TrainerCallback
 
 from .adapters import attach_lora, save_adapter
@@ -64,7 +66,9 @@ def train(recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = ()
         _log_start(recipe, model, data)
         try:
             output = trainer.train(resume_from_checkpoint=checkpoint)
-        except (RuntimeError, OSError, ValueError, KeyError) as e:
+        except (  # a damaged checkpoint shows up as any of these (unreadable adapter weights, optimizer, rng)
+            RuntimeError, OSError, ValueError, KeyError, SafetensorError, UnpicklingError
+        ) as e:
             if checkpoint is None:
                 raise
             raise LoraStudioError(f"cannot resume from {checkpoint}: it is damaged or incomplete ({e}). "
