@@ -55,6 +55,23 @@ def tiny_recipe(tiny_model_dir: Path, chat_file: Path, tmp_path: Path):
     })
 
 
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two LoRA adapters on the tiny model, "alpha" and "beta", with different seeded weights."""
+    from adapter_helpers import build_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: build_adapter(tiny_model_dir, root / name, seed=i + 1) for i, name in enumerate(["alpha", "beta"])}
+
+
+@pytest.fixture(scope="session")
+def gguf_ready_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer, which llama.cpp's GGUF converter accepts."""
+    from adapter_helpers import build_gguf_ready_model
+
+    return build_gguf_ready_model(tmp_path_factory.mktemp("tiny-gguf-ready"))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
