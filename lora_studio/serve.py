@@ -28,6 +28,13 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+# Imported here, not inside build_app: FastAPI resolves the handlers' annotations (`request: Request`)
+# from this module's globals, and would otherwise take `request` for a query parameter.
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
 from .errors import RequestError
 from .inference import DEFAULT_MAX_NEW_TOKENS, Generation, InferenceEngine
 
@@ -56,13 +63,8 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def build_app(engine: InferenceEngine, api_key: str | None = None) -> Any:
+def build_app(engine: InferenceEngine, api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving `engine`; with `api_key`, /v1 routes need `Authorization: Bearer <key>`."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
-
     app = FastAPI(title="LoRA Studio", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
 
@@ -116,8 +118,9 @@ def build_app(engine: InferenceEngine, api_key: str | None = None) -> Any:
         model, adapter, kwargs, stream, include_usage = parse_chat_request(engine, body)
         try:
             reply = engine.start(kwargs.pop("messages"), adapter, **kwargs)
-        except RequestError as e:
-            raise APIError(400, str(e), param=_param_of(str(e))) from None
+        except RequestError as e:  # the engine's names, in the API's words
+            message = str(e).replace("max_new_tokens", "max_tokens")
+            raise APIError(400, message, param=_param_of(message)) from None
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if stream:
             events = sse_events(reply, completion_id, model, include_usage)
@@ -169,7 +172,7 @@ def parse_chat_request(
     adapter = resolve_model(engine, model)
     if "messages" not in body:
         raise APIError(400, "messages: required, a list of {'role', 'content'} objects", param="messages")
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise APIError(400, f"n: only 1 choice per request is supported, got {body.get('n')!r}", param="n")
     if body.get("stop") not in (None, [], ""):
         raise APIError(
@@ -212,7 +215,7 @@ def _text_messages(messages: Any) -> Any:
 
 def _param_of(message: str) -> str | None:
     name = message.split(":", 1)[0].split("[", 1)[0]
-    return name if name in ("messages", "max_new_tokens", "temperature", "top_p", "seed") else None
+    return name if name in ("messages", "max_tokens", "temperature", "top_p", "seed") else None
 
 
 def model_ids(engine: InferenceEngine) -> list[str]:
