@@ -108,6 +108,7 @@ class Job:
     attempts: int  # how many times a worker started it
     resumes_from_checkpoint: bool  # its next (or current) run continues from the last checkpoint
     heartbeat_at: float | None
+    pid: int | None  # the process running it (the worker's until the job process starts)
     queue_position: int | None  # 1 = next to start; None unless queued
 
     @property
@@ -258,6 +259,8 @@ class JobStore:
     def ensure_worker(self, concurrency: int = 1, idle_exit_seconds: float | None = 600) -> int | None:
         """Start a detached `lora-studio worker` unless one is alive; returns its pid (None: one was alive).
 
+        Returns when the new worker serves the store (well under a second).
+
         The auto-started worker exits after `idle_exit_seconds` with nothing to do (None: never).
         """
         if self.worker_pid() is not None:
@@ -269,7 +272,11 @@ class JobStore:
         with open(self.home / "worker.log", "ab") as log_file:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                     cwd=self.home, start_new_session=True)  # outlives its caller
-        return proc.pid
+        # Return once it holds the store's lock, so a second call right after this one sees it.
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and self.worker_pid() != proc.pid and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return proc.pid if proc.poll() is None else None  # it exits at once if another worker won the race
 
     def worker_pid(self) -> int | None:
         """The pid of the worker serving this store, or None when none is running."""
@@ -503,4 +510,4 @@ def _to_job(row: sqlite3.Row, queue: dict[str, int]) -> Job:
                adapter_dir=Path(r["adapter_dir"]) if r["adapter_dir"] else None, error=r["error"],
                log_path=run_dir / LOG_FILE, cancel_requested=bool(r["cancel_requested"]),
                attempts=r["attempt"], resumes_from_checkpoint=bool(r["resume"]),
-               heartbeat_at=r["heartbeat_at"], queue_position=queue.get(r["id"]))
+               heartbeat_at=r["heartbeat_at"], pid=r["pid"], queue_position=queue.get(r["id"]))
