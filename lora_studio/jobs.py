@@ -219,7 +219,8 @@ class JobStore:
         """Queue an interrupted, cancelled or failed job again, to continue from its last checkpoint.
 
         A job stopped before its first checkpoint starts over (it lost less than one checkpoint
-        interval). If checkpoints were written but are gone, this refuses unless `restart`.
+        interval). If checkpoints were written but are gone, this refuses unless `restart` (start
+        over from step 0).
         """
         job = self.get(job_id)
         if job.state not in RESUMABLE_STATES:
@@ -233,7 +234,7 @@ class JobStore:
             changed = db.execute(
                 "UPDATE jobs SET state = 'queued', queued_at = ?, finished_at = NULL, error = NULL, "
                 "cancel_requested = 0, resume = ? WHERE id = ? AND state = ?",
-                (time.time(), int(has_checkpoint and not restart), job.id, job.state)).rowcount
+                (time.time(), int(has_checkpoint), job.id, job.state)).rowcount
         if not changed:
             raise JobError(f"job {job.id} changed state while resuming it; look at it again with `jobs show`")
         return self.get(job.id)

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any
 
+from .errors import ConfigError
 from .jobs import Job, JobStore
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class _Running:
 def run_worker(store: JobStore, *, concurrency: int = 1, poll_seconds: float = 0.5,
                idle_exit_seconds: float | None = None, stop_timeout: float = 60.0, prestart: bool = True) -> int:
     """Serve the store's queue until stopped (or idle for `idle_exit_seconds`); returns an exit code."""
+    if concurrency < 1:
+        raise ConfigError(f"concurrency: expected at least 1 job at a time, got {concurrency}")
     stop = _install_stop_handlers()
     while True:
         with store.worker_lock() as held:
