@@ -108,6 +108,11 @@ def run_job(store: JobStore, job_id: str, attempt: int) -> None:
     """Train one attempt of a job and record how it ended (never raises for a training failure)."""
     job = store.get(job_id)
     store.attempt_started(job_id, attempt, os.getpid())
+    early = store.stop_reason(job_id, attempt)  # cancelled (or taken over) while it was being started
+    if early is not None:
+        if early == "cancelled":
+            store.finish(job_id, attempt, "cancelled", error="cancelled before training began")
+        return
     progress, stopper = StoreProgress(store, job_id, attempt), StopOnRequest(store, job_id, attempt)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopper.request("interrupted"))
