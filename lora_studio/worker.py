@@ -93,6 +93,10 @@ def _serve(store: JobStore, stop: list[int], concurrency: int, poll_seconds: flo
                     idle_since = time.monotonic()
                 elif idle_exit_seconds is not None and time.monotonic() - idle_since > idle_exit_seconds:
                     return
+                if prestart and spare is not None and spare.poll() not in (None, 0):
+                    # It could not even load the libraries; do not respawn it in a loop (jobs will show why).
+                    log.warning("the waiting job process exited with %s; starting jobs without one", spare.returncode)
+                    prestart, spare = False, None
                 if prestart and (spare is None or spare.poll() is not None):
                     spare = _spawn(store, None, stdout=None)
             time.sleep(poll_seconds)
