@@ -114,6 +114,7 @@ def build_trainer(recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData
         weight_decay=t.weight_decay,
         logging_steps=t.logging_steps,
         eval_strategy="steps" if has_val else "no",
+        eval_on_start=has_val,  # the base's validation loss: how far it starts from the task (step 0)
         eval_steps=t.eval_every_steps,
         save_strategy="steps",
         save_steps=t.save_every_steps or t.eval_every_steps,
@@ -255,6 +256,8 @@ def _final_metrics(trainer: Any, output: Any, data: PreparedData) -> dict[str, A
         metrics["best_val_loss"] = state.best_metric
         metrics["best_checkpoint"] = state.best_model_checkpoint and Path(state.best_model_checkpoint).name
         metrics["val_loss"] = trainer.evaluate()["eval_loss"]
+        start = [log["eval_loss"] for log in state.log_history if "eval_loss" in log and log.get("step") == 0]
+        metrics["base_val_loss"] = start[0] if start else None
     return metrics
 
 
