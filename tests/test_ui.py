@@ -57,7 +57,7 @@ def test_build_app_has_no_side_effects(studio_home: Path):
         "watch_job",
         "cancel_job",
         "chat",
-        "list_adapters",
+        "describe_adapter",
         "download_adapter",
         "download_merged",
     } <= names
@@ -122,8 +122,8 @@ def test_upload_handler_only_reads_files_gradio_received(tmp_path: Path, monkeyp
     inside = tmp_path / "gradio" / "abc" / "data.jsonl"
     inside.parent.mkdir(parents=True)
     inside.write_text('{"text": "hi"}\n')
-    picked = upload_dataset({"path": str(inside), "orig_name": "data.jsonl"}, max_bytes=10_000)
-    assert Path(picked.value).read_text() == inside.read_text()
+    stored = upload_dataset({"path": str(inside), "orig_name": "data.jsonl"}, max_bytes=10_000)
+    assert Path(stored).read_text() == inside.read_text()
     with pytest.raises(DataError, match="folder parts"):
         upload_dataset({"path": str(inside), "orig_name": "../data.jsonl"}, max_bytes=10_000)
 
@@ -186,8 +186,8 @@ def test_start_training_queues_a_job_and_shows_the_cli_command(
     chat_file: Path, tiny_model_dir: Path, studio_home: Path, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setattr(JobStore, "ensure_worker", lambda self, *a, **k: None)  # queue only: no training here
-    picker, command = start_training(*form(chat_file, tiny_model_dir))
-    job = JobStore().get(picker.value)
+    job_id, command = start_training(*form(chat_file, tiny_model_dir))
+    job = JobStore().get(job_id)
     assert job.state == "queued" and job.recipe["lora"]["r"] == 4
     recipe_file = Path(command.splitlines()[1].removeprefix("lora-studio train "))
     assert recipe_file.is_file() and f"lora-studio jobs submit {recipe_file}" in command
@@ -197,7 +197,7 @@ def test_start_training_queues_a_job_and_shows_the_cli_command(
     assert again.to_dict()["lora"] == job.recipe["lora"] and again.data.train_file == str(chat_file)
     progress, plot, table = watch_job(job.id)
     assert 'data-state="queued"' in progress and "position 1" in progress
-    assert plot.empty and list(table["job"]) == [job.id]
+    assert plot is None and list(table["job"]) == [job.id]  # no loss points yet
 
 
 def test_start_training_refuses_a_missing_dataset(tiny_model_dir: Path, tmp_path: Path):

@@ -136,7 +136,15 @@ def build() -> AdaptersTab:
         elem_id="adapters-table",
     )
     with gr.Row():
-        adapter = gr.Dropdown(label="Adapter", choices=[], value=None, scale=4, elem_id="adapters-pick")
+        adapter = gr.Dropdown(
+            # Choices are filled per page; every handler checks the value against the listed adapters.
+            label="Adapter",
+            choices=[],
+            value=None,
+            allow_custom_value=True,
+            scale=4,
+            elem_id="adapters-pick",
+        )
         reload = gr.Button("Refresh", scale=1)
     with gr.Row():
         with gr.Column(scale=3):
@@ -156,9 +164,9 @@ def build() -> AdaptersTab:
             archive = gr.File(label="Download", interactive=False, elem_id="adapters-file")
             note = gr.Markdown(elem_id="adapters-note")
 
-    reload.click(shows_errors(refresh), inputs=adapter, outputs=[adapter, table], api_name="list_adapters")
+    reload.click(shows_errors(refresh), inputs=adapter, outputs=[adapter, table], api_visibility="private")
     adapter.change(
-        shows_errors(describe), inputs=adapter, outputs=[summary, recipe], api_visibility="private"
+        shows_errors(describe), inputs=adapter, outputs=[summary, recipe], api_name="describe_adapter"
     )
     get_adapter.click(
         shows_errors(download_adapter), inputs=adapter, outputs=[archive, note], api_name="download_adapter"

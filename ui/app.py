@@ -16,7 +16,7 @@ from lora_studio.engine_pool import EnginePool
 from lora_studio.models import studio_home
 
 from . import adapters_tab, chat_tab, data_tab, train_tab
-from .common import dataset_choices, shows_errors
+from .common import shows_errors
 from .uploads import DEFAULT_MAX_UPLOAD_MB
 
 CSS = """
@@ -51,7 +51,10 @@ def build_app(max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> gr.Blocks:
                 adapters = adapters_tab.build()
         # The Train tab follows the dataset chosen on the Data tab.
         data.dataset.change(
-            follow_dataset, inputs=data.dataset, outputs=train.dataset, api_visibility="private"
+            data_tab.refresh_datasets, inputs=data.dataset, outputs=train.dataset, api_visibility="private"
+        )
+        train.dataset.focus(
+            data_tab.refresh_datasets, inputs=train.dataset, outputs=train.dataset, api_visibility="private"
         )
         app.load(shows_errors(train_tab.on_page_load), outputs=train.job, api_visibility="private")
         # Lists come from the job store and the run folders, so a reload or restart shows them all.
@@ -70,10 +73,6 @@ def build_app(max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> gr.Blocks:
                 api_visibility="private",
             )
     return app
-
-
-def follow_dataset(path: str | None) -> gr.Dropdown:
-    return gr.Dropdown(choices=dataset_choices(), value=path)
 
 
 def launch(

@@ -44,7 +44,12 @@ def refresh_models(current: str | None = None) -> gr.Dropdown:
 
 
 def engine_for(pool: EnginePool, choice: str) -> tuple[InferenceEngine, str | None]:
-    """The engine and adapter name (None: the plain base) for a model picker value."""
+    """The engine and adapter name (None: the plain base) for a model picker value.
+
+    Only listed models are loaded: an API client cannot point the server at another folder.
+    """
+    if choice not in {value for _, value in model_choices()}:
+        raise gr.Error(f"{choice!r} is not one of the models listed on the Chat tab; pick one from the list.")
     if choice.startswith(ADAPTER):
         return pool.for_adapter(choice[len(ADAPTER) :])
     return pool.for_base(choice.removeprefix(BASE) or DEFAULT_BASE_MODEL), None
@@ -86,15 +91,34 @@ def chat(
     targets = [(left, engine, adapter)]
     if side_by_side:  # the same engine with adapters switched off is exactly the adapter's base
         targets.append((right, engine, None))
+    yield left, right, ""  # the question shows at once; the answers stream in after it
     for conversation, engine, adapter in targets:
         prompt = _with_system(conversation, system_prompt)
+        limit = fit_to_context(engine, prompt, settings["max_new_tokens"])
         conversation.append({"role": "assistant", "content": ""})
-        for piece in engine.stream_chat(prompt, adapter=adapter, **settings):
+        for piece in engine.stream_chat(prompt, adapter=adapter, **(settings | {"max_new_tokens": limit})):
             conversation[-1]["content"] += piece
             yield left, right, ""
         if not conversation[-1]["content"].strip():
             conversation[-1]["content"] = "(the model answered with an empty message)"
         yield left, right, ""
+
+
+def fit_to_context(engine: InferenceEngine, prompt: list[dict[str, str]], max_new_tokens: int) -> int:
+    """The answer length the slider asks for, cut to the room the model's context leaves.
+
+    The engine refuses a request that would overflow the context (right for an API); a person
+    in a chat rather wants the longest answer that fits, or to be told to start over.
+    """
+    if not engine.context_length:
+        return max_new_tokens
+    room = engine.context_length - engine.encode_chat(prompt).shape[1]
+    if room < 1:
+        raise gr.Error(
+            f"This conversation fills the model's whole context ({engine.context_length} tokens): "
+            "press Clear to start a new one."
+        )
+    return min(max_new_tokens, room)
 
 
 def _with_system(conversation: list[dict[str, str]], system_prompt: str) -> list[dict[str, str]]:
@@ -110,6 +134,7 @@ def build(pool: EnginePool) -> ChatTab:
             label="Model",
             choices=[],
             value=None,
+            allow_custom_value=True,  # choices are filled per page; `chat` checks the value against them
             scale=4,
             elem_id="chat-model",
             info="A trained adapter (on the base it was trained on) or a plain base model.",

@@ -52,17 +52,20 @@ def check_dataset(path: str | None, base_model: str, fmt: str, max_length: float
     return summary_markdown(checked), samples_html(checked)
 
 
-def upload_dataset(payload: dict | None, max_bytes: int) -> gr.Dropdown:
-    """Store an upload safely and select it; a bad upload becomes a page error.
+def upload_dataset(payload: dict | None, max_bytes: int) -> str | None:
+    """Store an upload safely; returns the stored path. A bad upload becomes a page error.
 
     The event runs with preprocess=False so the name the client sent (`orig_name`) is seen as
     sent: gradio would otherwise have already cut it to a base name, hiding a traversal attempt.
     """
     if not payload:
-        return gr.Dropdown()
+        return None
     src = received_file(payload)
-    stored = store_upload(src, payload.get("orig_name") or src.name, max_bytes=max_bytes)
-    return gr.Dropdown(choices=dataset_choices(), value=str(stored))
+    return str(store_upload(src, payload.get("orig_name") or src.name, max_bytes=max_bytes))
+
+
+def refresh_datasets(current: str | None) -> gr.Dropdown:
+    return gr.Dropdown(choices=dataset_choices(), value=current)
 
 
 def received_file(payload: dict) -> Path:
@@ -155,10 +158,14 @@ def build(max_upload_bytes: int) -> DataTab:
             samples = gr.HTML(elem_id="data-samples")
 
     @shows_errors
-    def on_upload(payload: dict | None) -> gr.Dropdown:
+    def on_upload(payload: dict | None) -> str | None:
         return upload_dataset(payload, max_upload_bytes)
 
-    upload.upload(on_upload, inputs=upload, outputs=dataset, api_name="upload_dataset", preprocess=False)
+    # Handlers answer API clients with plain values; the picker's choices are refreshed after.
+    upload.upload(
+        on_upload, inputs=upload, outputs=dataset, api_name="upload_dataset", preprocess=False
+    ).success(refresh_datasets, inputs=dataset, outputs=dataset, api_visibility="private")
+    dataset.focus(refresh_datasets, inputs=dataset, outputs=dataset, api_visibility="private")
     inputs = [dataset, base_model, fmt, max_length]
     check.click(
         shows_errors(check_dataset), inputs=inputs, outputs=[summary, samples], api_name="check_dataset"

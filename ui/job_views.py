@@ -41,13 +41,26 @@ def progress_html(job: Job | None) -> str:
     return f'<div class="ls-status" data-state="{job.state}">{bar}' + "<br>".join(lines) + "</div>"
 
 
-def loss_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Metrics rows as a long table (step, loss, series) for the line plot."""
+SERIES = {"loss": "training", "val_loss": "validation"}
+
+
+def loss_frame(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
+    """Metrics rows as a long table (step, loss, series) for the line plot; None before any point."""
     points = [
-        {"step": r["step"], "loss": r[key], "series": label}
+        {"step": r["step"], "loss": float(r[key]), "series": label}
         for r in rows
-        for key, label in (("loss", "training"), ("val_loss", "validation"))
+        for key, label in SERIES.items()
         if isinstance(r.get(key), (int, float))
+    ]
+    if not points:
+        return None  # gradio fixes a plot's scales at its first data: an empty table would break it
+    # The plot also fixes its series at the first data, so both are always present: a series with
+    # no point yet gets one empty (NaN) point, which is not drawn.
+    first = points[0]["step"]
+    points += [
+        {"step": first, "loss": float("nan"), "series": label}
+        for label in SERIES.values()
+        if label not in {p["series"] for p in points}
     ]
     # The final validation is logged twice at the last step (evaluation, then the result): one point.
     return pd.DataFrame(points, columns=["step", "loss", "series"]).drop_duplicates(ignore_index=True)

@@ -7,6 +7,7 @@ from the store, so it survives a page reload and a UI restart.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,12 +77,16 @@ def recipe_from_form(
     )
 
 
-def start_training(*form: Any) -> tuple[gr.Dropdown, str]:
-    """Submit the form as a job and make sure a worker runs it; returns (job picker, command)."""
+def start_training(*form: Any) -> tuple[str, str]:
+    """Submit the form as a job and make sure a worker runs it; returns (job id, CLI command)."""
     store = JobStore()
     job_id = store.submit(recipe_from_form(*form))
     store.ensure_worker()
-    return gr.Dropdown(choices=job_choices(store), value=job_id), reproduce_command(store.get(job_id))
+    return job_id, reproduce_command(store.get(job_id))
+
+
+def refresh_jobs(current: str | None) -> gr.Dropdown:
+    return gr.Dropdown(choices=job_choices(), value=current)
 
 
 def cancel_job(job_id: str | None) -> str:
@@ -112,7 +117,13 @@ def watch_job(job_id: str | None) -> tuple[str, pd.DataFrame, pd.DataFrame]:
 
 def job_choices(store: JobStore | None = None) -> list[tuple[str, str]]:
     jobs = (store or JobStore()).list(limit=50)
-    return [(f"{j.name} · {j.state} · {j.id}", j.id) for j in jobs]
+    return [job_label(j) for j in jobs]
+
+
+def job_label(job: Job) -> tuple[str, str]:
+    """A picker entry; the state is left out because it changes while the label stays on screen."""
+    started = time.strftime("%m-%d %H:%M", time.localtime(job.created_at))
+    return f"{job.name} · {job.id} · {started}", job.id
 
 
 def on_page_load() -> gr.Dropdown:
@@ -120,9 +131,7 @@ def on_page_load() -> gr.Dropdown:
     jobs = JobStore().list(limit=50)
     running = [j for j in jobs if j.state in ("running", "queued")]
     pick = (running or jobs or [None])[0]
-    return gr.Dropdown(
-        choices=[(f"{j.name} · {j.state} · {j.id}", j.id) for j in jobs], value=pick and pick.id
-    )
+    return gr.Dropdown(choices=[job_label(j) for j in jobs], value=pick and pick.id)
 
 
 def reproduce_command(job: Job) -> str:
@@ -148,7 +157,7 @@ def _int(value: float | None) -> int | None:
 # --- layout ---------------------------------------------------------------------------------------
 def build() -> TrainTab:
     with gr.Row():
-        with gr.Column(scale=2):
+        with gr.Column(scale=2, elem_id="train-form"):
             name = gr.Textbox(label="Run name", value="my-adapter", info="Names the job and its adapter.")
             base_model = gr.Dropdown(
                 label="Base model",
@@ -169,7 +178,7 @@ def build() -> TrainTab:
             with gr.Row():
                 r = gr.Slider(1, 128, value=LoraSettings.r, step=1, label="LoRA rank (r)", info=hint("r"))
                 layers = gr.Number(
-                    label="Top-N layers", value=None, precision=0, minimum=0, info=hint("layers")
+                    label="Top-N layers (0: all)", value=0, precision=0, minimum=0, info=hint("layers")
                 )
             with gr.Row():
                 quantization = gr.Dropdown(
@@ -240,13 +249,21 @@ def build() -> TrainTab:
             )
         with gr.Column(scale=3):
             with gr.Row():
-                job = gr.Dropdown(label="Job", choices=[], value=None, elem_id="train-job", scale=3)
+                job = gr.Dropdown(
+                    # Choices are filled per page; a value typed by an API client is checked by the job store.
+                    label="Job",
+                    choices=[],
+                    value=None,
+                    allow_custom_value=True,
+                    elem_id="train-job",
+                    scale=3,
+                )
                 cancel = gr.Button("Cancel", variant="stop", scale=1, elem_id="train-cancel")
                 resume = gr.Button("Resume", scale=1)
             progress = gr.HTML(progress_html(None), elem_id="train-progress")
             notice = gr.Markdown()
             plot = gr.LinePlot(
-                loss_frame([]),
+                None,
                 x="step",
                 y="loss",
                 color="series",
@@ -254,6 +271,7 @@ def build() -> TrainTab:
                 x_title="step",
                 y_title="loss",
                 height=260,
+                color_map={"training": "#2563eb", "validation": "#f97316"},
                 elem_id="train-plot",
             )
             table = gr.Dataframe(
@@ -275,17 +293,14 @@ def build() -> TrainTab:
         eval_every,
         log_every,
     ]
-    start.click(shows_errors(start_training), inputs=form, outputs=[job, command], api_name="start_training")
+    start.click(
+        shows_errors(start_training), inputs=form, outputs=[job, command], api_name="start_training"
+    ).success(refresh_jobs, inputs=job, outputs=job, api_visibility="private")
     cancel.click(shows_errors(cancel_job), inputs=job, outputs=notice, api_name="cancel_job")
     resume.click(shows_errors(resume_job), inputs=job, outputs=notice, api_name="resume_job")
     watch = shows_errors(watch_job)
     job.change(watch, inputs=job, outputs=[progress, plot, table], api_name="watch_job")
-    job.focus(
-        shows_errors(lambda value: gr.Dropdown(choices=job_choices(), value=value)),
-        inputs=job,
-        outputs=job,
-        api_visibility="private",
-    )
+    job.focus(shows_errors(refresh_jobs), inputs=job, outputs=job, api_visibility="private")
     gr.Timer(POLL_SECONDS).tick(
         watch, inputs=job, outputs=[progress, plot, table], api_visibility="private", show_progress="hidden"
     )
