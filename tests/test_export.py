@@ -163,3 +163,13 @@ def test_cli_merge_prints_the_check(tiny_adapters, tmp_path, capsys):
     assert (
         main(["merge", str(tiny_adapters["beta"]), "--out", str(tmp_path / "m")]) == 2
     )  # exists: one-line error
+
+
+def test_cli_export_reports_a_converter_failure_in_one_line(tiny_adapters, tmp_path, capsys):
+    from lora_studio.cli import main
+
+    args = ["export", str(tiny_adapters["alpha"]), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the loaders' progress bars
+    assert err.startswith("error: llama.cpp's GGUF converter failed")
+    assert "pre-tokenizer was not recognized" in err

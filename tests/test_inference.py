@@ -200,3 +200,35 @@ def test_switching_moves_no_base_weights(engine):
     assert {
         name: (id(p), p.data_ptr()) for name, p in engine._base.named_parameters() if "lora_" not in name
     } == weights
+
+
+def test_cli_chat_answers_one_prompt_and_compares_with_the_base(engine, tiny_adapters, capsys):
+    from lora_studio.cli import main
+
+    expected = {name: engine.chat(PROMPT, name, max_new_tokens=N) for name in ["alpha", None]}
+    args = ["chat", str(tiny_adapters["alpha"]), "--prompt", PROMPT[0]["content"], "--max-new-tokens", str(N)]
+    assert main(args) == 0
+    assert capsys.readouterr().out == expected["alpha"] + "\n"
+    assert main([*args, "--compare"]) == 0
+    assert capsys.readouterr().out == f"[base] {expected[None]}\n[alpha] {expected['alpha']}\n"
+
+
+def test_cli_chat_interactive_keeps_history_until_reset(engine, tiny_adapters, capsys, monkeypatch):
+    import io
+
+    from lora_studio.cli import main
+
+    second_turn = [
+        *PROMPT,
+        {"role": "assistant", "content": engine.chat(PROMPT, "beta", max_new_tokens=N)},
+        {"role": "user", "content": "again"},
+    ]
+    expected = [
+        engine.chat(PROMPT, "beta", max_new_tokens=N),
+        engine.chat(second_turn, "beta", max_new_tokens=N),
+    ]
+    monkeypatch.setattr(
+        "sys.stdin", io.StringIO(f"{PROMPT[0]['content']}\nagain\n/reset\n\n{PROMPT[0]['content']}\n")
+    )
+    assert main(["chat", str(tiny_adapters["beta"]), "--max-new-tokens", str(N)]) == 0  # ends at end of input
+    assert capsys.readouterr().out.splitlines() == [expected[0], expected[1], expected[0]]
