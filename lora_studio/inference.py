@@ -118,6 +118,11 @@ class Generation:
     def cancel(self) -> None:
         self._cancelled.set()
 
+    @property
+    def finished(self) -> bool:
+        """Generation has ended (completed, cancelled or failed)."""
+        return self._done.is_set()
+
     def wait(self) -> str:
         """Consume the whole reply and return its text."""
         for _ in self:

@@ -25,14 +25,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 # Imported here, not inside build_app: FastAPI resolves the handlers' annotations (`request: Request`)
 # from this module's globals, and would otherwise take `request` for a query parameter.
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .errors import RequestError
@@ -123,9 +123,8 @@ def build_app(engine: InferenceEngine, api_key: str | None = None) -> FastAPI:
             raise APIError(400, message, param=_param_of(message)) from None
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if stream:
-            events = sse_events(reply, completion_id, model, include_usage)
             return StreamingResponse(
-                events,
+                cancel_on_disconnect(sse_events(reply, completion_id, model, include_usage), reply),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -288,6 +287,18 @@ def sse_events(reply: Generation, completion_id: str, model: str, include_usage:
     finally:
         reply.cancel()  # a client that went away stops the generation
     yield "data: [DONE]\n\n"
+
+
+async def cancel_on_disconnect(events: Iterator[str], reply: Generation) -> AsyncIterator[str]:
+    """Stream the events from a worker thread; a client that goes away stops the generation at once
+    (Starlette cancels this coroutine), instead of holding the engine until max_tokens."""
+    try:
+        async for event in iterate_in_threadpool(events):
+            yield event
+    finally:
+        if not reply.finished:
+            log.info("a client left mid-stream: its generation was stopped")
+        reply.cancel()
 
 
 def run_server(

@@ -29,10 +29,14 @@ def lora_studio_command() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_adapters, tmp_path_factory) -> Iterator[str]:
+def server_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serve-log") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_adapters, tmp_path_factory, server_log) -> Iterator[str]:
     """The server with adapters alpha and beta; its key comes from the environment variable."""
-    home, port = tmp_path_factory.mktemp("serve-home"), free_port()
-    log = home / "server.log"
+    home, port, log = tmp_path_factory.mktemp("serve-home"), free_port(), server_log
     env = {**os.environ, "LORA_STUDIO_HOME": str(home), "HF_HUB_OFFLINE": "1", "LORA_STUDIO_API_KEY": KEY}
     cmd = [
         *lora_studio_command(),
@@ -217,3 +221,17 @@ def test_text_parts_content_is_accepted(server, expected):
         response.status_code == 200
         and response.json()["choices"][0]["message"]["content"] == expected["alpha"]
     )
+
+
+def test_a_client_leaving_mid_stream_stops_its_generation(server, server_log, expected, client):
+    body = {"model": "alpha", "messages": PROMPT, "max_tokens": 200, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream(
+        "POST", f"{server}/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as response:
+        first = next(response.iter_lines())
+        assert first.startswith("data: ")
+    # the server notices, stops that generation, and keeps answering others correctly
+    reply = client.chat.completions.create(model="beta", messages=PROMPT, max_tokens=N)
+    assert reply.choices[0].message.content == expected["beta"]
+    assert "a client left mid-stream: its generation was stopped" in server_log.read_text()
