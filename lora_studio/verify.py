@@ -211,10 +211,9 @@ def _merged_target(adapter_dir: Path, merged_dir: str | Path | None, work: Path)
     tokenizer = load_tokenizer(folder)
     eos = model.generation_config.eos_token_id
     stops = [eos] if isinstance(eos, int) else list(eos or [])
-    dtype = str(next(model.parameters()).dtype)
     saved = (folder / "config.json").read_text()
     key = next((d for d in ("bfloat16", "float16") if f'"{d}"' in saved), "float32")
-    return LocalTarget(model, tokenizer, tokenizer.chat_template, stops, key, f"{folder} ({dtype} on load)")
+    return LocalTarget(model, tokenizer, tokenizer.chat_template, stops, key, f"{folder} (saved as {key})")
 
 
 def _gguf_target(
