@@ -100,9 +100,14 @@ class Generation:
         self._streamer = streamer
         self._cancelled = threading.Event()
         self._done = threading.Event()
+        self._read = threading.Event()
         self._error: BaseException | None = None
 
     def __iter__(self) -> Iterator[str]:
+        if self._read.is_set():  # the stream can be read once; later reads just see the end
+            self._done.wait()
+            return
+        self._read.set()
         try:
             for piece in self._streamer:
                 if piece:

@@ -232,3 +232,9 @@ def test_cli_chat_interactive_keeps_history_until_reset(engine, tiny_adapters, c
     )
     assert main(["chat", str(tiny_adapters["beta"]), "--max-new-tokens", str(N)]) == 0  # ends at end of input
     assert capsys.readouterr().out.splitlines() == [expected[0], expected[1], expected[0]]
+
+
+def test_a_reply_read_twice_does_not_hang(engine):
+    reply = engine.start(PROMPT, "alpha", max_new_tokens=3)
+    text = "".join(reply)
+    assert reply.wait() == text and list(reply) == []
