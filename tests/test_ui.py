@@ -16,7 +16,7 @@ from lora_studio.jobs import JobStore
 from ui import uploads
 from ui.common import shows_errors
 from ui.data_tab import check_dataset, received_file, upload_dataset
-from ui.train_tab import recipe_from_form, start_training, watch_job
+from ui.train_tab import cancel_job, recipe_from_form, resume_job, start_training, watch_job
 
 
 def form(dataset: Path | str, base: Path | str, **changes):
@@ -176,9 +176,11 @@ def test_form_becomes_a_recipe(chat_file: Path, tiny_model_dir: Path):
 
 def test_form_problems_are_reported_together(chat_file: Path, tiny_model_dir: Path):
     with pytest.raises(ConfigError) as caught:
-        recipe_from_form(*form("", tiny_model_dir, learning_rate=0, max_length=None))
+        recipe_from_form(*form("", tiny_model_dir, learning_rate=0, max_length=None, epochs=None))
     message = str(caught.value)
-    assert "the training form has 3 problem(s)" in message
+    assert (
+        "the training form has 4 problem(s)" in message and "num_train_epochs: expected a number" in message
+    )
     assert "train_file: required" in message and "learning_rate" in message and "max_length" in message
 
 
@@ -186,11 +188,12 @@ def test_start_training_queues_a_job_and_shows_the_cli_command(
     chat_file: Path, tiny_model_dir: Path, studio_home: Path, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setattr(JobStore, "ensure_worker", lambda self, *a, **k: None)  # queue only: no training here
-    job_id, command = start_training(*form(chat_file, tiny_model_dir))
+    job_id, command = start_training(*form(chat_file, tiny_model_dir, name="../../../escape"))
     job = JobStore().get(job_id)
     assert job.state == "queued" and job.recipe["lora"]["r"] == 4
     recipe_file = Path(command.splitlines()[1].removeprefix("lora-studio train "))
     assert recipe_file.is_file() and f"lora-studio jobs submit {recipe_file}" in command
+    assert recipe_file.parent == studio_home / "recipes"  # the typed run name cannot move it elsewhere
     from lora_studio.config import Recipe
 
     again = Recipe.from_yaml(recipe_file)  # the command's recipe is the job's, bar the run folder
@@ -198,6 +201,21 @@ def test_start_training_queues_a_job_and_shows_the_cli_command(
     progress, plot, table = watch_job(job.id)
     assert 'data-state="queued"' in progress and "position 1" in progress
     assert plot is None and list(table["job"]) == [job.id]  # no loss points yet
+
+
+def test_cancel_and_resume_buttons_change_the_job(
+    chat_file: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(JobStore, "ensure_worker", lambda self, *a, **k: None)
+    job_id, _ = start_training(*form(chat_file, tiny_model_dir))
+    assert f"Job {job_id} is cancelled" in cancel_job(job_id)  # queued: cancelled at once
+    assert JobStore().get(job_id).state == "cancelled"
+    with pytest.raises(gr.Error, match="already ended as cancelled"):
+        shows_errors(cancel_job)(job_id)
+    assert "queued again" in resume_job(job_id)
+    assert JobStore().get(job_id).state == "queued"
+    with pytest.raises(gr.Error, match="Pick a job"):
+        cancel_job(None)
 
 
 def test_start_training_refuses_a_missing_dataset(tiny_model_dir: Path, tmp_path: Path):

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Iterator
@@ -47,7 +48,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_ui(home: Path, cwd: Path) -> Iterator[str]:
+def running_ui(home: Path, cwd: Path, *extra: str) -> Iterator[str]:
     """Start `lora-studio ui` as a real process; yield its URL; stop it and the worker it started."""
     port = free_port()
     env = dict(os.environ, LORA_STUDIO_HOME=str(home), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
@@ -62,6 +63,7 @@ def running_ui(home: Path, cwd: Path) -> Iterator[str]:
             str(port),
             "--max-upload-mb",
             str(MAX_UPLOAD_MB),
+            *extra,
         ],
         cwd=cwd,
         env=env,
@@ -321,8 +323,8 @@ def test_train_chat_and_download_through_the_api(ui_server: dict, tmp_path: Path
     )
 
 
-def test_jobs_survive_a_ui_restart(ui_server: dict, tmp_path: Path):
-    """A second UI process on the same studio folder lists the jobs the first one ran."""
+def test_jobs_survive_a_ui_restart_and_auth_guards_the_page(ui_server: dict, tmp_path: Path):
+    """A second UI process on the same studio folder, behind --auth, lists the jobs the first one ran."""
     from gradio_client import Client
 
     from lora_studio.jobs import JobStore
@@ -330,8 +332,12 @@ def test_jobs_survive_a_ui_restart(ui_server: dict, tmp_path: Path):
     jobs = JobStore(ui_server["home"] / "jobs.sqlite").list()
     if not jobs:
         pytest.skip("no job has run on this server yet (run with the training tests)")
-    with running_ui(ui_server["home"], tmp_path) as url:
-        progress, _, table = Client(url, verbose=False).predict(jobs[0].id, api_name="/watch_job")
+    with running_ui(ui_server["home"], tmp_path, "--auth", "ann:s3cret") as url:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}config", timeout=10)
+        assert refused.value.code == 401
+        client = Client(url, auth=("ann", "s3cret"), verbose=False)
+        progress, _, table = client.predict(jobs[0].id, api_name="/watch_job")
     assert {j.id for j in jobs} <= {row[0] for row in table["data"]}
     assert f'data-state="{jobs[0].state}"' in progress
 

@@ -7,6 +7,7 @@ written under the studio's exports folder, the only folder the app serves files 
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ def describe(folder: str | None) -> tuple[str, str]:
     adapter = _find(folder)
     meta = adapter.metadata
     lines = [
-        f"**{adapter.label}**",
+        f"**{html.escape(adapter.label)}**",
         f"- folder: `{adapter.folder}`",
         f"- base model: `{adapter.base_model}` (weights hash `{str(meta.get('base_model_hash', ''))[:12]}`)",
     ]
@@ -120,7 +121,7 @@ def _find(folder: str | None) -> TrainedAdapter:
 
 
 def _num(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+    return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
 
 
 def _short(name: str) -> str:

@@ -162,7 +162,7 @@ def build(pool: EnginePool) -> ChatTab:
                 info="0 answers greedily (the same every time); higher varies more.",
             )
     with gr.Row():
-        left = gr.Chatbot(label="Adapter", height=380, elem_id="chat-left")
+        left = gr.Chatbot(label="Chat", height=380, elem_id="chat-left")
         right = gr.Chatbot(label="Base model", height=380, visible=False, elem_id="chat-right")
     with gr.Row():
         message = gr.Textbox(

@@ -27,6 +27,7 @@ from lora_studio.models import studio_home
 
 from .common import base_model_choices, dataset_choices, hint, literal_choices, shows_errors
 from .job_views import jobs_table, loss_frame, progress_html
+from .uploads import safe_name
 
 POLL_SECONDS = 1.0
 
@@ -65,8 +66,8 @@ def recipe_from_form(
             "lora": {"r": _int(r), "lora_alpha": 2 * (_int(r) or 0), "layers": _int(layers) or None},
             "data": {"train_file": (dataset or "").strip(), "max_length": _int(max_length)},
             "train": {
-                "num_train_epochs": float(epochs or 0),
-                "learning_rate": float(learning_rate or 0),
+                "num_train_epochs": _float(epochs),
+                "learning_rate": _float(learning_rate),
                 "max_steps": _int(max_steps) if max_steps not in (None, 0) else -1,
                 "per_device_train_batch_size": _int(batch_size),
                 "eval_every_steps": _int(eval_every),
@@ -93,6 +94,8 @@ def cancel_job(job_id: str | None) -> str:
     if not job_id:
         raise gr.Error("Pick a job to cancel first.")
     job = JobStore().cancel(job_id)
+    if job.state == "cancelled":
+        return f"Job {job.id} is cancelled."
     return f"Cancel requested for job {job.id}: it stops at its next step, after saving a checkpoint."
 
 
@@ -105,7 +108,7 @@ def resume_job(job_id: str | None) -> str:
     return f"Job {job.id} is queued again; it continues from its last checkpoint."
 
 
-def watch_job(job_id: str | None) -> tuple[str, pd.DataFrame, pd.DataFrame]:
+def watch_job(job_id: str | None) -> tuple[str, pd.DataFrame | None, pd.DataFrame]:
     """What the timer refreshes: (progress html, loss curves, job table)."""
     store = JobStore()
     table = jobs_table(store.list(limit=50))
@@ -141,7 +144,7 @@ def reproduce_command(job: Job) -> str:
     instead of overwriting this job's.
     """
     raw = job.recipe | {"train": {**job.recipe["train"], "output_dir": ""}}
-    path = studio_home() / "recipes" / f"{job.name}-{job.id}.yaml"
+    path = studio_home() / "recipes" / f"{safe_name(job.name)}-{job.id}.yaml"  # the name is typed text
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(Recipe.from_dict(raw).to_yaml())
     return (
@@ -151,7 +154,12 @@ def reproduce_command(job: Job) -> str:
 
 
 def _int(value: float | None) -> int | None:
+    """A whole number from a number box; an empty box stays None, for the recipe check to name."""
     return None if value is None else int(round(value))
+
+
+def _float(value: float | None) -> float | None:
+    return None if value is None else float(value)
 
 
 # --- layout ---------------------------------------------------------------------------------------
