@@ -220,7 +220,7 @@ def test_two_jobs_run_one_at_a_time_in_order_and_succeed(service, tiny_model_dir
         assert seen == sorted(seen), f"progress of {job_id} went backwards: {seen}"
     assert (a.step, a.total_steps, b.step, b.total_steps) == (6, 6, 3, 3)
     assert sorted(loss_rows(store, first)) == [1, 2, 3, 4, 5, 6]
-    assert {r["step"] for r in store.metrics(first) if "val_loss" in r} == {3, 6}
+    assert {r["step"] for r in store.metrics(first) if "val_loss" in r} >= {3, 6}  # (and 0: the base's)
     assert a.metrics["global_step"] == 6 and a.metrics["train_loss"] > 0 and a.metrics["val_loss"] > 0
     assert a.metrics["tokens_per_second"] > 0 and a.eta_seconds is None
     assert a.adapter_dir == a.run_dir / "adapter" and (a.adapter_dir / "lora_studio.json").is_file()
