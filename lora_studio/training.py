@@ -57,20 +57,20 @@ def train(recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = ()
     data = prepare(recipe.data, tokenizer, recipe.train.seed)  # bad data fails here, before anything is written
     checkpoint = _last_checkpoint(run_dir) if resume else None
 
-    _start_run_folder(run_dir, recipe, data, resumed=resume)
+    _start_run_folder(run_dir, recipe, data, resume_step=_step_of(checkpoint))
     handler = _log_to_file(run_dir / "train.log")
     try:
         model, tokenizer, ref = load_base(recipe.model)
         model = attach_lora(model, recipe.lora, _use_gradient_checkpointing(recipe))
-        trainer = build_trainer(recipe, model, tokenizer, data, callbacks)
+        trainer = build_trainer(recipe, model, tokenizer, data, callbacks, resuming=checkpoint is not None)
         _log_start(recipe, model, data)
         try:
             output = trainer.train(resume_from_checkpoint=checkpoint)
         except (  # a damaged checkpoint shows up as any of these (unreadable adapter weights, optimizer, rng)
             RuntimeError, OSError, ValueError, KeyError, SafetensorError, UnpicklingError
         ) as e:
-            if checkpoint is None:
-                raise
+            if checkpoint is None or trainer.state.global_step > _step_of(checkpoint):
+                raise  # not about the checkpoint: training got past it
             raise LoraStudioError(f"cannot resume from {checkpoint}: it is damaged or incomplete ({e}). "
                                   "Delete that checkpoint folder to resume from the one before it.") from None
         metrics = _final_metrics(trainer, output, data)
@@ -91,7 +91,8 @@ def train(recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = ()
         handler.close()
 
 
-def build_trainer(recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData, callbacks: Sequence[Any] = ()) -> Any:
+def build_trainer(recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData, callbacks: Sequence[Any] = (),
+                  resuming: bool = False) -> Any:
     """TRL's SFTTrainer set up from the recipe: the one place training arguments are chosen."""
     from datasets import Dataset
     from transformers import EarlyStoppingCallback
@@ -114,7 +115,9 @@ def build_trainer(recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData
         weight_decay=t.weight_decay,
         logging_steps=t.logging_steps,
         eval_strategy="steps" if has_val else "no",
-        eval_on_start=has_val,  # the base's validation loss: how far it starts from the task (step 0)
+        # The base's own validation loss at step 0: how far it starts from the task. A resumed run
+        # validates at its start too, so its data order (drawn from the same RNG) matches an uninterrupted run.
+        eval_on_start=has_val,
         eval_steps=t.eval_every_steps,
         save_strategy="steps",
         save_steps=t.save_every_steps or t.eval_every_steps,
@@ -145,7 +148,7 @@ def build_trainer(recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData
         train_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in data.train]),
         eval_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in data.val]) if has_val else None,
         processing_class=tokenizer,
-        callbacks=[MetricsLog(run_dir / "metrics.jsonl"), *extra, *callbacks],
+        callbacks=[MetricsLog(run_dir / "metrics.jsonl", skip_first_eval=resuming), *extra, *callbacks],
     )
 
 
@@ -155,14 +158,21 @@ def _use_gradient_checkpointing(recipe: Recipe) -> bool:
 
 
 class MetricsLog(TrainerCallback):
-    """Appends one JSON line per log event to metrics.jsonl, with tokens/s since the last one."""
+    """Appends one JSON line per log event to metrics.jsonl, with tokens/s since the last one.
 
-    def __init__(self, path: Path):
+    A resumed run's first validation repeats the one its checkpoint already logged: skip it.
+    """
+
+    def __init__(self, path: Path, skip_first_eval: bool = False):
         self.path = Path(path)
         self._last = (time.time(), 0)
+        self._skip_eval = skip_first_eval
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
         if not state.is_world_process_zero or not logs:
+            return
+        if self._skip_eval and "eval_loss" in logs:
+            self._skip_eval = False
             return
         row: dict[str, Any] = {"step": state.global_step, "max_steps": state.max_steps,
                                "epoch": round(state.epoch or 0, 4), "time": round(time.time(), 3)}
@@ -187,15 +197,20 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _start_run_folder(run_dir: Path, recipe: Recipe, data: PreparedData, resumed: bool) -> None:
+def _start_run_folder(run_dir: Path, recipe: Recipe, data: PreparedData, resume_step: int | None) -> None:
+    """Write the resolved recipe and data report; a resumed run keeps its metrics up to its checkpoint."""
     if not _is_main_process():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(run_dir / "config.yaml", recipe.to_yaml())
     _atomic_write(run_dir / "data_report.json", json.dumps(dataclasses.asdict(data.report), indent=2))
-    if not resumed:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    _write_status(run_dir, "running", resumed=resumed)
+    metrics = run_dir / "metrics.jsonl"
+    if resume_step is None:
+        metrics.unlink(missing_ok=True)
+    elif metrics.is_file():  # steps after the checkpoint are redone: drop their old rows
+        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+        _atomic_write(metrics, "".join(line + "\n" for line in kept))
+    _write_status(run_dir, "running", resumed=resume_step is not None)
 
 
 def _write_status(run_dir: Path, state: str, **fields: Any) -> None:
@@ -214,6 +229,10 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _step_of(checkpoint: str | None) -> int | None:
+    return int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else None
 
 
 def _last_checkpoint(run_dir: Path) -> str:

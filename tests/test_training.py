@@ -82,6 +82,11 @@ def test_resume_continues_from_the_last_checkpoint(tiny_recipe, tmp_path):
     def losses(run):
         return {m["step"]: m["loss"] for m in read_metrics(run) if "loss" in m}
 
+    steps = [m["step"] for m in read_metrics(resumed.run_dir) if "loss" in m]
+    assert steps == [1, 2, 3, 4, 5, 6]  # step 4, logged before the crash, is redone and logged once
+    val_steps = [m["step"] for m in read_metrics(resumed.run_dir) if "val_loss" in m]
+    assert val_steps == [0, 3, 6, 6]  # the base, two validations, then the kept adapter's final one
+
     # The curve continues where it stopped (CPU float reductions differ run to run by ~1e-3;
     # restarting from scratch would put step 4 back near step 1's loss, ~0.08 higher).
     assert losses(resumed.run_dir) == pytest.approx(losses(straight.run_dir), abs=0.01)
