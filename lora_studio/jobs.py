@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 from .config import DEFAULT_BASE_MODEL, Recipe
 from .errors import ConfigError, JobError
+from .home import studio_home
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
 JOB_STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
@@ -131,7 +132,7 @@ class JobStore:
     """The job queue: one SQLite file (WAL mode) that callers, the worker and job processes share."""
 
     def __init__(self, path: str | Path | None = None, *, heartbeat_timeout: float = 120.0):
-        path = Path(path) if path is not None else _studio_home() / "jobs.sqlite"
+        path = Path(path) if path is not None else studio_home() / "jobs.sqlite"
         self.path = Path(path).expanduser().resolve()
         self.home = self.path.parent
         self.heartbeat_timeout = heartbeat_timeout
@@ -450,12 +451,6 @@ def _pin_paths(recipe: Recipe, default_run_dir: Path) -> Recipe:
     out = raw["train"]["output_dir"]
     raw["train"]["output_dir"] = str(Path(out).expanduser().resolve() if out else default_run_dir)
     return Recipe.from_dict(raw)
-
-
-def _studio_home() -> Path:
-    # The same rule as models.studio_home(), which would import torch (seconds) just to read an
-    # environment variable; tests/test_jobs.py checks that the two agree.
-    return Path(os.environ.get("LORA_STUDIO_HOME", Path.home() / ".cache" / "lora-studio"))
 
 
 def _check_data(recipe: Recipe) -> None:

@@ -23,6 +23,7 @@ import torch
 
 from .config import DEFAULT_BASE_MODEL, ModelSettings
 from .errors import ModelError
+from .home import studio_home
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,6 @@ BUILTIN_MODELS: dict[str, tuple[str, str]] = {
 # Files a model folder needs; the hub download takes only these (safetensors, never pickles).
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 _SOURCE_FILE = "lora_studio_source.json"  # written into converted folders: where they came from
-
-
-def studio_home() -> Path:
-    """Where LoRA Studio keeps converted models, jobs and caches (LORA_STUDIO_HOME)."""
-    home = Path(os.environ.get("LORA_STUDIO_HOME", Path.home() / ".cache" / "lora-studio"))
-    home.mkdir(parents=True, exist_ok=True)
-    return home
 
 
 @dataclass(frozen=True)

@@ -103,9 +103,7 @@ def test_submit_pins_paths_and_gives_each_job_its_own_run_folder(tiny_model_dir,
                                                                  monkeypatch, studio_home):
     import yaml
 
-    from lora_studio.models import studio_home as models_home
-
-    assert JobStore().home == models_home() == studio_home  # jobs.py reads LORA_STUDIO_HOME itself (no torch)
+    assert JobStore().home == studio_home
     recipe = make_recipe(tiny_model_dir, chat_file)
     recipe["data"]["train_file"] = chat_file.name  # relative to the recipe file
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
