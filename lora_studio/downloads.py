@@ -16,8 +16,8 @@ import zipfile
 from pathlib import Path
 
 from .adapters import METADATA_FILE, read_metadata
+from .home import studio_home
 from .inference import adapter_name
-from .models import studio_home
 
 # Weights barely compress and are large: store them as they are, deflate the small text files.
 _STORED_SUFFIXES = (".safetensors", ".gguf", ".bin")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gradio as gr
 
 from lora_studio.engine_pool import EnginePool
-from lora_studio.models import studio_home
+from lora_studio.home import studio_home
 
 from . import adapters_tab, chat_tab, data_tab, train_tab
 from .common import shows_errors

@@ -22,8 +22,8 @@ from lora_studio.config import (
     Recipe,
     TrainSettings,
 )
+from lora_studio.home import studio_home
 from lora_studio.jobs import Job, JobStore
-from lora_studio.models import studio_home
 
 from .common import base_model_choices, dataset_choices, hint, literal_choices, shows_errors
 from .job_views import jobs_table, loss_frame, progress_html

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lora_studio.data import SUFFIXES
 from lora_studio.errors import DataError
-from lora_studio.models import studio_home
+from lora_studio.home import studio_home
 
 DEFAULT_MAX_UPLOAD_MB = 200
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

@@ -47,7 +47,7 @@ def run_ui(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port: expected a port number from 1 to 65535, got {args.port}")
     if args.max_upload_mb is not None and args.max_upload_mb <= 0:
         raise ConfigError(f"--max-upload-mb: expected a positive size, got {args.max_upload_mb}")
-    from ..models import studio_home
+    from ..home import studio_home
 
     # Before gradio is imported: its uploads go under the studio's folder, and it phones no one.
     os.environ.setdefault("GRADIO_TEMP_DIR", str(studio_home() / "gradio"))
