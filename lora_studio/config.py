@@ -193,6 +193,8 @@ class Recipe:
             value = getattr(self.data, name, None) or getattr(self.train, name, None)
             if value is not None and value <= 0:
                 problems.append(f"{name}: must be positive, got {value}")
+        if self.train.num_train_epochs <= 0 and self.train.max_steps == -1:
+            problems.append(f"num_train_epochs: must be positive, got {self.train.num_train_epochs}")
         if self.train.learning_rate <= 0:
             problems.append(f"learning_rate: must be positive, got {self.train.learning_rate}")
         if self.train.max_steps == 0 or self.train.max_steps < -1:

@@ -81,5 +81,12 @@ def test_save_interval_must_fit_validation_interval():
         Recipe.from_dict({"data": {"train_file": "d"}, "train": {"eval_every_steps": 10, "save_every_steps": 15}})
 
 
+def test_training_length_must_be_positive():
+    with pytest.raises(ConfigError, match="num_train_epochs: must be positive, got 0"):
+        Recipe.from_dict({"data": {"train_file": "d"}, "train": {"num_train_epochs": 0}})
+    with pytest.raises(ConfigError, match="max_steps: expected -1 or a positive number, got 0"):
+        Recipe.from_dict({"data": {"train_file": "d"}, "train": {"max_steps": 0}})
+
+
 def test_every_field_has_help():
     assert all(len(text) > 10 for text in field_help().values())
