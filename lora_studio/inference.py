@@ -40,7 +40,7 @@ import torch
 from .adapters import read_metadata
 from .config import DEFAULT_BASE_MODEL, ModelSettings
 from .errors import ModelError, RequestError
-from .models import BaseModelRef, load_base, model_fingerprint
+from .models import load_base, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -471,7 +471,3 @@ def adapter_name(folder: str | Path) -> str:
     path = Path(folder).expanduser().resolve()
     name = path.parent.name if path.name == "adapter" else path.name
     return re.sub(r"[^A-Za-z0-9._:-]", "-", name).strip("-.") or "adapter"
-
-
-def describe_ref(ref: BaseModelRef) -> str:
-    return f"{ref.name} ({ref.kind}, {ref.folder})"
