@@ -15,7 +15,10 @@
 `messages` are OpenAI-style dicts: {"role": "system"|"user"|"assistant", "content": str}. Generation
 settings: max_new_tokens, temperature (0 = greedy, the default, so answers are reproducible), top_p,
 seed (makes sampling reproducible). Generation stops at the tokenizer's EOS, the generation config's
-EOS ids and the chat template's end-of-turn token (see `stop_token_ids`).
+EOS ids and the chat template's end-of-turn token (see `stop_token_ids`). Bad messages or settings
+raise RequestError before anything runs; an unknown adapter or one trained on another base raises
+ModelError. Closing a stream early (or `reply.cancel()`) stops its generation at the next token.
+`encode_chat` and `logits` expose the exact prompt tokens and logits, for checks and comparisons.
 
 The base is loaded once. Adapters are PEFT adapters on one `PeftModel`; switching is PEFT's
 `set_adapter` (milliseconds: no weights move) and the base is the same model with adapters
