@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny_model import build_tiny_model
 
 
@@ -22,6 +21,19 @@ def studio_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
     monkeypatch.setenv("LORA_STUDIO_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One studio home for the whole session, so slow tests convert the built-in GGUF only once."""
+    return tmp_path_factory.mktemp("smollm2-home")
+
+
+@pytest.fixture
+def use_smollm2_home(smollm2_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """For tests of the real SmolLM2: LORA_STUDIO_HOME is the shared session home."""
+    monkeypatch.setenv("LORA_STUDIO_HOME", str(smollm2_home))
+    return smollm2_home
 
 
 @pytest.fixture(scope="session")

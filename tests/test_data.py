@@ -5,10 +5,16 @@ import json
 import pytest
 
 from lora_studio import DataError, train
-from lora_studio.data import (
-    IGNORE_INDEX, check_file, encode, load_examples, prepare, render, split,
-)
 from lora_studio.config import DataSettings
+from lora_studio.data import (
+    IGNORE_INDEX,
+    check_file,
+    encode,
+    load_examples,
+    prepare,
+    render,
+    split,
+)
 from lora_studio.models import load_tokenizer
 
 
@@ -57,7 +63,7 @@ def test_loss_covers_only_the_assistant_answers(tokenizer):
     segments = render(example, tokenizer)
     assert [text for text, trainable in segments if trainable] == ["1<|im_end|>\n", "2<|im_end|>\n"]
     row = encode(example, tokenizer, max_length=512)
-    learned = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
+    learned = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE_INDEX]
     assert tokenizer.decode(learned) == "1<|im_end|>\n2<|im_end|>\n"
     full = tokenizer.apply_chat_template(list(example.messages), tokenize=False)
     assert tokenizer.decode(row["input_ids"]) == full

@@ -11,18 +11,6 @@ from lora_studio.config import ModelSettings
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def smollm2_home(tmp_path_factory):
-    """One studio home for the session, so the built-in GGUF is converted only once."""
-    return tmp_path_factory.mktemp("smollm2-home")
-
-
-@pytest.fixture
-def use_smollm2_home(smollm2_home, monkeypatch):
-    monkeypatch.setenv("LORA_STUDIO_HOME", str(smollm2_home))
-    return smollm2_home
-
-
 @pytest.fixture
 def answers_file(tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"Code for city {city}?"},

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 from adapter_helpers import build_adapter, build_constant_model, edit_json
@@ -83,13 +81,11 @@ def test_verify_prompts_come_from_the_training_data(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_adapter_trained_a_few_steps_chats_stops_and_stays_consistent(tmp_path, monkeypatch):
+def test_smollm2_adapter_trained_a_few_steps_chats_stops_and_stays_consistent(tmp_path, use_smollm2_home):
     """The real base: train a few steps, chat (answer ends at <|im_end|>), then merged and served agree."""
     from lora_studio import Recipe, train
     from lora_studio.inference import InferenceEngine
 
-    home = Path(os.environ.get("LORA_STUDIO_TEST_HOME", tmp_path / "home"))  # reuse a converted base if given
-    monkeypatch.setenv("LORA_STUDIO_HOME", str(home))
     rows = [
         {
             "messages": [
