@@ -193,6 +193,16 @@ class Fit:
         )
 
 
+def fit_advice(fit: Fit) -> str:
+    """What a person should make of a task-fit score (mean loss per answer token of the base)."""
+    if fit.loss < 0.5:
+        return "the base already predicts these answers well: a short run (or none) should do"
+    if fit.loss < 2.5:
+        return "a partial fit: LoRA should adapt the base to this task in a few epochs"
+    return ("a poor fit (task mismatch): the base is far from these answers; expect to need more data and "
+            "epochs, a higher rank or more layers, or choose a base closer to the task")
+
+
 @torch.no_grad()
 def base_fit(
     model: Any,

@@ -66,3 +66,10 @@ def test_help_everywhere():
 def test_models_lists_the_builtin_default():
     proc = run("models")
     assert proc.returncode == 0 and "smollm2-135m-instruct" in proc.stdout
+
+
+def test_data_check_fit_scores_the_base_on_the_answers(chat_file, tiny_model_dir):
+    proc = run("data", "check", chat_file, "--base-model", tiny_model_dir, "--fit")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"task fit of {tiny_model_dir}: answer loss" in proc.stdout
+    assert "poor fit (task mismatch)" in proc.stdout  # a random tiny model knows nothing of the task

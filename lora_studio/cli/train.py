@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import DataSettings, Recipe, field_help
+from ..config import SECTIONS, DataSettings, Recipe
 from . import add_overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune an adapter from a YAML recipe",
-                       description="Fine-tune a LoRA adapter as a recipe says. Settings: "
-                       + "; ".join(f"{k}: {v}" for k, v in field_help().items()))
+                       description="Fine-tune a LoRA adapter as a recipe says.",
+                       epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="a YAML recipe, e.g. recipes/smollm2-lora-cpu.yaml")
     add_overrides(p)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
@@ -26,7 +26,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="auto", help="the row format, if not detected (default: auto)")
     p.add_argument("--base-model", default=None, help="render examples with this model's chat template")
     p.add_argument("--max-length", type=int, default=DataSettings.max_length, help="token limit per example")
+    p.add_argument("--fit", action="store_true",
+                   help="also score how well the base model already predicts the answers (task fit; loads the model)")
     p.set_defaults(run=run_data_check)
+
+
+def settings_help() -> str:
+    """Every recipe setting with its section, default and help, for `train --help`."""
+    import dataclasses
+    import textwrap
+
+    lines = ["recipe settings (YAML sections, or --set NAME=VALUE):"]
+    for section, kind in SECTIONS.items():
+        lines.append(f"  {section}:")
+        for f in dataclasses.fields(kind):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"    {f.name} (default {default!r})")
+            lines += textwrap.wrap(f.metadata["help"], 90, initial_indent=" " * 8, subsequent_indent=" " * 8)
+    return "\n".join(lines)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -55,4 +72,17 @@ def run_data_check(args: argparse.Namespace) -> int:
 
     tokenizer = load_tokenizer(resolve_base(args.base_model or DEFAULT_BASE_MODEL).folder)
     print("\n".join(check_file(args.file, tokenizer, args.format, args.max_length).lines()))
+    if args.fit:
+        print(task_fit(args.file, args.format, args.base_model or DEFAULT_BASE_MODEL, args.max_length))
     return 0
+
+
+def task_fit(path: str, fmt: str, base_model: str, max_length: int) -> str:
+    from ..config import ModelSettings
+    from ..data import load_examples
+    from ..evaluate import base_fit, fit_advice
+    from ..models import load_base
+
+    model, tokenizer, _ = load_base(ModelSettings(base_model=base_model))
+    fit = base_fit(model, tokenizer, load_examples(path, fmt)[1], max_length=max_length)
+    return f"task fit of {base_model}: {fit.line()}\n  {fit_advice(fit)}"
