@@ -296,7 +296,7 @@ class DataReport:
                "tokens per row: " + ", ".join(f"{k} {v:.0f}" for k, v in self.token_lengths.items()),
                f"duplicates: {self.duplicates}", f"train/validation leakage: {self.leaked}",
                f"truncated at max_length={self.max_length}: {self.truncated}",
-               f"most common answer: {self.top_answer_share:.0%} of training rows"]
+               f"most common answer: {self.top_answer_share:.1%} of training rows"]
         return out + [f"warning: {w}" for w in self.warnings]
 
 
