@@ -199,8 +199,10 @@ def fit_advice(fit: Fit) -> str:
         return "the base already predicts these answers well: a short run (or none) should do"
     if fit.loss < 2.5:
         return "a partial fit: LoRA should adapt the base to this task in a few epochs"
-    return ("a poor fit (task mismatch): the base is far from these answers; expect to need more data and "
-            "epochs, a higher rank or more layers, or choose a base closer to the task")
+    return (
+        "a poor fit (task mismatch): the base is far from these answers; expect to need more data and "
+        "epochs, a higher rank or more layers, or choose a base closer to the task"
+    )
 
 
 @torch.no_grad()
@@ -281,12 +283,12 @@ def load_adapted(adapter_dir: str | Path) -> tuple[Any, Any]:
     from peft import PeftModel
 
     from .adapters import read_metadata
-    from .inference import base_settings, check_adapter_base, describe_ref
+    from .inference import base_settings, check_adapter_base
     from .models import load_base, model_fingerprint
 
     meta = read_metadata(adapter_dir)
     base, tokenizer, ref = load_base(base_settings(meta))
-    check_adapter_base(Path(adapter_dir), meta, model_fingerprint(ref.folder), describe_ref(ref))
+    check_adapter_base(Path(adapter_dir), meta, model_fingerprint(ref.folder), ref.name)
     return PeftModel.from_pretrained(base, str(adapter_dir)), tokenizer
 
 
