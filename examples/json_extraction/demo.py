@@ -1,0 +1,123 @@
+"""The LoRA Studio demo: teach SmolLM2-135M-Instruct to turn order sentences into JSON, then measure it.
+
+    make demo                                            # or:
+    .venv/bin/python examples/json_extraction/demo.py [--set max_steps=10 ...]
+
+1. Trains the default recipe (recipes/smollm2-lora-cpu.yaml) on train.jsonl: 320 sentences like
+   "Order for Ben Kowalski: eight glass jars, deliver to Ghent." with their JSON record.
+2. Answers the 60 held-out sentences of test.jsonl greedily with the base model (adapter off) and
+   with the adapter, and scores both by exact field match. Prints the table and three samples.
+Exits 1 when the adapter does not beat the base by MIN_GAIN whole-record accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from lora_studio import Recipe, RunResult, train
+from lora_studio.data import load_examples
+from lora_studio.evaluate import Comparison, compare_with_base, load_adapted
+
+HERE = Path(__file__).resolve().parent
+RECIPE = HERE.parents[1] / "recipes" / "smollm2-lora-cpu.yaml"
+TEST_FILE = HERE / "test.jsonl"
+MIN_GAIN = 0.3  # the adapter must get at least 30 more records in 100 exactly right than the base
+SAMPLES = 3
+
+log = logging.getLogger("demo")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--recipe", default=str(RECIPE), help="the recipe to train (default: %(default)s)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe setting, e.g. --set num_train_epochs=1",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    started = time.perf_counter()
+
+    recipe = Recipe.from_yaml(args.recipe, args.overrides)
+    log.info(
+        "step 1/2: training %s on %s (run folder %s)",
+        recipe.model.base_model,
+        recipe.data.train_file,
+        recipe.output_dir,
+    )
+    result = train(recipe)
+    m = result.metrics
+    log.info(
+        "trained %s steps in %.0f s at %s tokens/s; best validation loss %s",
+        m["global_step"],
+        m["train_runtime_s"] or 0,
+        m["tokens_per_second"],
+        m.get("best_val_loss"),
+    )
+
+    log.info("step 2/2: answering the %s held-out orders with the base and the adapted model", TEST_FILE.name)
+    _, examples = load_examples(TEST_FILE)
+    model, tokenizer = load_adapted(result.adapter_dir)
+    comparison = compare_with_base(model, tokenizer, examples)
+
+    print("\n".join(report(comparison, result, time.perf_counter() - started)))
+    gain = comparison.adapted.record_accuracy - comparison.base.record_accuracy
+    if gain < MIN_GAIN:
+        print(
+            f"\nFAILED: the adapter gained only {gain:+.1%} whole-record accuracy (needed {MIN_GAIN:+.0%})."
+        )
+        return 1
+    return 0
+
+
+def report(c: Comparison, result: RunResult, seconds: float) -> list[str]:
+    """The side-by-side table and a few sample answers, as printed lines."""
+    b, a = c.base, c.adapted
+    rows = [("whole record exactly right", b.record_accuracy, a.record_accuracy)]
+    rows += [(f"  field {name}", b.field_accuracy[name], a.field_accuracy[name]) for name in b.field_accuracy]
+    out = [
+        "",
+        f"Held-out test set: {b.rows} orders never seen in training ({TEST_FILE.name})",
+        f"{'':30}{'base':>10}{'adapted':>10}",
+    ]
+    out += [f"{label:30}{x:>10.1%}{y:>10.1%}" for label, x, y in rows]
+    out += [
+        f"{'answers with no JSON object':30}{b.parse_errors:>10}{a.parse_errors:>10}",
+        f"{'answer-token loss (task fit)':30}{c.base_fit.loss:>10.3f}{c.adapted_fit.loss:>10.3f}",
+        f"{'seconds to answer all':30}{c.seconds['base']:>10.0f}{c.seconds['adapted']:>10.0f}",
+    ]
+    for i in range(min(SAMPLES, b.rows)):
+        out += [
+            "",
+            f"sample {i + 1}: {c.prompts[i][-1]['content']}",
+            f"  expected: {c.references[i]}",
+            f"  base:     {_one_line(c.base_answers[i])}",
+            f"  adapted:  {_one_line(c.adapted_answers[i])}",
+        ]
+    m = result.metrics
+    out += [
+        "",
+        f"training: {m['global_step']} steps in {(m['train_runtime_s'] or 0) / 60:.1f} min at "
+        f"{m['tokens_per_second']} tokens/s; adapter in {result.adapter_dir}",
+        f"demo finished in {seconds / 60:.1f} min",
+    ]
+    return out
+
+
+def _one_line(text: str, limit: int = 150) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+if __name__ == "__main__":
+    sys.exit(main())
