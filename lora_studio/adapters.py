@@ -9,7 +9,6 @@ into place, so a folder with `lora_studio.json` is always complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from .config import LoraSettings
 from .errors import ConfigError, ModelError
+from .files import move_into_place
 
 METADATA_FILE = "lora_studio.json"
 
@@ -92,14 +92,7 @@ def save_adapter(model: Any, tokenizer: Any, dest: Path, metadata: dict[str, Any
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
-        if dest.exists():  # replacing an older adapter: move it aside first, then drop it
-            old = dest.with_name(f".{dest.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(dest, old)
-            os.rename(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dest)
+        move_into_place(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -35,6 +35,7 @@ import torch
 
 from .adapters import read_metadata
 from .errors import ConfigError, LoraStudioError, ModelError
+from .files import move_into_place
 from .inference import base_settings, check_adapter_base, check_messages, stop_token_ids
 from .models import load_base, load_tokenizer, model_fingerprint
 
@@ -150,7 +151,7 @@ def merge_adapter(
     tmp.chmod(0o755)
     try:
         report, _ = merge_into(adapter_dir, tmp, dtype=dtype)
-        _move_into_place(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return replace(report, out_dir=out_dir, seconds=time.time() - start)
@@ -397,14 +398,3 @@ def _save_dtype(choice: str, base_folder: Path) -> torch.dtype:
 def _check_destination(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
         raise ConfigError(f"{path} already exists; choose another --out or pass --force to replace it")
-
-
-def _move_into_place(tmp: Path, dest: Path) -> None:
-    if dest.exists():  # replacing (overwrite was allowed): move the old one aside, then drop it
-        old = dest.with_name(f".{dest.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(dest, old)
-        os.rename(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dest)

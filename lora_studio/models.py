@@ -23,6 +23,7 @@ import torch
 
 from .config import DEFAULT_BASE_MODEL, ModelSettings
 from .errors import ModelError
+from .files import file_sha256
 from .home import studio_home
 
 log = logging.getLogger(__name__)
@@ -138,14 +139,6 @@ def _rename_into_place(tmp: Path, target: Path) -> None:
     except OSError:
         if not (target / _SOURCE_FILE).is_file():  # not a concurrent twin that won the race
             raise
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_fingerprint(folder: Path) -> str:

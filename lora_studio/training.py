@@ -33,6 +33,7 @@ from .adapters import attach_lora, save_adapter
 from .config import Recipe
 from .data import PreparedData, prepare
 from .errors import LoraStudioError, TrainingCancelled
+from .files import atomic_write_text
 from .models import BaseModelRef, load_base, load_tokenizer, model_fingerprint, pick_device, resolve_base
 
 log = logging.getLogger(__name__)
@@ -202,14 +203,14 @@ def _start_run_folder(run_dir: Path, recipe: Recipe, data: PreparedData, resume_
     if not _is_main_process():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_dir / "config.yaml", recipe.to_yaml())
-    _atomic_write(run_dir / "data_report.json", json.dumps(dataclasses.asdict(data.report), indent=2))
+    atomic_write_text(run_dir / "config.yaml", recipe.to_yaml())
+    atomic_write_text(run_dir / "data_report.json", json.dumps(dataclasses.asdict(data.report), indent=2))
     metrics = run_dir / "metrics.jsonl"
     if resume_step is None:
         metrics.unlink(missing_ok=True)
     elif metrics.is_file():  # steps after the checkpoint are redone: drop their old rows
         kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-        _atomic_write(metrics, "".join(line + "\n" for line in kept))
+        atomic_write_text(metrics, "".join(line + "\n" for line in kept))
     _write_status(run_dir, "running", resumed=resume_step is not None)
 
 
@@ -222,13 +223,7 @@ def _write_status(run_dir: Path, state: str, **fields: Any) -> None:
     if state == "running":
         status.pop("error", None)
         status.setdefault("started_at", time.time())
-    _atomic_write(path, json.dumps(status, indent=2, default=str))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(status, indent=2, default=str))
 
 
 def _step_of(checkpoint: str | None) -> int | None:

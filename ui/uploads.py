@@ -8,7 +8,6 @@ file always sees the bytes it was started with. Nothing here imports gradio.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from lora_studio.data import SUFFIXES
 from lora_studio.errors import DataError
+from lora_studio.files import file_sha256
 from lora_studio.home import studio_home
 
 DEFAULT_MAX_UPLOAD_MB = 200
@@ -74,7 +74,7 @@ def store_upload(
         )
     if size == 0:
         raise DataError(f"{name!r} is empty: it has no rows")
-    digest = _sha256(src)[:10]
+    digest = file_sha256(src)[:10]
     dest = uploads_dir() / f"{Path(name).stem}-{digest}{suffix}"
     if not dest.is_file():  # same bytes, same name: already stored
         _copy_atomic(src, dest)
@@ -86,14 +86,6 @@ def list_uploads() -> list[Path]:
     folder = studio_home() / "uploads"  # listing creates nothing: building the page has no side effects
     files = [p for p in folder.iterdir() if p.is_file() and p.suffix in SUFFIXES] if folder.is_dir() else []
     return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _copy_atomic(src: Path, dest: Path) -> None:
