@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples/json_extraction/train.jsonl"
 
 
-def plain_trl(steps: int, out: Path) -> float:
-    """TRL's documented LoRA recipe with its defaults; returns tokens/s."""
+def plain_trl(steps: int, out: Path, bf16: bool = True) -> float:
+    """TRL's documented LoRA recipe with its defaults (bf16 unless told otherwise); returns tokens/s."""
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
@@ -38,7 +38,7 @@ def plain_trl(steps: int, out: Path) -> float:
     dataset = Dataset.from_list([{"messages": list(e.messages)} for e in examples])
     args = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, use_cpu=True,
                      report_to="none", save_strategy="no", logging_steps=steps, max_length=256,
-                     include_num_input_tokens_seen="non_padding", learning_rate=2e-4)
+                     include_num_input_tokens_seen="non_padding", learning_rate=2e-4, bf16=bf16)
     trainer = SFTTrainer(model=str(folder), args=args, train_dataset=dataset,
                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
                                                 task_type="CAUSAL_LM"))
@@ -73,7 +73,10 @@ def measure(kind: str, steps: int, layers: int | None = None) -> dict:
 
 def run_one(kind: str, steps: int, layers: int | None) -> None:
     out = Path(tempfile.mkdtemp())
-    tps = plain_trl(steps, out) if kind == "trl" else lora_studio(steps, out, layers)
+    if kind == "studio":
+        tps = lora_studio(steps, out, layers)
+    else:
+        tps = plain_trl(steps, out, bf16=kind == "trl")
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps({"tps": tps, "rss_mb": rss_mb}))
 
@@ -81,7 +84,7 @@ def run_one(kind: str, steps: int, layers: int | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per measurement (batch 8)")
-    parser.add_argument("--only", choices=["trl", "studio"], help=argparse.SUPPRESS)  # one measurement
+    parser.add_argument("--only", choices=["trl", "trl-fp32", "studio"], help=argparse.SUPPRESS)  # one measurement
     parser.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:
@@ -90,13 +93,14 @@ def main() -> None:
 
     resolve_base("smollm2-135m-instruct")  # convert the GGUF once, before timing anything
     rows = [("plain TRL defaults (bf16, grad. checkpointing)", measure("trl", args.steps)),
+            ("plain TRL, bf16=False (fp32, grad. checkpointing)", measure("trl-fp32", args.steps)),
             ("LoRA Studio, all 30 blocks", measure("studio", args.steps)),
             ("LoRA Studio, top 8 blocks (layers: 8)", measure("studio", args.steps, 8))]
     baseline = rows[0][1]["tps"]
     print(f"\nSmolLM2-135M, LoRA r=16 on all linear layers, batch 8, {args.steps} steps, {DATA.name}")
-    print(f"{'setup':<48} {'tokens/s':>9} {'vs TRL':>7} {'peak RSS':>9}")
+    print(f"{'setup':<50} {'tokens/s':>9} {'vs TRL':>7} {'peak RSS':>9}")
     for name, r in rows:
-        print(f"{name:<48} {r['tps']:>9.1f} {r['tps'] / baseline:>6.1f}x {r['rss_mb']:>7.0f} MB")
+        print(f"{name:<50} {r['tps']:>9.1f} {r['tps'] / baseline:>6.1f}x {r['rss_mb']:>7.0f} MB")
 
 
 if __name__ == "__main__":

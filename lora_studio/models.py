@@ -173,7 +173,12 @@ def pick_device(preference: str = "auto") -> str:
 
 
 def pick_dtype(preference: str, device: str) -> torch.dtype:
-    """bf16 where the GPU supports it, else fp16 on GPUs; fp32 on CPUs, where bf16 is ~12x slower."""
+    """bf16 where the GPU supports it, else fp16 on GPUs; fp32 on CPUs.
+
+    On CPUs without AVX-512 BF16 (most AVX2 machines) bf16 training is ~12x slower than fp32; on
+    ones with it, bf16 matmuls are faster but training gains only a few percent (measured: 154 vs
+    148 tokens/s on SmolLM2), so fp32 stays the CPU default and `dtype: bfloat16` is the opt-in.
+    """
     if preference != "auto":
         return getattr(torch, preference)
     if device == "cuda":

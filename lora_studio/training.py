@@ -126,7 +126,7 @@ def build_trainer(recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData
         load_best_model_at_end=has_val,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        # TRL defaults to bf16 even on CPUs, where it is ~12x slower: follow the model's dtype instead.
+        # TRL defaults to bf16 autocast even on CPUs (~12x slower on AVX2-only ones): follow the model's dtype.
         bf16="bfloat16" in dtype and device != "cpu",
         fp16="float16" in dtype and "bfloat16" not in dtype,
         use_cpu=device == "cpu",
