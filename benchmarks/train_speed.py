@@ -2,11 +2,12 @@
 
     python benchmarks/train_speed.py [--steps 12]
 
-The baseline is what a user gets from TRL's SFTTrainer with its defaults plus a LoRA config
-(r=16, all linear layers) on SmolLM2-135M: TRL turns on bf16 and gradient checkpointing by
-default, even on a CPU. LoRA Studio picks fp32 and no checkpointing on CPUs, groups batches by
-length, and can adapt only the top blocks so backward stops early. Figures are non-padding
-training tokens per second over the same number of optimizer steps, and the peak resident memory.
+The baselines are what a user gets from TRL's SFTTrainer with a LoRA config (r=16, all linear
+layers) on SmolLM2-135M: with TRL's defaults (bf16 autocast and gradient checkpointing, even on a
+CPU), and with bf16 turned off. LoRA Studio runs fp32 without checkpointing on CPUs, groups batches
+by length, and can adapt only the top blocks so backward stops early. Figures are non-padding
+training tokens per second over the same number of optimizer steps, and each process's peak
+resident memory. Whether bf16 helps or hurts depends on the CPU (AVX-512 BF16 or not).
 """
 
 from __future__ import annotations
