@@ -33,7 +33,7 @@ ui: $(STAMP)
 	$(VENV)/bin/lora-studio ui
 
 bench: $(STAMP)
-	$(PY) benchmarks/train_speed.py
+	$(PY) benchmarks/train_speed.py --steps 10
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
