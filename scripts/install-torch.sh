@@ -12,9 +12,13 @@ fi
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     exec "$PY" -m pip install "torch>=2.4"
 fi
-# 1. A CPU wheel already on this machine's disk (pip's find-links), without touching the network.
-"$PY" -m pip install --no-index "torch==$CPU_VERSION" && exit 0
-# 2. PyTorch's CPU wheel index.
-"$PY" -m pip install "torch==$CPU_VERSION" --index-url https://download.pytorch.org/whl/cpu && exit 0
+# 1. A CPU wheel already on this machine's disk (pip's find-links): torch itself without the
+#    network, then its small dependencies from the usual index.
+if "$PY" -m pip install --no-index --no-deps "torch==$CPU_VERSION" 2>/dev/null; then
+    exec "$PY" -m pip install "torch==$CPU_VERSION"
+fi
+# 2. PyTorch's CPU wheel index (fail fast where it is unreachable).
+"$PY" -m pip install "torch==$CPU_VERSION" --retries 1 --timeout 20 \
+    --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple && exit 0
 # 3. Last resort: the default wheel from PyPI.
 exec "$PY" -m pip install "torch==$CPU_VERSION"
