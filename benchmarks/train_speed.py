@@ -37,12 +37,25 @@ def plain_trl(steps: int, out: Path, bf16: bool = True) -> float:
     from datasets import Dataset
 
     dataset = Dataset.from_list([{"messages": list(e.messages)} for e in examples])
-    args = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, use_cpu=True,
-                     report_to="none", save_strategy="no", logging_steps=steps, max_length=256,
-                     include_num_input_tokens_seen="non_padding", learning_rate=2e-4, bf16=bf16)
-    trainer = SFTTrainer(model=str(folder), args=args, train_dataset=dataset,
-                         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                task_type="CAUSAL_LM"))
+    args = SFTConfig(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=steps,
+        max_length=256,
+        include_num_input_tokens_seen="non_padding",
+        learning_rate=2e-4,
+        bf16=bf16,
+    )
+    trainer = SFTTrainer(
+        model=str(folder),
+        args=args,
+        train_dataset=dataset,
+        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     output = trainer.train()
     return trainer.state.num_input_tokens_seen / output.metrics["train_runtime"]
 
@@ -50,13 +63,22 @@ def plain_trl(steps: int, out: Path, bf16: bool = True) -> float:
 def lora_studio(steps: int, out: Path, layers: int | None) -> float:
     from lora_studio import Recipe, train
 
-    recipe = Recipe.from_dict({
-        "name": "bench", "lora": {"r": 16, "lora_alpha": 32, "layers": layers},
-        "data": {"train_file": str(DATA), "val_fraction": 0.0, "max_length": 256},
-        "train": {"output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": 8,
-                  "logging_steps": steps, "save_every_steps": 1000, "eval_every_steps": 1000,
-                  "learning_rate": 2e-4},
-    })
+    recipe = Recipe.from_dict(
+        {
+            "name": "bench",
+            "lora": {"r": 16, "lora_alpha": 32, "layers": layers},
+            "data": {"train_file": str(DATA), "val_fraction": 0.0, "max_length": 256},
+            "train": {
+                "output_dir": str(out),
+                "max_steps": steps,
+                "per_device_train_batch_size": 8,
+                "logging_steps": steps,
+                "save_every_steps": 1000,
+                "eval_every_steps": 1000,
+                "learning_rate": 2e-4,
+            },
+        }
+    )
     return train(recipe).metrics["tokens_per_second"]
 
 
@@ -83,9 +105,13 @@ def run_one(kind: str, steps: int, layers: int | None) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per measurement (batch 8)")
-    parser.add_argument("--only", choices=["trl", "trl-fp32", "studio"], help=argparse.SUPPRESS)  # one measurement
+    parser.add_argument(
+        "--only", choices=["trl", "trl-fp32", "studio"], help=argparse.SUPPRESS
+    )  # one measurement
     parser.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:
@@ -93,10 +119,12 @@ def main() -> None:
     from lora_studio.models import resolve_base
 
     resolve_base("smollm2-135m-instruct")  # convert the GGUF once, before timing anything
-    rows = [("plain TRL defaults (bf16, grad. checkpointing)", measure("trl", args.steps)),
-            ("plain TRL, bf16=False (fp32, grad. checkpointing)", measure("trl-fp32", args.steps)),
-            ("LoRA Studio, all 30 blocks", measure("studio", args.steps)),
-            ("LoRA Studio, top 8 blocks (layers: 8)", measure("studio", args.steps, 8))]
+    rows = [
+        ("plain TRL defaults (bf16, grad. checkpointing)", measure("trl", args.steps)),
+        ("plain TRL, bf16=False (fp32, grad. checkpointing)", measure("trl-fp32", args.steps)),
+        ("LoRA Studio, all 30 blocks", measure("studio", args.steps)),
+        ("LoRA Studio, top 8 blocks (layers: 8)", measure("studio", args.steps, 8)),
+    ]
     baseline = rows[0][1]["tps"]
     print(f"\nSmolLM2-135M, LoRA r=16 on all linear layers, batch 8, {args.steps} steps, {DATA.name}")
     print(f"{'setup':<50} {'tokens/s':>9} {'vs TRL':>7} {'peak RSS':>9}")

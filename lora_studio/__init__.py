@@ -1,8 +1,8 @@
 """LoRA Studio: fine-tune a pretrained language model on your own data with LoRA adapters.
 
-    from lora_studio import Recipe, train
-    result = train(Recipe.from_yaml("recipes/smollm2-lora-cpu.yaml", ["max_steps=20"]))
-    print(result.adapter_dir, result.metrics)
+from lora_studio import Recipe, train
+result = train(Recipe.from_yaml("recipes/smollm2-lora-cpu.yaml", ["max_steps=20"]))
+print(result.adapter_dir, result.metrics)
 """
 
 from typing import Any

@@ -50,7 +50,9 @@ def peft_config(settings: LoraSettings, model: torch.nn.Module) -> Any:
     if settings.layers is not None:
         pattern, blocks = decoder_blocks(model)
         if settings.layers > len(blocks):
-            raise ConfigError(f"layers: the model has {len(blocks)} blocks, so layers={settings.layers} is too many")
+            raise ConfigError(
+                f"layers: the model has {len(blocks)} blocks, so layers={settings.layers} is too many"
+            )
         layers_kw = {
             "layers_to_transform": list(range(len(blocks) - settings.layers, len(blocks))),
             "layers_pattern": pattern.rsplit(".", 1)[-1],
@@ -107,5 +109,7 @@ def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
         raise ModelError(f"{folder} has no adapter_model.safetensors: not a (complete) LoRA adapter folder")
     meta = folder / METADATA_FILE
     if not meta.is_file():
-        raise ModelError(f"{folder} has no {METADATA_FILE}: it was not written by LoRA Studio or is incomplete")
+        raise ModelError(
+            f"{folder} has no {METADATA_FILE}: it was not written by LoRA Studio or is incomplete"
+        )
     return json.loads(meta.read_text())

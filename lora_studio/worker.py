@@ -40,8 +40,15 @@ class _Running:
     attempt: int
 
 
-def run_worker(store: JobStore, *, concurrency: int = 1, poll_seconds: float = 0.5,
-               idle_exit_seconds: float | None = None, stop_timeout: float = 60.0, prestart: bool = True) -> int:
+def run_worker(
+    store: JobStore,
+    *,
+    concurrency: int = 1,
+    poll_seconds: float = 0.5,
+    idle_exit_seconds: float | None = None,
+    stop_timeout: float = 60.0,
+    prestart: bool = True,
+) -> int:
     """Serve the store's queue until stopped (or idle for `idle_exit_seconds`); returns an exit code."""
     if concurrency < 1:
         raise ConfigError(f"concurrency: expected at least 1 job at a time, got {concurrency}")
@@ -49,7 +56,11 @@ def run_worker(store: JobStore, *, concurrency: int = 1, poll_seconds: float = 0
     while True:
         with store.worker_lock() as held:
             if not held:
-                log.info("a worker already serves %s (pid %s); not starting another", store.path, store.worker_pid())
+                log.info(
+                    "a worker already serves %s (pid %s); not starting another",
+                    store.path,
+                    store.worker_pid(),
+                )
                 return 0
             store.worker_lock_path.write_text(str(os.getpid()))
             log.info("worker %d serving %s, %d job(s) at a time", os.getpid(), store.path, concurrency)
@@ -61,8 +72,15 @@ def run_worker(store: JobStore, *, concurrency: int = 1, poll_seconds: float = 0
             return 0
 
 
-def _serve(store: JobStore, stop: list[int], concurrency: int, poll_seconds: float,
-           idle_exit_seconds: float | None, stop_timeout: float, prestart: bool) -> None:
+def _serve(
+    store: JobStore,
+    stop: list[int],
+    concurrency: int,
+    poll_seconds: float,
+    idle_exit_seconds: float | None,
+    stop_timeout: float,
+    prestart: bool,
+) -> None:
     running: dict[str, _Running] = {}
     spare: subprocess.Popen | None = None
     idle_since, stop_deadline = time.monotonic(), None
@@ -72,7 +90,13 @@ def _serve(store: JobStore, stop: list[int], concurrency: int, poll_seconds: flo
                 code = r.proc.poll()
                 if code is not None:
                     store.process_exited(job_id, r.attempt, code)  # no-op when the job recorded its end
-                    log.info("job %s process %d exited (%d); now %s", job_id, r.proc.pid, code, store.get(job_id).state)
+                    log.info(
+                        "job %s process %d exited (%d); now %s",
+                        job_id,
+                        r.proc.pid,
+                        code,
+                        store.get(job_id).state,
+                    )
                     del running[job_id]
             if stop:
                 if stop_deadline is None:
@@ -95,7 +119,9 @@ def _serve(store: JobStore, stop: list[int], concurrency: int, poll_seconds: flo
                     return
                 if prestart and spare is not None and spare.poll() not in (None, 0):
                     # It could not even load the libraries; do not respawn it in a loop (jobs will show why).
-                    log.warning("the waiting job process exited with %s; starting jobs without one", spare.returncode)
+                    log.warning(
+                        "the waiting job process exited with %s; starting jobs without one", spare.returncode
+                    )
                     prestart, spare = False, None
                 if prestart and (spare is None or spare.poll() is not None):
                     spare = _spawn(store, None, stdout=None)
@@ -106,14 +132,20 @@ def _serve(store: JobStore, stop: list[int], concurrency: int, poll_seconds: flo
             spare.wait()
 
 
-def _start(store: JobStore, job: Job, spare: subprocess.Popen | None, prestart: bool,
-           ) -> tuple[_Running, subprocess.Popen | None]:
+def _start(
+    store: JobStore,
+    job: Job,
+    spare: subprocess.Popen | None,
+    prestart: bool,
+) -> tuple[_Running, subprocess.Popen | None]:
     """Run a claimed job in the spare process if one is waiting, else in a new one."""
     job.run_dir.mkdir(parents=True, exist_ok=True)
     how = "continuing from its last checkpoint" if job.resumes_from_checkpoint else "from step 0"
     with open(job.log_path, "ab") as f:
-        f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {job.attempts} of job {job.id} ({job.name}), "
-                f"{how}\n".encode())
+        f.write(
+            f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {job.attempts} of job {job.id} ({job.name}), "
+            f"{how}\n".encode()
+        )
     if spare is not None and spare.poll() is None:
         try:
             spare.stdin.write(f"{job.id} {job.attempts}\n".encode())
@@ -134,9 +166,15 @@ def _spawn(store: JobStore, job: Job | None, stdout: IO[bytes] | None) -> subpro
         cmd += [job.id, str(job.attempts)]
     # No progress bars in logs; logs written as they happen.
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, stdin=subprocess.PIPE if job is None else subprocess.DEVNULL, stdout=stdout,
-                            stderr=subprocess.STDOUT if stdout else None, cwd=store.home, env=env,
-                            preexec_fn=_child_setup)
+    return subprocess.Popen(
+        cmd,
+        stdin=subprocess.PIPE if job is None else subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=subprocess.STDOUT if stdout else None,
+        cwd=store.home,
+        env=env,
+        preexec_fn=_child_setup,
+    )
 
 
 def _child_setup() -> None:

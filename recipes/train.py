@@ -1,7 +1,7 @@
 """Fine-tune an adapter from a YAML recipe; works alone or under `accelerate launch`.
 
-    python recipes/train.py recipes/smollm2-lora-cpu.yaml --set max_steps=20
-    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/train.py recipes/llama-3.2-1b-qlora.yaml
+python recipes/train.py recipes/smollm2-lora-cpu.yaml --set max_steps=20
+accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/train.py recipes/llama-3.2-1b-qlora.yaml
 """
 
 import argparse
@@ -12,10 +12,18 @@ from lora_studio import LoraStudioError, Recipe, train
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("recipe", help="a YAML recipe")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe setting, e.g. --set max_steps=10")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe setting, e.g. --set max_steps=10",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

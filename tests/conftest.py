@@ -45,8 +45,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def chat_file(tmp_path: Path) -> Path:
     """A small chat dataset (40 rows) of a task the tiny model can start to learn."""
-    rows = [{"messages": [{"role": "user", "content": f"Repeat: {w}"}, {"role": "assistant", "content": w}]}
-            for w in [f"word{i % 20}" for i in range(40)]]
+    rows = [
+        {"messages": [{"role": "user", "content": f"Repeat: {w}"}, {"role": "assistant", "content": w}]}
+        for w in [f"word{i % 20}" for i in range(40)]
+    ]
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
@@ -57,14 +59,22 @@ def tiny_recipe(tiny_model_dir: Path, chat_file: Path, tmp_path: Path):
     """A recipe that trains the tiny model for a few steps on chat_file."""
     from lora_studio import Recipe
 
-    return Recipe.from_dict({
-        "name": "tiny",
-        "model": {"base_model": str(tiny_model_dir)},
-        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-        "data": {"train_file": str(chat_file), "max_length": 64},
-        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 6, "per_device_train_batch_size": 4,
-                  "eval_every_steps": 3, "logging_steps": 1, "learning_rate": 5e-3},
-    })
+    return Recipe.from_dict(
+        {
+            "name": "tiny",
+            "model": {"base_model": str(tiny_model_dir)},
+            "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+            "data": {"train_file": str(chat_file), "max_length": 64},
+            "train": {
+                "output_dir": str(tmp_path / "run"),
+                "max_steps": 6,
+                "per_device_train_batch_size": 4,
+                "eval_every_steps": 3,
+                "logging_steps": 1,
+                "learning_rate": 5e-3,
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +83,10 @@ def tiny_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     from adapter_helpers import build_adapter
 
     root = tmp_path_factory.mktemp("adapters")
-    return {name: build_adapter(tiny_model_dir, root / name, seed=i + 1) for i, name in enumerate(["alpha", "beta"])}
+    return {
+        name: build_adapter(tiny_model_dir, root / name, seed=i + 1)
+        for i, name in enumerate(["alpha", "beta"])
+    }
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,15 @@ def base(tiny_model_dir):
 
 
 def test_all_linear_names_exclude_the_lm_head(base):
-    assert linear_module_names(base[0]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
-                                            "v_proj"]
+    assert linear_module_names(base[0]) == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
 
 
 def test_top_layers_only_get_adapters(base):

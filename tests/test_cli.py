@@ -10,35 +10,54 @@ CLI = [sys.executable, "-m", "lora_studio.cli"]
 
 
 def run(*args, cwd=None):
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd,
-                          env=os.environ.copy())
+    return subprocess.run(
+        [*CLI, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd, env=os.environ.copy()
+    )
 
 
 @pytest.fixture
 def recipe_file(tiny_model_dir, chat_file, tmp_path):
     path = tmp_path / "tiny.yaml"
-    path.write_text(f"model:\n  base_model: {tiny_model_dir}\nlora:\n  r: 4\ndata:\n  train_file: {chat_file}\n"
-                    "  max_length: 64\ntrain:\n  per_device_train_batch_size: 4\n")
+    path.write_text(
+        f"model:\n  base_model: {tiny_model_dir}\nlora:\n  r: 4\ndata:\n  train_file: {chat_file}\n"
+        "  max_length: 64\ntrain:\n  per_device_train_batch_size: 4\n"
+    )
     return path
 
 
 def test_train_with_plain_name_overrides(recipe_file, tmp_path):
     out = tmp_path / "run"
-    proc = run("train", recipe_file, "--set", "max_steps=2", "--set", f"output_dir={out}",
-               "--set", "train.eval_every_steps=1")
+    proc = run(
+        "train",
+        recipe_file,
+        "--set",
+        "max_steps=2",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "train.eval_every_steps=1",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"adapter: {out / 'adapter'}" in proc.stdout
     assert (out / "adapter/adapter_model.safetensors").is_file()
     assert "max_steps: 2" in (out / "config.yaml").read_text()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "missing.yaml"], "error: recipe file not found: missing.yaml"),
-    (["train", "{recipe}", "--set", "max_step=3"], "unknown setting 'max_step'; did you mean 'max_steps'?"),
-    (["train", "{recipe}", "--set", "train_file=nowhere.jsonl", "--set", "output_dir={tmp}/r"],
-     "data file not found: nowhere.jsonl"),
-    (["data", "check", "{bad}"], "bad.jsonl, line 1: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "missing.yaml"], "error: recipe file not found: missing.yaml"),
+        (
+            ["train", "{recipe}", "--set", "max_step=3"],
+            "unknown setting 'max_step'; did you mean 'max_steps'?",
+        ),
+        (
+            ["train", "{recipe}", "--set", "train_file=nowhere.jsonl", "--set", "output_dir={tmp}/r"],
+            "data file not found: nowhere.jsonl",
+        ),
+        (["data", "check", "{bad}"], "bad.jsonl, line 1: not valid JSON"),
+    ],
+)
 def test_user_mistakes_are_one_line_errors(recipe_file, tmp_path, args, message):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{nope\n")
@@ -54,7 +73,10 @@ def test_data_check_shows_format_counts_and_rendered_example(chat_file, tiny_mod
     proc = run("data", "check", chat_file, "--base-model", tiny_model_dir)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "format: messages" in proc.stdout and "rows: 36 train, 4 validation" in proc.stdout
-    assert "<|im_start|>user\nRepeat: word0<|im_end|>\n<|im_start|>assistant\n[[word0<|im_end|>\n]]" in proc.stdout
+    assert (
+        "<|im_start|>user\nRepeat: word0<|im_end|>\n<|im_start|>assistant\n[[word0<|im_end|>\n]]"
+        in proc.stdout
+    )
 
 
 def test_help_everywhere():

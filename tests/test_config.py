@@ -18,13 +18,23 @@ def test_defaults_and_plain_name_overrides():
 
 def test_all_problems_are_reported_together_with_suggestions():
     with pytest.raises(ConfigError) as err:
-        Recipe.from_dict({"data": {"train_fil": "x"}, "train": {"max_steps": "ten", "lerning_rate": 1},
-                          "lora": {"r": -1}, "modle": {}})
+        Recipe.from_dict(
+            {
+                "data": {"train_fil": "x"},
+                "train": {"max_steps": "ten", "lerning_rate": 1},
+                "lora": {"r": -1},
+                "modle": {},
+            }
+        )
     text = str(err.value)
-    for expected in ["'data.train_fil'; did you mean 'data.train_file'",
-                     "'train.lerning_rate'; did you mean 'train.learning_rate'",
-                     "max_steps: expected an integer, got 'ten'", "r: must be positive, got -1",
-                     "unknown top-level key 'modle'; did you mean 'model'", "train_file: required"]:
+    for expected in [
+        "'data.train_fil'; did you mean 'data.train_file'",
+        "'train.lerning_rate'; did you mean 'train.learning_rate'",
+        "max_steps: expected an integer, got 'ten'",
+        "r: must be positive, got -1",
+        "unknown top-level key 'modle'; did you mean 'model'",
+        "train_file: required",
+    ]:
         assert expected in text
 
 
@@ -34,8 +44,9 @@ def test_literal_choices_are_checked():
 
 
 def test_overrides_parse_yaml_values_and_accept_dotted_names():
-    raw = apply_overrides({}, ["max_steps=3", "train.learning_rate=0.001", "target_modules=[q_proj, v_proj]",
-                               "val_file="])
+    raw = apply_overrides(
+        {}, ["max_steps=3", "train.learning_rate=0.001", "target_modules=[q_proj, v_proj]", "val_file="]
+    )
     assert raw["train"] == {"max_steps": 3, "learning_rate": 0.001}
     assert raw["lora"]["target_modules"] == ["q_proj", "v_proj"]
     assert raw["data"]["val_file"] is None
@@ -77,8 +88,12 @@ def test_missing_or_broken_recipe_file(tmp_path):
 
 
 def test_save_interval_must_fit_validation_interval():
-    with pytest.raises(ConfigError, match="save_every_steps: must be a positive multiple of eval_every_steps"):
-        Recipe.from_dict({"data": {"train_file": "d"}, "train": {"eval_every_steps": 10, "save_every_steps": 15}})
+    with pytest.raises(
+        ConfigError, match="save_every_steps: must be a positive multiple of eval_every_steps"
+    ):
+        Recipe.from_dict(
+            {"data": {"train_file": "d"}, "train": {"eval_every_steps": 10, "save_every_steps": 15}}
+        )
 
 
 def test_training_length_must_be_positive():

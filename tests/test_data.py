@@ -31,12 +31,15 @@ def write_jsonl(path, rows):
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
 
-@pytest.mark.parametrize("row, fmt", [
-    (CHAT, "messages"),
-    ({"instruction": "Say hello", "input": "", "output": "hello"}, "alpaca"),
-    ({"prompt": "hi", "completion": "hello"}, "prompt_completion"),
-    ({"text": "hello world"}, "text"),
-])
+@pytest.mark.parametrize(
+    "row, fmt",
+    [
+        (CHAT, "messages"),
+        ({"instruction": "Say hello", "input": "", "output": "hello"}, "alpaca"),
+        ({"prompt": "hi", "completion": "hello"}, "prompt_completion"),
+        ({"text": "hello world"}, "text"),
+    ],
+)
 def test_formats_are_detected(tmp_path, row, fmt):
     detected, examples = load_examples(write_jsonl(tmp_path / "d.jsonl", [row] * 3))
     assert detected == fmt and len(examples) == 3
@@ -56,10 +59,19 @@ def test_json_csv_parquet_and_datasets_folder(tmp_path):
 
 
 def test_loss_covers_only_the_assistant_answers(tokenizer):
-    _, [example] = load_examples_from_rows([{"messages": [
-        {"role": "system", "content": "be brief"}, {"role": "user", "content": "one"},
-        {"role": "assistant", "content": "1"}, {"role": "user", "content": "two"},
-        {"role": "assistant", "content": "2"}]}])
+    _, [example] = load_examples_from_rows(
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "one"},
+                    {"role": "assistant", "content": "1"},
+                    {"role": "user", "content": "two"},
+                    {"role": "assistant", "content": "2"},
+                ]
+            }
+        ]
+    )
     segments = render(example, tokenizer)
     assert [text for text, trainable in segments if trainable] == ["1<|im_end|>\n", "2<|im_end|>\n"]
     row = encode(example, tokenizer, max_length=512)
@@ -97,8 +109,10 @@ def test_report_finds_duplicates_leakage_imbalance_and_truncation(tmp_path, toke
 
 
 def test_system_prompt_is_added(tmp_path, tokenizer):
-    _, [example] = load_examples(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}]),
-                                 system_prompt="You extract JSON.")
+    _, [example] = load_examples(
+        write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}]),
+        system_prompt="You extract JSON.",
+    )
     assert example.messages[0] == {"role": "system", "content": "You extract JSON."}
 
 
@@ -111,7 +125,7 @@ BAD_FILES = [
     ('{"messages": "hi"}\n', "d.jsonl, line 1, field 'messages': expected a list of messages"),
     ('{"messages": [{"role": "bot", "content": "x"}]}\n', "line 1, field 'messages', item 0: expected"),
     ('{"messages": [{"role": "user", "content": "x"}]}\n', "has no assistant message"),
-    ('', "d.jsonl is empty"),
+    ("", "d.jsonl is empty"),
     ('{"question": "x", "answer": "y"}\n', "cannot tell the format from the fields ['answer', 'question']"),
 ]
 

@@ -19,9 +19,18 @@ def test_accelerate_launch_two_processes(tiny_model_dir, chat_file, tmp_path):
     )
     accelerate = Path(sys.executable).with_name("accelerate")
     proc = subprocess.run(
-        [str(accelerate), "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu_2proc.yaml"),
-         str(ROOT / "recipes/train.py"), str(recipe)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            str(accelerate),
+            "launch",
+            "--config_file",
+            str(ROOT / "recipes/accelerate/cpu_2proc.yaml"),
+            str(ROOT / "recipes/train.py"),
+            str(recipe),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("adapter: ") == 2  # both ranks finished training

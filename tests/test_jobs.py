@@ -28,11 +28,21 @@ from lora_studio.jobs import JobStore
 
 
 def make_recipe(model_dir: Path, data_file: Path, name: str = "tiny-job", **train: object) -> dict:
-    return {"name": name, "model": {"base_model": str(model_dir)},
-            "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-            "data": {"train_file": str(data_file), "max_length": 64},
-            "train": {"max_steps": 6, "per_device_train_batch_size": 4, "eval_every_steps": 3, "logging_steps": 1,
-                      "learning_rate": 5e-3, "early_stopping_patience": None, **train}}
+    return {
+        "name": name,
+        "model": {"base_model": str(model_dir)},
+        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+        "data": {"train_file": str(data_file), "max_length": 64},
+        "train": {
+            "max_steps": 6,
+            "per_device_train_batch_size": 4,
+            "eval_every_steps": 3,
+            "logging_steps": 1,
+            "learning_rate": 5e-3,
+            "early_stopping_patience": None,
+            **train,
+        },
+    }
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
@@ -63,8 +73,12 @@ def service(tmp_path_factory: pytest.TempPathFactory):
     store = JobStore(home / "jobs.sqlite")
     env = {**os.environ, "LORA_STUDIO_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     with open(home / "worker.log", "ab") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "lora_studio.cli", "worker", "--store", str(store.path),
-                                   "--poll", "0.1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "lora_studio.cli", "worker", "--store", str(store.path), "--poll", "0.1"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     wait_for(lambda: store.worker_pid() == worker.pid, 30, "the worker to take the store's lock")
     yield Service(store, worker)
     pid = store.worker_pid()
@@ -99,8 +113,9 @@ def test_bad_recipes_are_rejected_at_submit_and_never_queued(tiny_model_dir, cha
     assert store.list() == []
 
 
-def test_submit_pins_paths_and_gives_each_job_its_own_run_folder(tiny_model_dir, chat_file, tmp_path,
-                                                                 monkeypatch, studio_home):
+def test_submit_pins_paths_and_gives_each_job_its_own_run_folder(
+    tiny_model_dir, chat_file, tmp_path, monkeypatch, studio_home
+):
     import yaml
 
     assert JobStore().home == studio_home
@@ -126,10 +141,18 @@ def test_concurrent_submissions_from_several_processes_lose_no_job(tiny_model_di
     store = JobStore()
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(yaml.safe_dump(make_recipe(tiny_model_dir, chat_file)))
-    script = ("import sys; from lora_studio.jobs import JobStore; s = JobStore(sys.argv[1]); "
-              "print(*[s.submit(sys.argv[2]) for _ in range(10)])")
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(store.path), str(recipe_file)],
-                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    script = (
+        "import sys; from lora_studio.jobs import JobStore; s = JobStore(sys.argv[1]); "
+        "print(*[s.submit(sys.argv[2]) for _ in range(10)])"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(store.path), str(recipe_file)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     ids = [job_id for p in procs for job_id in p.communicate(timeout=120)[0].split()]
     assert all(p.returncode == 0 for p in procs)
     assert len(ids) == len(set(ids)) == 40
@@ -142,8 +165,9 @@ def test_a_dead_or_silent_job_process_is_marked_interrupted(tiny_model_dir, chat
     store = JobStore(heartbeat_timeout=30)
     gone = subprocess.Popen(["true"])
     gone.wait()
-    lost, silent, cancelled = (store.submit(make_recipe(tiny_model_dir, chat_file, name=n))
-                               for n in ("lost", "silent", "cancelled"))
+    lost, silent, cancelled = (
+        store.submit(make_recipe(tiny_model_dir, chat_file, name=n)) for n in ("lost", "silent", "cancelled")
+    )
     assert store.claim_next(gone.pid).id == lost
     job = store.get(lost)  # every read settles jobs whose process is gone
     assert job.state == "interrupted" and "process is gone" in job.error and job.attempts == 1
@@ -225,9 +249,13 @@ def test_two_jobs_run_one_at_a_time_in_order_and_succeed(service, tiny_model_dir
     assert "adapter saved to" in store.read_log(first)[0]
 
 
-def test_cancel_stops_a_running_job_at_a_checkpoint_and_a_queued_one_never_starts(service, tiny_model_dir, chat_file):
+def test_cancel_stops_a_running_job_at_a_checkpoint_and_a_queued_one_never_starts(
+    service, tiny_model_dir, chat_file
+):
     store = service.store
-    running = store.submit(make_recipe(tiny_model_dir, chat_file, name="long", max_steps=40, eval_every_steps=4))
+    running = store.submit(
+        make_recipe(tiny_model_dir, chat_file, name="long", max_steps=40, eval_every_steps=4)
+    )
     queued = store.submit(make_recipe(tiny_model_dir, chat_file, name="waiting"))
     wait_for(lambda: store.get(running).step >= 5, 120, "the long job to pass its first checkpoint")
     assert store.cancel(queued).state == "cancelled"
@@ -248,7 +276,9 @@ def test_cancel_stops_a_running_job_at_a_checkpoint_and_a_queued_one_never_start
     checkpoint = job.run_dir / "checkpoints" / f"checkpoint-{job.step}"
     (checkpoint / "adapter_model.safetensors").write_bytes(b"not safetensors")
     assert store.resume(running).resumes_from_checkpoint
-    wait_for(lambda: store.get(running).state == "failed", 120, "the resume from a damaged checkpoint to fail")
+    wait_for(
+        lambda: store.get(running).state == "failed", 120, "the resume from a damaged checkpoint to fail"
+    )
     time.sleep(1)  # ten worker polls: long enough to see a retry if there were one
     failed = store.get(running)
     assert failed.state == "failed" and failed.attempts == 2 and store.worker_pid() is not None
@@ -265,8 +295,9 @@ def test_a_killed_job_is_seen_at_once_and_resume_continues_its_run(service, tiny
     checkpoint is lost and redone; the run ends at the same step as an uninterrupted one."""
     store = service.store
     # Two epochs of 36 training rows in batches of 4: an uninterrupted run takes 18 steps.
-    job_id = store.submit(make_recipe(tiny_model_dir, chat_file, max_steps=-1, num_train_epochs=2,
-                                      eval_every_steps=4))
+    job_id = store.submit(
+        make_recipe(tiny_model_dir, chat_file, max_steps=-1, num_train_epochs=2, eval_every_steps=4)
+    )
     wait_for(lambda: store.get(job_id).step >= 6, 180, "the job to pass its first checkpoint")
     job = store.get(job_id)
     assert job.pid != store.worker_pid()
@@ -288,11 +319,14 @@ def test_a_killed_job_is_seen_at_once_and_resume_continues_its_run(service, tiny
     assert all(after[s] == before[s] for s in range(1, checkpoint + 1))  # kept, not rerun
     for s in range(checkpoint + 1, max(before) + 1):  # redone from the checkpoint, not from the start
         assert after[s]["learning_rate"] == pytest.approx(before[s]["learning_rate"])
-        assert abs(after[s]["loss"] - before[s]["loss"]) < abs(after[s]["loss"] - before[s - checkpoint]["loss"])
+        assert abs(after[s]["loss"] - before[s]["loss"]) < abs(
+            after[s]["loss"] - before[s - checkpoint]["loss"]
+        )
 
 
 def test_sigkill_of_the_worker_interrupts_its_job_at_a_checkpoint_and_resume_finishes_it(
-        service, tiny_model_dir, chat_file):
+    service, tiny_model_dir, chat_file
+):
     store = service.store
     job_id = store.submit(make_recipe(tiny_model_dir, chat_file, max_steps=12, eval_every_steps=4))
     wait_for(lambda: store.get(job_id).step >= 2, 180, "the job to start training")

@@ -33,7 +33,9 @@ def test_missing_paths_and_files_are_clear_errors(tmp_path):
 
 
 def test_unreachable_hub_says_so_and_suggests_a_local_folder():
-    with pytest.raises(ModelError, match="could not get 'someone/some-model' from the Hugging Face Hub.*local folder"):
+    with pytest.raises(
+        ModelError, match="could not get 'someone/some-model' from the Hugging Face Hub.*local folder"
+    ):
         resolve_base("someone/some-model")
 
 

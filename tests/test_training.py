@@ -12,10 +12,23 @@ def test_train_writes_a_complete_run_folder(tiny_recipe):
     result = train(tiny_recipe)
     run = result.run_dir
     assert sorted(p.name for p in run.iterdir()) == [
-        "adapter", "checkpoints", "config.yaml", "data_report.json", "metrics.jsonl", "status.json", "train.log"]
+        "adapter",
+        "checkpoints",
+        "config.yaml",
+        "data_report.json",
+        "metrics.jsonl",
+        "status.json",
+        "train.log",
+    ]
     assert {p.name for p in result.adapter_dir.iterdir()} >= {
-        "adapter_model.safetensors", "adapter_config.json", "lora_studio.json", "tokenizer.json"}
-    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "lora_studio.json",
+        "tokenizer.json",
+    }
+    losses = [
+        r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
     assert len(losses) == 6 and all(map(lambda x: x == x, losses))  # finite (not NaN)
     assert losses[-1] < losses[0]
     meta = json.loads((result.adapter_dir / "lora_studio.json").read_text())
@@ -42,18 +55,42 @@ def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, tmp_path):
     from lora_studio import Recipe
 
     def rows(answer):
-        return "".join(json.dumps({"messages": [{"role": "user", "content": f"Repeat: word{i % 10}"},
-                                                {"role": "assistant", "content": answer(i)}]}) + "\n"
-                       for i in range(40))
+        return "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Repeat: word{i % 10}"},
+                        {"role": "assistant", "content": answer(i)},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(40)
+        )
 
     (tmp_path / "t.jsonl").write_text(rows(lambda i: "word0 word0 word0"))
     (tmp_path / "v.jsonl").write_text(rows(lambda i: f"word{i % 10} word{i % 10} word{i % 10}"))
-    recipe = Recipe.from_dict({
-        "model": {"base_model": str(tiny_model_dir)}, "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-        "data": {"train_file": str(tmp_path / "t.jsonl"), "val_file": str(tmp_path / "v.jsonl"), "max_length": 64},
-        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 60, "per_device_train_batch_size": 4,
-                  "eval_every_steps": 2, "logging_steps": 2, "learning_rate": 0.02, "early_stopping_patience": 2,
-                  "lr_scheduler_type": "constant"}})
+    recipe = Recipe.from_dict(
+        {
+            "model": {"base_model": str(tiny_model_dir)},
+            "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+            "data": {
+                "train_file": str(tmp_path / "t.jsonl"),
+                "val_file": str(tmp_path / "v.jsonl"),
+                "max_length": 64,
+            },
+            "train": {
+                "output_dir": str(tmp_path / "run"),
+                "max_steps": 60,
+                "per_device_train_batch_size": 4,
+                "eval_every_steps": 2,
+                "logging_steps": 2,
+                "learning_rate": 0.02,
+                "early_stopping_patience": 2,
+                "lr_scheduler_type": "constant",
+            },
+        }
+    )
     result = train(recipe)
     val = [(m["step"], m["val_loss"]) for m in read_metrics(result.run_dir) if "val_loss" in m]
     best_step, best = min(val[:-1], key=lambda item: item[1])  # the last line re-evaluates the kept adapter

@@ -19,7 +19,9 @@ GROUPS = ["train", "jobs", "ui", "use"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora-studio", description="Fine-tune, try and serve LoRA adapters.")
+    parser = argparse.ArgumentParser(
+        prog="lora-studio", description="Fine-tune, try and serve LoRA adapters."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in GROUPS:
@@ -41,8 +43,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe setting, e.g. --set max_steps=10 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe setting, e.g. --set max_steps=10 (repeatable)",
+    )
 
 
 if __name__ == "__main__":

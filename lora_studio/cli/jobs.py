@@ -1,10 +1,10 @@
 """`lora-studio jobs ...` and `lora-studio worker`: the training queue from a terminal.
 
-    lora-studio jobs submit recipes/smollm2-lora-cpu.yaml --set max_steps=50   # last line: the job id
-    lora-studio jobs list
-    lora-studio jobs show ID          lora-studio jobs logs ID --follow
-    lora-studio jobs cancel ID        lora-studio jobs resume ID
-    lora-studio worker                # the long-running worker (`submit` starts one if none is running)
+lora-studio jobs submit recipes/smollm2-lora-cpu.yaml --set max_steps=50   # last line: the job id
+lora-studio jobs list
+lora-studio jobs show ID          lora-studio jobs logs ID --follow
+lora-studio jobs cancel ID        lora-studio jobs resume ID
+lora-studio worker                # the long-running worker (`submit` starts one if none is running)
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_submit)
 
     p = cmds.add_parser("list", help="jobs, newest first")
-    p.add_argument("--state", action="append", choices=JOB_STATES, help="only jobs in this state (repeatable)")
+    p.add_argument(
+        "--state", action="append", choices=JOB_STATES, help="only jobs in this state (repeatable)"
+    )
     p.add_argument("--limit", type=int, default=None, help="at most this many")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=run_list)
@@ -45,24 +47,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job stops running")
     p.set_defaults(run=run_logs)
 
-    p = cmds.add_parser("cancel", help="cancel a job (a running one stops at its next step, with a checkpoint)")
+    p = cmds.add_parser(
+        "cancel", help="cancel a job (a running one stops at its next step, with a checkpoint)"
+    )
     p.add_argument("job_id")
     p.set_defaults(run=run_cancel)
 
-    p = cmds.add_parser("resume", help="queue an interrupted, cancelled or failed job again, from its last checkpoint")
+    p = cmds.add_parser(
+        "resume", help="queue an interrupted, cancelled or failed job again, from its last checkpoint"
+    )
     p.add_argument("job_id")
-    p.add_argument("--restart", action="store_true", help="start over from step 0 if its checkpoints are gone")
+    p.add_argument(
+        "--restart", action="store_true", help="start over from step 0 if its checkpoints are gone"
+    )
     p.add_argument("--no-worker", action="store_true", help="only queue it; do not start a worker")
     p.set_defaults(run=run_resume)
 
     p = sub.add_parser("worker", help="run queued training jobs (long-running; one worker per studio home)")
     p.add_argument("--concurrency", type=int, default=1, help="jobs run at the same time (default 1)")
-    p.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
-                   help="exit after this long with nothing to do (default: run until stopped)")
-    p.add_argument("--poll", type=float, default=0.5, metavar="SECONDS", help="how often to look at the queue")
-    p.add_argument("--no-prestart", action="store_true",
-                   help="do not keep a process with the training libraries loaded waiting for the next job")
-    p.add_argument("--store", type=Path, default=None, help="the job store file (default: <LORA_STUDIO_HOME>/jobs.sqlite)")
+    p.add_argument(
+        "--idle-exit",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="exit after this long with nothing to do (default: run until stopped)",
+    )
+    p.add_argument(
+        "--poll", type=float, default=0.5, metavar="SECONDS", help="how often to look at the queue"
+    )
+    p.add_argument(
+        "--no-prestart",
+        action="store_true",
+        help="do not keep a process with the training libraries loaded waiting for the next job",
+    )
+    p.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        help="the job store file (default: <LORA_STUDIO_HOME>/jobs.sqlite)",
+    )
     p.set_defaults(run=run_worker_command)
 
 
@@ -71,8 +94,11 @@ def run_submit(args: argparse.Namespace) -> int:
     job_id = store.submit(args.recipe, args.overrides)
     job = store.get(job_id)
     started = None if args.no_worker else store.ensure_worker()
-    worker = "not started (--no-worker)" if args.no_worker else (
-        f"started (pid {started})" if started else f"running (pid {store.worker_pid()})")
+    worker = (
+        "not started (--no-worker)"
+        if args.no_worker
+        else (f"started (pid {started})" if started else f"running (pid {store.worker_pid()})")
+    )
     print(f"queued {job.name} as job {job_id} (position {job.queue_position}); worker {worker}")
     print(f"run folder: {job.run_dir}")
     print(f"follow it:  lora-studio jobs logs {job_id} --follow")
@@ -88,10 +114,14 @@ def run_list(args: argparse.Namespace) -> int:
     if not jobs:
         print("no jobs yet: `lora-studio jobs submit RECIPE` queues one")
         return 0
-    print(f"{'ID':<11} {'NAME':<20} {'STATE':<12} {'PROGRESS':<16} {'ETA':>8} {'LOSS':>8} {'VAL':>8}  CREATED")
+    print(
+        f"{'ID':<11} {'NAME':<20} {'STATE':<12} {'PROGRESS':<16} {'ETA':>8} {'LOSS':>8} {'VAL':>8}  CREATED"
+    )
     for j in jobs:
-        print(f"{j.id:<11} {j.name[:20]:<20} {j.state:<12} {_progress(j):<16} {_duration(j.eta_seconds):>8} "
-              f"{_num(j.metrics.get('loss')):>8} {_num(j.metrics.get('val_loss')):>8}  {_when(j.created_at)}")
+        print(
+            f"{j.id:<11} {j.name[:20]:<20} {j.state:<12} {_progress(j):<16} {_duration(j.eta_seconds):>8} "
+            f"{_num(j.metrics.get('loss')):>8} {_num(j.metrics.get('val_loss')):>8}  {_when(j.created_at)}"
+        )
     return 0
 
 
@@ -104,11 +134,17 @@ def run_show(args: argparse.Namespace) -> int:
         return 0
     print(f"job {job.id}: {job.name}, {job.state}" + (" (cancel requested)" if job.cancel_requested else ""))
     details = {
-        "progress": _progress(job) + (f", ETA {_duration(job.eta_seconds)}" if job.eta_seconds is not None else ""),
+        "progress": _progress(job)
+        + (f", ETA {_duration(job.eta_seconds)}" if job.eta_seconds is not None else ""),
         "queue": f"position {job.queue_position}" if job.queue_position else None,
-        "created": _when(job.created_at), "started": _when(job.started_at), "finished": _when(job.finished_at),
-        "attempts": str(job.attempts), "run folder": str(job.run_dir), "log": str(job.log_path),
-        "adapter": job.adapter_dir and str(job.adapter_dir), "error": job.error,
+        "created": _when(job.created_at),
+        "started": _when(job.started_at),
+        "finished": _when(job.finished_at),
+        "attempts": str(job.attempts),
+        "run folder": str(job.run_dir),
+        "log": str(job.log_path),
+        "adapter": job.adapter_dir and str(job.adapter_dir),
+        "error": job.error,
         "metrics": "  ".join(f"{k}={_num(v)}" for k, v in job.metrics.items()) or None,
     }
     for key, value in details.items():
@@ -118,8 +154,10 @@ def run_show(args: argparse.Namespace) -> int:
         print(f"  last {min(len(rows), 10)} of {len(rows)} metrics rows:")
         print(f"    {'step':>6} {'loss':>8} {'val_loss':>8} {'lr':>10} {'tokens/s':>9}")
         for r in rows[-10:]:
-            print(f"    {r['step']:>6} {_num(r.get('loss')):>8} {_num(r.get('val_loss')):>8} "
-                  f"{_num(r.get('learning_rate')):>10} {_num(r.get('tokens_per_second')):>9}")
+            print(
+                f"    {r['step']:>6} {_num(r.get('loss')):>8} {_num(r.get('val_loss')):>8} "
+                f"{_num(r.get('learning_rate')):>10} {_num(r.get('tokens_per_second')):>9}"
+            )
     return 0
 
 
@@ -144,14 +182,20 @@ def run_cancel(args: argparse.Namespace) -> int:
     if job.state == "cancelled":
         print(f"job {job.id} cancelled")
     else:
-        print(f"job {job.id} will stop at its next step, after saving a checkpoint (`jobs show {job.id}` to watch)")
+        print(
+            f"job {job.id} will stop at its next step, after saving a checkpoint (`jobs show {job.id}` to watch)"
+        )
     return 0
 
 
 def run_resume(args: argparse.Namespace) -> int:
     store = JobStore()
     job = store.resume(args.job_id, restart=args.restart)
-    how = "from its last checkpoint" if job.resumes_from_checkpoint else "from step 0 (no checkpoint to continue from)"
+    how = (
+        "from its last checkpoint"
+        if job.resumes_from_checkpoint
+        else "from step 0 (no checkpoint to continue from)"
+    )
     if not args.no_worker:
         store.ensure_worker()
     print(f"job {job.id} queued again (position {job.queue_position}), {how}")
@@ -161,8 +205,13 @@ def run_resume(args: argparse.Namespace) -> int:
 def run_worker_command(args: argparse.Namespace) -> int:
     from ..worker import run_worker
 
-    return run_worker(JobStore(args.store), concurrency=args.concurrency, poll_seconds=args.poll,
-                      idle_exit_seconds=args.idle_exit, prestart=not args.no_prestart)
+    return run_worker(
+        JobStore(args.store),
+        concurrency=args.concurrency,
+        poll_seconds=args.poll,
+        idle_exit_seconds=args.idle_exit,
+        prestart=not args.no_prestart,
+    )
 
 
 # --- formatting ------------------------------------------------------------------------------------

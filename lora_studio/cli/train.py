@@ -9,9 +9,13 @@ from . import add_overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="fine-tune an adapter from a YAML recipe",
-                       description="Fine-tune a LoRA adapter as a recipe says.",
-                       epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="fine-tune an adapter from a YAML recipe",
+        description="Fine-tune a LoRA adapter as a recipe says.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("recipe", help="a YAML recipe, e.g. recipes/smollm2-lora-cpu.yaml")
     add_overrides(p)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
@@ -20,14 +24,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the base models available without a download")
     p.set_defaults(run=run_models)
 
-    data = sub.add_parser("data", help="work with data files").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="work with data files").add_subparsers(
+        dest="data_command", required=True
+    )
     p = data.add_parser("check", help="parse a data file, detect its format and report problems")
     p.add_argument("file", help="a .jsonl, .json, .csv or .parquet file, or a saved datasets folder")
     p.add_argument("--format", default="auto", help="the row format, if not detected (default: auto)")
     p.add_argument("--base-model", default=None, help="render examples with this model's chat template")
     p.add_argument("--max-length", type=int, default=DataSettings.max_length, help="token limit per example")
-    p.add_argument("--fit", action="store_true",
-                   help="also score how well the base model already predicts the answers (task fit; loads the model)")
+    p.add_argument(
+        "--fit",
+        action="store_true",
+        help="also score how well the base model already predicts the answers (task fit; loads the model)",
+    )
     p.set_defaults(run=run_data_check)
 
 
