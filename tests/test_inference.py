@@ -231,7 +231,8 @@ def test_cli_chat_interactive_keeps_history_until_reset(engine, tiny_adapters, c
         "sys.stdin", io.StringIO(f"{PROMPT[0]['content']}\nagain\n/reset\n\n{PROMPT[0]['content']}\n")
     )
     assert main(["chat", str(tiny_adapters["beta"]), "--max-new-tokens", str(N)]) == 0  # ends at end of input
-    assert capsys.readouterr().out.splitlines() == [expected[0], expected[1], expected[0]]
+    # Compared whole: the random tiny model's answers can hold characters splitlines() breaks on.
+    assert capsys.readouterr().out == "".join(f"{answer}\n" for answer in [expected[0], expected[1], expected[0]])
 
 
 def test_a_reply_read_twice_does_not_hang(engine):
