@@ -328,6 +328,6 @@ def _resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
     for key in ("train_file", "val_file"):
         value = data.get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute():
-            candidate = base / value
+            candidate = (base / value).resolve()
             if candidate.exists() or not Path(value).exists():
                 data[key] = str(candidate)

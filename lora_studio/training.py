@@ -234,7 +234,8 @@ def _start_run_folder(run_dir: Path, recipe: Recipe, data: PreparedData, resume_
     if not _is_main_process():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", recipe.to_yaml())
+    # Every path pinned, so the run can be repeated or resumed from this file alone.
+    atomic_write_text(run_dir / "config.yaml", recipe.replace(output_dir=str(run_dir.resolve())).to_yaml())
     atomic_write_text(run_dir / "data_report.json", json.dumps(dataclasses.asdict(data.report), indent=2))
     metrics = run_dir / "metrics.jsonl"
     if resume_step is None:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_studio import train
+from lora_studio import Recipe, train
 
 
 def test_train_writes_a_complete_run_folder(tiny_recipe):
@@ -36,6 +36,10 @@ def test_train_writes_a_complete_run_folder(tiny_recipe):
     assert len(meta["base_model_hash"]) == 64
     assert meta["recipe"]["train"]["max_steps"] == 6
     assert json.loads((run / "status.json").read_text())["state"] == "succeeded"
+    again = Recipe.from_yaml(run / "config.yaml")  # the run folder alone is enough to repeat the run
+    assert again.output_dir == run.resolve() and again.replace(output_dir="") == tiny_recipe.replace(
+        output_dir=""
+    )
 
 
 def read_metrics(run):
