@@ -9,6 +9,7 @@ import logging
 import sys
 
 from lora_studio import LoraStudioError, Recipe, train
+from lora_studio.cli import add_overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,14 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("recipe", help="a YAML recipe")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe setting, e.g. --set max_steps=10",
-    )
+    add_overrides(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -66,30 +66,9 @@ def smollm2_tokenizer() -> Any:
 
 def build_gguf_ready_model(folder: Path) -> Path:
     """A tiny random Llama (hidden 32, 2 blocks) with SmolLM2's tokenizer, so it exports to GGUF."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from tiny_model import build_tiny_model
 
-    tokenizer = smollm2_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
-    )
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return Path(folder)
+    return build_tiny_model(folder, smollm2_tokenizer())
 
 
 def build_constant_model(source: Path, folder: Path, token: str, eos_token: str | None = None) -> Path:

@@ -232,7 +232,9 @@ def test_cli_chat_interactive_keeps_history_until_reset(engine, tiny_adapters, c
     )
     assert main(["chat", str(tiny_adapters["beta"]), "--max-new-tokens", str(N)]) == 0  # ends at end of input
     # Compared whole: the random tiny model's answers can hold characters splitlines() breaks on.
-    assert capsys.readouterr().out == "".join(f"{answer}\n" for answer in [expected[0], expected[1], expected[0]])
+    assert capsys.readouterr().out == "".join(
+        f"{answer}\n" for answer in [expected[0], expected[1], expected[0]]
+    )
 
 
 def test_a_reply_read_twice_does_not_hang(engine):

@@ -48,10 +48,11 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_tiny_model(folder: Path) -> Path:
+def build_tiny_model(folder: Path, tokenizer=None) -> Path:
+    """A seeded 2-block Llama (hidden 32) around `tokenizer` (default: the tiny byte-level BPE)."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

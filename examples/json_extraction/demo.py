@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from lora_studio import Recipe, RunResult, train
+from lora_studio.cli import add_overrides
 from lora_studio.data import load_examples
 from lora_studio.evaluate import Comparison, compare_with_base, load_adapted
 
@@ -36,14 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--recipe", default=str(RECIPE), help="the recipe to train (default: %(default)s)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe setting, e.g. --set num_train_epochs=1",
-    )
+    add_overrides(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     started = time.perf_counter()
