@@ -26,31 +26,24 @@ from transformers import TrainerCallback
 from .config import Recipe
 from .errors import LoraStudioError, TrainingCancelled
 from .jobs import HEARTBEAT_SECONDS, JobStore
-from .training import train
+from .training import MetricRows, train
 
 log = logging.getLogger(__name__)
 
+
 # Trainer log keys -> ours (as in training.MetricsLog, whose metrics.jsonl rows these match).
-_METRIC_NAMES = {
-    "loss": "loss",
-    "eval_loss": "val_loss",
-    "learning_rate": "learning_rate",
-    "grad_norm": "grad_norm",
-    "train_loss": "train_loss",
-}
-
-
 class StoreProgress(TrainerCallback):
     """Writes step, seconds per step (for the ETA) and each logged metric row to the store."""
 
     def __init__(self, store: JobStore, job_id: str, attempt: int):
         self.store, self.job_id, self.attempt = store, job_id, attempt
         self._begin = (time.time(), 0)  # (time, step) when this attempt's training loop began
-        self._last_log = (time.time(), 0)  # (time, tokens seen) at the last loss row
+        self._rows = MetricRows()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         now = time.time()
-        self._begin, self._last_log = (now, state.global_step), (now, state.num_input_tokens_seen)
+        self._begin = (now, state.global_step)
+        self._rows.restart(state)
         # A resumed run redoes the steps after its checkpoint: drop their old rows so the curve continues.
         self.store.forget_metrics_after(self.job_id, state.global_step)
         self.store.record_progress(self.job_id, self.attempt, state.global_step, state.max_steps, None)
@@ -65,20 +58,7 @@ class StoreProgress(TrainerCallback):
     ) -> None:
         if not logs or not state.is_world_process_zero:
             return
-        row: dict[str, Any] = {
-            "step": state.global_step,
-            "max_steps": state.max_steps,
-            "epoch": round(state.epoch or 0, 4),
-            "time": round(time.time(), 3),
-        }
-        row.update({ours: logs[theirs] for theirs, ours in _METRIC_NAMES.items() if theirs in logs})
-        if "loss" in logs:
-            now, seen = time.time(), state.num_input_tokens_seen
-            row["tokens_per_second"] = round(
-                (seen - self._last_log[1]) / max(now - self._last_log[0], 1e-9), 1
-            )
-            self._last_log = (now, seen)
-        self.store.record_metrics(self.job_id, self.attempt, row)
+        self.store.record_metrics(self.job_id, self.attempt, self._rows.row(state, logs))
 
 
 class StopOnRequest(TrainerCallback):

@@ -178,15 +178,51 @@ def _use_gradient_checkpointing(recipe: Recipe) -> bool:
     return choice == "on" or (choice == "auto" and pick_device(recipe.model.device) == "cuda")
 
 
+class MetricRows:
+    """Turns Trainer log events into metrics rows (our names), with tokens/s since the last loss row.
+
+    Shared by MetricsLog (metrics.jsonl) and the job service's progress callback (the job store).
+    """
+
+    NAMES = {
+        "loss": "loss",
+        "eval_loss": "val_loss",
+        "learning_rate": "learning_rate",
+        "grad_norm": "grad_norm",
+        "train_loss": "train_loss",
+    }
+
+    def __init__(self) -> None:
+        self._last = (time.time(), 0)  # (time, tokens seen) at the last loss row
+
+    def restart(self, state: Any) -> None:
+        """Call at the start of training (or of a resumed run)."""
+        self._last = (time.time(), state.num_input_tokens_seen)
+
+    def row(self, state: Any, logs: dict[str, float]) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "step": state.global_step,
+            "max_steps": state.max_steps,
+            "epoch": round(state.epoch or 0, 4),
+            "time": round(time.time(), 3),
+        }
+        row.update({ours: logs[theirs] for theirs, ours in self.NAMES.items() if theirs in logs})
+        if "loss" in logs:
+            now, seen = time.time(), state.num_input_tokens_seen
+            row["tokens_per_second"] = round((seen - self._last[1]) / max(now - self._last[0], 1e-9), 1)
+            self._last = (now, seen)
+        return row
+
+
 class MetricsLog(TrainerCallback):
-    """Appends one JSON line per log event to metrics.jsonl, with tokens/s since the last one.
+    """Appends one JSON line per log event to metrics.jsonl.
 
     A resumed run's first validation repeats the one its checkpoint already logged: skip it.
     """
 
     def __init__(self, path: Path, skip_first_eval: bool = False):
         self.path = Path(path)
-        self._last = (time.time(), 0)
+        self._rows = MetricRows()
         self._skip_eval = skip_first_eval
 
     def on_log(
@@ -197,29 +233,11 @@ class MetricsLog(TrainerCallback):
         if self._skip_eval and "eval_loss" in logs:
             self._skip_eval = False
             return
-        row: dict[str, Any] = {
-            "step": state.global_step,
-            "max_steps": state.max_steps,
-            "epoch": round(state.epoch or 0, 4),
-            "time": round(time.time(), 3),
-        }
-        names = {
-            "loss": "loss",
-            "eval_loss": "val_loss",
-            "learning_rate": "learning_rate",
-            "grad_norm": "grad_norm",
-            "train_loss": "train_loss",
-        }
-        row.update({ours: logs[theirs] for theirs, ours in names.items() if theirs in logs})
-        if "loss" in logs:
-            now, seen = time.time(), state.num_input_tokens_seen
-            row["tokens_per_second"] = round((seen - self._last[1]) / max(now - self._last[0], 1e-9), 1)
-            self._last = (now, seen)
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(self._rows.row(state, logs)) + "\n")
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self._last = (time.time(), state.num_input_tokens_seen)
+        self._rows.restart(state)
 
 
 # --- run folder --------------------------------------------------------------------------------
