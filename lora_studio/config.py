@@ -26,6 +26,7 @@ Quantization = Literal["none", "8bit", "4bit"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DataFormat = Literal["auto", "messages", "alpaca", "prompt_completion", "text"]
+Speedup = Literal["cache", "label_only", "bf16"]
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -102,6 +103,12 @@ class TrainSettings:
         "auto", "Recompute activations to save memory; 'auto' turns it on for GPUs only (it slows CPUs)."
     )
     seed: int = _f(42, "Random seed for data order, the validation split and adapter init.")
+    speedups: Literal["auto", "none"] | list[Speedup] = _f(
+        "auto",
+        "Exact shortcuts of the fast path: 'cache' (run frozen lower blocks once, with `layers`), "
+        "'label_only' (logits only where the loss needs them), 'bf16' (bf16 autocast on CPUs with "
+        "native bf16). 'auto' uses each one that is exact here; 'none' or a list chooses.",
+    )
 
 
 SECTIONS: dict[str, type] = {

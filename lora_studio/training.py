@@ -27,8 +27,9 @@ from pickle import UnpicklingError
 from typing import Any
 
 from safetensors import SafetensorError
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 
+from . import fast_path
 from .adapters import attach_lora, save_adapter
 from .config import Recipe
 from .data import PreparedData, prepare
@@ -64,8 +65,12 @@ def train(recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = ()
     handler = _log_to_file(run_dir / "train.log")
     try:
         model, tokenizer, ref = load_base(recipe.model)
+        set_seed(recipe.train.seed)  # the adapter's initial weights follow the recipe's seed
         model = attach_lora(model, recipe.lora, _use_gradient_checkpointing(recipe))
-        trainer = build_trainer(recipe, model, tokenizer, data, callbacks, resuming=checkpoint is not None)
+        fast = fast_path.prepare(recipe, model, tokenizer, data, ref.folder)  # None: the plain path
+        trainer = build_trainer(
+            recipe, model, tokenizer, data, callbacks, resuming=checkpoint is not None, fast=fast
+        )
         _log_start(recipe, model, data)
         try:
             output = trainer.train(resume_from_checkpoint=checkpoint)
@@ -111,8 +116,12 @@ def build_trainer(
     data: PreparedData,
     callbacks: Sequence[Any] = (),
     resuming: bool = False,
+    fast: fast_path.FastPath | None = None,
 ) -> Any:
-    """TRL's SFTTrainer set up from the recipe: the one place training arguments are chosen."""
+    """TRL's SFTTrainer set up from the recipe: the one place training arguments are chosen.
+
+    With `fast` (see fast_path.py) the same arguments and callbacks drive the fast path's Trainer.
+    """
     from datasets import Dataset
     from transformers import EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
@@ -163,6 +172,10 @@ def build_trainer(
     extra = (
         [EarlyStoppingCallback(t.early_stopping_patience)] if has_val and t.early_stopping_patience else []
     )
+    if fast is not None:
+        return fast.trainer(
+            args, tokenizer, [MetricsLog(run_dir / "metrics.jsonl", resuming), *extra, *callbacks]
+        )
     return SFTTrainer(
         model=model,
         args=args,

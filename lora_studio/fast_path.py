@@ -1,0 +1,350 @@
+"""The fast path: the same LoRA training, with less work wherever skipping it is exact.
+
+Three levers, each measured on its own by `lora-studio bench`:
+  cache       with `layers: N`, the frozen blocks below the top N run once, not in every epoch
+              (their output is a fixed function of the tokens): see feature_cache.py
+  label_only  the vocabulary projection and loss only where a token carries a label: label_loss.py
+  bf16        bf16 autocast on CPUs with native bf16 (AVX-512 BF16 / AMX); weights stay fp32
+
+It trains the same PEFT model with the same Trainer as the plain path (so checkpoints, resume,
+callbacks, metrics and the adapter folder are the same); only what the model computes changes.
+The cached lower blocks are swapped for pass-throughs and the model gets their stored output as
+`inputs_embeds`: its own forward still makes the positions (rotary), masks and the top blocks.
+With label_only the output layer is a pass-through too, and the loss applies its frozen weights
+to the labelled positions alone. Before training, one batch is computed both ways; if the
+losses differ (a model whose forward does something we do not expect), the plain path runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import decoder_blocks
+from .config import Recipe
+from .data import IGNORE_INDEX, PreparedData
+from .feature_cache import FeatureTable, cache_key, load_or_build
+from .hardware import cpu_has_native_bf16
+from .label_loss import label_only_loss
+from .models import model_fingerprint
+
+log = logging.getLogger(__name__)
+
+SPEEDUPS = ("cache", "label_only", "bf16")
+CHECK_ROWS = 4  # training rows computed both ways before training
+# Below this width autocast's per-op casts cost more than bf16 matmuls save (tiny test model, hidden
+# size 32: 4x slower; SmolLM2, 576: see `lora-studio bench`).
+MIN_BF16_WIDTH = 256
+CHECK_RTOL = 2e-3  # fp16 feature storage moves the loss by ~1e-4; a wrong forward by far more
+
+
+@dataclasses.dataclass(frozen=True)
+class Levers:
+    cache: bool = False
+    label_only: bool = False
+    bf16: bool = False
+
+    def names(self) -> list[str]:
+        return [name for name in SPEEDUPS if getattr(self, name)]
+
+
+class PassThrough(nn.Module):
+    """Stands in for a module whose work is done elsewhere: returns its input unchanged.
+
+    It keeps the replaced module as a child, so parameter counts and `restore` stay simple.
+    """
+
+    def __init__(self, replaced: nn.Module):
+        super().__init__()
+        self.replaced = replaced
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+# --- choosing levers ---------------------------------------------------------------------------
+def choose_levers(recipe: Recipe, model: Any) -> Levers:
+    """The levers the recipe allows that are exact for this model; one log line per one ruled out."""
+    wanted = recipe.train.speedups
+    wanted = {"auto": SPEEDUPS, "none": ()}.get(wanted, wanted) if isinstance(wanted, str) else wanted
+    chosen = {}
+    for name in wanted:
+        reason = _ruled_out(name, recipe, model)
+        if reason:
+            log.info("fast path: no %s: %s", name, reason)
+        chosen[name] = reason is None
+    return Levers(**chosen)
+
+
+def _ruled_out(name: str, recipe: Recipe, model: Any) -> str | None:
+    base = model.get_base_model()
+    param = next(base.parameters())
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        return "the base is quantized (QLoRA)"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "training runs in several processes"
+    if name == "cache":
+        return _cache_ruled_out(recipe, model)
+    if name == "label_only":
+        head = base.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            return "the model has no plain linear output layer"
+        if any(p.requires_grad for p in head.parameters()):
+            return "the output layer is trained (modules_to_save)"
+        return None
+    if param.device.type != "cpu":
+        return f"on {param.device.type} the weights' dtype ({param.dtype}) is used"
+    if param.dtype != torch.float32:
+        return f"the weights are {param.dtype} already"
+    if not cpu_has_native_bf16():
+        return "this CPU has no native bf16 (AVX-512 BF16 or AMX), so fp32 is faster here"
+    if base.config.hidden_size < MIN_BF16_WIDTH:
+        return (
+            f"the model is too narrow (hidden size {base.config.hidden_size}) for bf16 to pay for its casts"
+        )
+    return None
+
+
+def _cache_ruled_out(recipe: Recipe, model: Any) -> str | None:
+    if recipe.lora.layers is None:
+        return "every block is adapted (set `layers` to adapt only the top blocks)"
+    if recipe.train.gradient_checkpointing == "on":
+        return "gradient_checkpointing is on"
+    _, blocks = decoder_blocks(model)
+    lower = blocks[: len(blocks) - recipe.lora.layers]
+    if any(p.requires_grad for p in lower.parameters()) or recipe.lora.modules_to_save:
+        return "something below the top blocks is trained"
+    config = model.get_base_model().config.to_dict()
+    dropouts = {k: v for k, v in config.items() if ("dropout" in k or "pdrop" in k) and isinstance(v, float)}
+    if any(v > 0 for v in dropouts.values()) or any(
+        isinstance(m, nn.Dropout) and m.p > 0 for m in lower.modules()
+    ):
+        return "the model uses dropout, so the frozen blocks' output is not fixed"
+    return None
+
+
+# --- preparing the model -----------------------------------------------------------------------
+def prepare(
+    recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData, base_folder: Path
+) -> FastPath | None:
+    """The fast path for this run, or None (the plain path) when no lever is allowed and exact."""
+    levers = choose_levers(recipe, model)
+    if not levers.names():
+        return None
+    fast = FastPath(model, levers, tokenizer.pad_token_id, data.train + data.val, len(data.train))
+    if levers.cache:
+        fast.cache_features(recipe.lora.layers, model_fingerprint(base_folder))
+    problem = fast.check_against_plain()
+    if problem:
+        fast.restore()
+        log.info("fast path: not used, the plain path runs: %s", problem)
+        return None
+    log.info("fast path: %s", ", ".join(levers.names()))
+    return fast
+
+
+class FastPath:
+    """A PEFT model prepared for the fast path, its batches, its loss and its Trainer."""
+
+    def __init__(self, model: Any, levers: Levers, pad_id: int | None, rows: list[dict], n_train: int):
+        self.model, self.levers = model, levers
+        self.base = model.get_base_model()
+        self.pad_id = pad_id if pad_id is not None else 0
+        self.rows, self.n_train = rows, n_train  # training rows first, then validation rows
+        self.head = self.base.get_output_embeddings()
+        self.features: FeatureTable | None = None
+        self.n_lower = 0  # blocks whose output is cached
+        self._swapped: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, name, original)
+        self.dtype = next(self.base.parameters()).dtype
+        self.device = next(self.base.parameters()).device
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return (
+            torch.autocast(self.device.type, torch.bfloat16) if self.levers.bf16 else contextlib.nullcontext()
+        )
+
+    # --- cached features ---------------------------------------------------------------------
+    def cache_features(self, top_blocks: int, base_hash: str) -> None:
+        import transformers
+
+        _, blocks = decoder_blocks(self.model)
+        n_lower = len(blocks) - top_blocks
+        token_rows = [row["input_ids"] for row in self.rows]
+        key = cache_key(
+            token_rows,
+            base=base_hash,
+            lower_blocks=n_lower,
+            bf16=self.levers.bf16,
+            versions=[torch.__version__, transformers.__version__],
+        )
+        lower = lambda ids, mask: self._run_lower(n_lower, ids, mask)  # noqa: E731
+        self.features = load_or_build(key, token_rows, lower, self.base.config.hidden_size)
+        self.n_lower = n_lower
+
+    @torch.no_grad()
+    def _run_lower(self, n_lower: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The output of the lowest n_lower blocks, by the model's own forward with the rest skipped."""
+        _, blocks = decoder_blocks(self.model)
+        captured: list[torch.Tensor] = []
+        hook = blocks[n_lower - 1].register_forward_hook(
+            lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out)
+        )
+        top = [(blocks, str(i)) for i in range(n_lower, len(blocks))]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self._swap(top)
+            with self.autocast():
+                self.base.get_decoder()(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
+                )
+        finally:
+            self._restore(len(top))
+            hook.remove()
+            self.model.train(was_training)
+        return captured[0]
+
+    # --- module swaps ------------------------------------------------------------------------
+    def _swap(self, places: Sequence[tuple[nn.Module, str]]) -> None:
+        for parent, name in places:
+            original = getattr(parent, name)
+            parent._modules[name] = PassThrough(original)  # list items ("3") and attributes alike
+            self._swapped.append((parent, name, original))
+
+    def _restore(self, count: int | None = None) -> None:
+        for _ in range(len(self._swapped) if count is None else count):
+            parent, name, original = self._swapped.pop()
+            parent._modules[name] = original
+
+    def restore(self) -> None:
+        """Put the model back as it was (every swapped module in place)."""
+        self._restore()
+        self.model.__dict__.pop("main_input_name", None)
+
+    def swap_in(self) -> None:
+        """Swap the cached lower blocks, and with label_only the output layer, for pass-throughs."""
+        _, blocks = decoder_blocks(self.model)
+        self._swap([(blocks, str(i)) for i in range(self.n_lower)])
+        if self.levers.label_only:
+            name = next(name for name, module in self.base.named_modules() if module is self.head)
+            parent, _, attr = name.rpartition(".")
+            self._swap([(self.base.get_submodule(parent), attr)])
+        if self.features is not None:  # the Trainer counts tokens in its model's main input
+            self.model.main_input_name = "inputs_embeds"
+
+    # --- batches and loss --------------------------------------------------------------------
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Right-padded batch: cached features as `inputs_embeds` (or token ids), mask and labels."""
+        width = max(len(e["input_ids"]) for e in examples)
+        mask = torch.zeros(len(examples), width, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        for j, e in enumerate(examples):
+            mask[j, : len(e["input_ids"])] = 1
+            labels[j, : len(e["labels"])] = torch.as_tensor(e["labels"])
+        batch = {"attention_mask": mask, "labels": labels}
+        if self.features is None:
+            ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+            for j, e in enumerate(examples):
+                ids[j, : len(e["input_ids"])] = torch.as_tensor(e["input_ids"])
+            batch["input_ids"] = ids
+        else:
+            embeds = torch.zeros(len(examples), width, self.features.values.shape[1], dtype=self.dtype)
+            for j, e in enumerate(examples):
+                embeds[j, : len(e["input_ids"])] = self.features.row(e["row"]).to(self.dtype)
+            batch["inputs_embeds"] = embeds
+        return batch
+
+    def loss(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        """The Trainer's loss with label_only: `outputs.logits` are the final hidden states here."""
+        return label_only_loss(
+            outputs.logits,
+            labels.to(outputs.logits.device),
+            self.head.weight,
+            self.head.bias,
+            num_items=num_items_in_batch,
+            compute_dtype=torch.bfloat16 if self.levers.bf16 else self.head.weight.dtype,
+        )
+
+    def _fast_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        if not self.levers.label_only:
+            return self.model(**batch, use_cache=False).loss
+        labels = batch.pop("labels")
+        return self.loss(self.model(**batch, use_cache=False), labels)
+
+    @torch.no_grad()
+    def check_against_plain(self) -> str | None:
+        """Compute a few training rows both ways; a message if the fast loss is not the plain one."""
+        rows = self.rows[: min(CHECK_ROWS, self.n_train)]
+        batch = self.collate([{**r, "row": i} for i, r in enumerate(rows)])
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            ids = torch.full_like(batch["labels"], self.pad_id)
+            for j, r in enumerate(rows):
+                ids[j, : len(r["input_ids"])] = torch.as_tensor(r["input_ids"])
+            plain_batch = {
+                "input_ids": ids,
+                "attention_mask": batch["attention_mask"],
+                "labels": batch["labels"],
+            }
+            with self.autocast():
+                plain = self.model(
+                    **{k: v.to(self.device) for k, v in plain_batch.items()}, use_cache=False
+                ).loss
+            self.swap_in()
+            with self.autocast():
+                fast = self._fast_loss(batch)
+        finally:
+            self.model.train(was_training)
+        if not torch.isclose(fast.float(), plain.float(), rtol=CHECK_RTOL, atol=1e-5):
+            return f"on {len(rows)} training rows its loss is {fast.item():.6f}, the plain one {plain.item():.6f}"
+        return None
+
+    # --- the Trainer -------------------------------------------------------------------------
+    def trainer(self, args: Any, tokenizer: Any, callbacks: list[Any]) -> Any:
+        """A transformers Trainer over these batches, with the plain path's arguments and callbacks."""
+        from datasets import Dataset
+        from transformers import Trainer
+
+        args = dataclasses.replace(
+            args,
+            remove_unused_columns=False,  # the collator needs `row`
+            prediction_loss_only=True,
+            bf16=args.bf16 or self.levers.bf16,
+            # with cached features the top blocks' activations are small: no need to recompute them
+            gradient_checkpointing=args.gradient_checkpointing and not self.levers.cache,
+        )
+
+        def dataset(start: int, stop: int) -> Any:
+            return Dataset.from_list(
+                [
+                    {
+                        "input_ids": r["input_ids"],
+                        "labels": r["labels"],
+                        "length": len(r["input_ids"]),
+                        "row": i,
+                    }
+                    for i, r in enumerate(self.rows[start:stop], start=start)
+                ]
+            )
+
+        has_val = len(self.rows) > self.n_train
+        return Trainer(
+            model=self.model,
+            args=args,
+            train_dataset=dataset(0, self.n_train),
+            eval_dataset=dataset(self.n_train, len(self.rows)) if has_val else None,
+            data_collator=self.collate,
+            processing_class=tokenizer,
+            compute_loss_func=self.loss if self.levers.label_only else None,
+            callbacks=callbacks,
+        )
