@@ -32,8 +32,9 @@ lint: $(STAMP)
 ui: $(STAMP)
 	$(VENV)/bin/lora-studio ui
 
+# A short budget (12 steps per configuration); `lora-studio bench` without --max-steps runs 2 epochs.
 bench: $(STAMP)
-	$(PY) benchmarks/train_speed.py --steps 10
+	$(PY) -m lora_studio.cli bench --max-steps 12 --out bench-out
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs bench-out .pytest_cache

@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from torch import nn
 from .adapters import decoder_blocks
 from .config import Recipe
 from .data import IGNORE_INDEX, PreparedData
-from .feature_cache import FeatureTable, cache_key, load_or_build
+from .feature_cache import FeatureCache, cache_key
 from .hardware import cpu_has_native_bf16
 from .label_loss import label_only_loss
 from .models import model_fingerprint
@@ -141,7 +141,7 @@ def prepare(
         return None
     fast = FastPath(model, levers, tokenizer.pad_token_id, data.train + data.val, len(data.train))
     if levers.cache:
-        fast.cache_features(recipe.lora.layers, model_fingerprint(base_folder))
+        fast.use_cache(recipe.lora.layers, model_fingerprint(base_folder))
     problem = fast.check_against_plain()
     if problem:
         fast.restore()
@@ -149,6 +149,28 @@ def prepare(
         return None
     log.info("fast path: %s", ", ".join(levers.names()))
     return fast
+
+
+class Skippable(nn.Module):
+    """Wraps a frozen module whose work is done elsewhere: while `skip` is set, its input passes through.
+
+    The wrapped module stays a child, so parameter counts and `FastPath.restore` stay simple.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        self.skip = True
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states if self.skip else self.module(hidden_states, *args, **kwargs)
+
+
+class _LowerOutput(Exception):  # noqa: N818 - a signal, not an error
+    """Ends a forward pass right after the cached blocks, carrying their output."""
+
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
 
 
 class FastPath:
@@ -160,19 +182,43 @@ class FastPath:
         self.pad_id = pad_id if pad_id is not None else 0
         self.rows, self.n_train = rows, n_train  # training rows first, then validation rows
         self.head = self.base.get_output_embeddings()
-        self.features: FeatureTable | None = None
-        self.n_lower = 0  # blocks whose output is cached
+        self.cache: FeatureCache | None = None
+        self.lower: list[Skippable] = []  # the cached blocks, wrapped
         self._swapped: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, name, original)
         self.dtype = next(self.base.parameters()).dtype
         self.device = next(self.base.parameters()).device
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return (
-            torch.autocast(self.device.type, torch.bfloat16) if self.levers.bf16 else contextlib.nullcontext()
-        )
+    def autocast(self, enabled: bool = True) -> contextlib.AbstractContextManager:
+        if self.levers.bf16 and enabled:
+            return torch.autocast(self.device.type, torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # --- module swaps ------------------------------------------------------------------------
+    def _wrap(self, parent: nn.Module, name: str) -> Skippable:
+        original = getattr(parent, name)
+        parent._modules[name] = wrapper = Skippable(original)  # list items ("3") and attributes alike
+        self._swapped.append((parent, name, original))
+        return wrapper
+
+    def restore(self) -> None:
+        """Put the model back as it was (every wrapped module in place)."""
+        while self._swapped:
+            parent, name, original = self._swapped.pop()
+            parent._modules[name] = original
+        self.lower = []
+        self.model.__dict__.pop("main_input_name", None)
+        if self.cache is not None:
+            self.cache.close()
+
+    def swap_head(self) -> None:
+        """With label_only the output layer passes the final hidden states through to `loss`."""
+        name = next(name for name, module in self.base.named_modules() if module is self.head)
+        parent, _, attr = name.rpartition(".")
+        self._wrap(self.base.get_submodule(parent), attr)
 
     # --- cached features ---------------------------------------------------------------------
-    def cache_features(self, top_blocks: int, base_hash: str) -> None:
+    def use_cache(self, top_blocks: int, base_hash: str) -> None:
+        """Skip every block below the top `top_blocks`; their output comes from a FeatureCache."""
         import transformers
 
         _, blocks = decoder_blocks(self.model)
@@ -185,82 +231,71 @@ class FastPath:
             bf16=self.levers.bf16,
             versions=[torch.__version__, transformers.__version__],
         )
-        lower = lambda ids, mask: self._run_lower(n_lower, ids, mask)  # noqa: E731
-        self.features = load_or_build(key, token_rows, lower, self.base.config.hidden_size)
-        self.n_lower = n_lower
+        self.lower = [self._wrap(blocks, str(i)) for i in range(n_lower)]
+        self.cache = FeatureCache(key, token_rows, self.base.config.hidden_size, self._run_lower)
+        self.model.main_input_name = "inputs_embeds"  # the Trainer counts tokens in its model's main input
+
+    @contextlib.contextmanager
+    def _lower_blocks_on(self) -> Iterator[None]:
+        for block in self.lower:
+            block.skip = False
+        try:
+            yield
+        finally:
+            for block in self.lower:
+                block.skip = True
 
     @torch.no_grad()
-    def _run_lower(self, n_lower: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The output of the lowest n_lower blocks, by the model's own forward with the rest skipped."""
-        _, blocks = decoder_blocks(self.model)
-        captured: list[torch.Tensor] = []
-        hook = blocks[n_lower - 1].register_forward_hook(
-            lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out)
-        )
-        top = [(blocks, str(i)) for i in range(n_lower, len(blocks))]
+    def _run_lower(self, ids: torch.Tensor, mask: torch.Tensor, autocast: bool = True) -> torch.Tensor:
+        """The cached blocks' output: the model's own forward (positions, masks), stopped after them."""
+
+        def stop(module: nn.Module, args: Any, out: Any) -> None:
+            raise _LowerOutput(out[0] if isinstance(out, tuple) else out)
+
+        hook = self.lower[-1].register_forward_hook(stop)
         was_training = self.model.training
         self.model.eval()
         try:
-            self._swap(top)
-            with self.autocast():
+            with self._lower_blocks_on(), self.autocast(autocast):
                 self.base.get_decoder()(
                     input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
                 )
+        except _LowerOutput as done:
+            return done.hidden
         finally:
-            self._restore(len(top))
             hook.remove()
             self.model.train(was_training)
-        return captured[0]
-
-    # --- module swaps ------------------------------------------------------------------------
-    def _swap(self, places: Sequence[tuple[nn.Module, str]]) -> None:
-        for parent, name in places:
-            original = getattr(parent, name)
-            parent._modules[name] = PassThrough(original)  # list items ("3") and attributes alike
-            self._swapped.append((parent, name, original))
-
-    def _restore(self, count: int | None = None) -> None:
-        for _ in range(len(self._swapped) if count is None else count):
-            parent, name, original = self._swapped.pop()
-            parent._modules[name] = original
-
-    def restore(self) -> None:
-        """Put the model back as it was (every swapped module in place)."""
-        self._restore()
-        self.model.__dict__.pop("main_input_name", None)
-
-    def swap_in(self) -> None:
-        """Swap the cached lower blocks, and with label_only the output layer, for pass-throughs."""
-        _, blocks = decoder_blocks(self.model)
-        self._swap([(blocks, str(i)) for i in range(self.n_lower)])
-        if self.levers.label_only:
-            name = next(name for name, module in self.base.named_modules() if module is self.head)
-            parent, _, attr = name.rpartition(".")
-            self._swap([(self.base.get_submodule(parent), attr)])
-        if self.features is not None:  # the Trainer counts tokens in its model's main input
-            self.model.main_input_name = "inputs_embeds"
+        raise AssertionError("the decoder never reached the last cached block")
 
     # --- batches and loss --------------------------------------------------------------------
-    def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def collate(
+        self, examples: list[dict[str, Any]], features: list[torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Right-padded batch: cached features as `inputs_embeds` (or token ids), mask and labels."""
-        width = max(len(e["input_ids"]) for e in examples)
-        mask = torch.zeros(len(examples), width, dtype=torch.long)
-        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-        for j, e in enumerate(examples):
-            mask[j, : len(e["input_ids"])] = 1
-            labels[j, : len(e["labels"])] = torch.as_tensor(e["labels"])
-        batch = {"attention_mask": mask, "labels": labels}
-        if self.features is None:
-            ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
-            for j, e in enumerate(examples):
-                ids[j, : len(e["input_ids"])] = torch.as_tensor(e["input_ids"])
-            batch["input_ids"] = ids
-        else:
-            embeds = torch.zeros(len(examples), width, self.features.values.shape[1], dtype=self.dtype)
-            for j, e in enumerate(examples):
-                embeds[j, : len(e["input_ids"])] = self.features.row(e["row"]).to(self.dtype)
-            batch["inputs_embeds"] = embeds
+        batch = self._padded(examples)
+        if self.cache is None:
+            return batch
+        features = features or self.cache.rows([e["row"] for e in examples])
+        embeds = torch.zeros(*batch.pop("input_ids").shape, self.cache.dim, dtype=self.dtype)
+        for j, row in enumerate(features):
+            embeds[j, : len(row)] = row.to(self.dtype)
+        batch["inputs_embeds"] = embeds
         return batch
+
+    def _padded(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Token ids, attention mask and labels, right-padded to the longest example."""
+        shape = (len(examples), max(len(e["input_ids"]) for e in examples))
+        ids = torch.full(shape, self.pad_id, dtype=torch.long)
+        mask = torch.zeros(shape, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        for j, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[j, :n], mask[j, :n], labels[j, :n] = (
+                torch.as_tensor(e["input_ids"]),
+                1,
+                torch.as_tensor(e["labels"]),
+            )
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def loss(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
         """The Trainer's loss with label_only: `outputs.logits` are the final hidden states here."""
@@ -273,7 +308,8 @@ class FastPath:
             compute_dtype=torch.bfloat16 if self.levers.bf16 else self.head.weight.dtype,
         )
 
-    def _fast_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def fast_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One batch through the fast path, as the Trainer computes it."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if not self.levers.label_only:
             return self.model(**batch, use_cache=False).loss
@@ -282,27 +318,25 @@ class FastPath:
 
     @torch.no_grad()
     def check_against_plain(self) -> str | None:
-        """Compute a few training rows both ways; a message if the fast loss is not the plain one."""
-        rows = self.rows[: min(CHECK_ROWS, self.n_train)]
-        batch = self.collate([{**r, "row": i} for i, r in enumerate(rows)])
+        """A few training rows both ways, in fp32; a message if the fast loss is not the plain one.
+
+        This checks the swaps (positions, masks, what the model does around its blocks). bf16 is
+        left out: its rounding is the same on both paths but moves with the batch's padding.
+        """
+        rows = [{**r, "row": i} for i, r in enumerate(self.rows[: min(CHECK_ROWS, self.n_train)])]
+        batch = self._padded(rows)
         was_training = self.model.training
         self.model.eval()
         try:
-            ids = torch.full_like(batch["labels"], self.pad_id)
-            for j, r in enumerate(rows):
-                ids[j, : len(r["input_ids"])] = torch.as_tensor(r["input_ids"])
-            plain_batch = {
-                "input_ids": ids,
-                "attention_mask": batch["attention_mask"],
-                "labels": batch["labels"],
-            }
-            with self.autocast():
-                plain = self.model(
-                    **{k: v.to(self.device) for k, v in plain_batch.items()}, use_cache=False
-                ).loss
-            self.swap_in()
-            with self.autocast():
-                fast = self._fast_loss(batch)
+            with self._lower_blocks_on():
+                plain = self.model(**{k: v.to(self.device) for k, v in batch.items()}, use_cache=False).loss
+            if self.cache is not None:  # stored as the cache stores them (fp16)
+                hidden = self._run_lower(batch["input_ids"], batch["attention_mask"], autocast=False).half()
+                batch = self.collate(rows, [hidden[j, : len(r["input_ids"])] for j, r in enumerate(rows)])
+            if self.levers.label_only:
+                self.swap_head()
+            with self.autocast(enabled=False):
+                fast = self.fast_loss(batch)
         finally:
             self.model.train(was_training)
         if not torch.isclose(fast.float(), plain.float(), rtol=CHECK_RTOL, atol=1e-5):

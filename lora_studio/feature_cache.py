@@ -2,12 +2,16 @@
 
 With LoRA on the top N blocks only, the blocks below are a fixed function of the tokens (no
 dropout, no adapter): their output for an example is the same in every epoch. So it is computed
-once, without gradients, and training reads it from here instead of running those blocks again.
+the first time the example comes up, without gradients, and read from here every time after.
+Filling as batches come (rather than in a pass before training) means the first epoch costs what
+the plain path costs, a short run never pays for rows it does not reach, and each row's values
+are computed in the very batch the plain path would compute them in.
 
-Storage is fp16 (fp32 if a value does not fit fp16's range), one row per example, in memory up
-to MEMORY_LIMIT_BYTES and past that in a memory-mapped file under the studio home, keyed by
-everything the values depend on (the exact token ids, the base weights, the number of blocks,
-the compute dtype, the library versions): a change to any of them builds a new cache.
+Storage is fp16 (fp32 once a value falls outside fp16's range), one row per example, in memory
+up to MEMORY_LIMIT_BYTES and past that in a memory-mapped file. A complete file is kept under the
+studio home, keyed by everything the values depend on (the exact token ids, the base weights, the
+number of blocks, the compute dtype, the library versions): a change to any of them means a new
+cache, and a resumed or repeated run with the same key reads the file instead of computing.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
-import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,28 +34,12 @@ from .home import studio_home
 log = logging.getLogger(__name__)
 
 MEMORY_LIMIT_BYTES = 1 << 30  # past 1 GiB, features live on disk (memory-mapped) instead of in RAM
-KEEP_ON_DISK = 3  # disk caches kept (most recently used); older ones are deleted
-BATCH_TOKENS = 4096  # tokens per forward pass while building
+KEEP_ON_DISK = 3  # complete disk caches kept (most recently used); older ones are deleted
 FP16_MAX = 65000.0  # just under fp16's largest finite value (65504)
 _NUMPY = {torch.float16: np.float16, torch.float32: np.float32}
 
 # (input_ids [batch, seq], attention_mask [batch, seq]) -> hidden states [batch, seq, dim]
 LowerBlocks = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class FeatureTable:
-    """Per-example hidden states stored end to end: row i is values[offsets[i]:offsets[i + 1]]."""
-
-    def __init__(self, values: torch.Tensor, offsets: Sequence[int], location: str):
-        self.values = values
-        self.offsets = list(offsets)
-        self.location = location  # "memory" or the cache folder
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def row(self, i: int) -> torch.Tensor:
-        return self.values[self.offsets[i] : self.offsets[i + 1]]
 
 
 def cache_key(token_rows: Sequence[Sequence[int]], **identity: object) -> str:
@@ -63,117 +51,116 @@ def cache_key(token_rows: Sequence[Sequence[int]], **identity: object) -> str:
     return h.hexdigest()[:24]
 
 
-def load_or_build(
-    key: str,
-    token_rows: Sequence[Sequence[int]],
-    lower: LowerBlocks,
-    dim: int,
-    limit_bytes: int | None = None,
-) -> FeatureTable:
-    """The features of `token_rows`: from the disk cache when `key` is there, else built now."""
-    limit = MEMORY_LIMIT_BYTES if limit_bytes is None else limit_bytes
-    offsets = np.concatenate([[0], np.cumsum([len(ids) for ids in token_rows])]).tolist()
-    folder = studio_home() / "feature-cache" / key
-    if (folder / "meta.json").is_file():
-        table = _open(folder)
-        os.utime(folder)  # most recently used: kept by the clean-up
-        log.info("cached features: reusing %s", folder)
-        return table
-    started = time.perf_counter()
-    on_disk = offsets[-1] * dim * 2 > limit
-    table = _build(token_rows, offsets, lower, dim, folder if on_disk else None)
-    log.info(
-        "cached features of %d examples (%d tokens, %s, %s) in %.1f s",
-        len(token_rows),
-        offsets[-1],
-        str(table.values.dtype).removeprefix("torch."),
-        table.location,
-        time.perf_counter() - started,
-    )
-    return table
+class FeatureCache:
+    """Per-example lower-block features, filled on first use: row i is values[offsets[i]:offsets[i + 1]]."""
 
-
-def _build(
-    token_rows: Sequence[Sequence[int]],
-    offsets: list[int],
-    lower: LowerBlocks,
-    dim: int,
-    folder: Path | None,
-) -> FeatureTable:
-    """Run the lower blocks over all rows; fp16 storage, or fp32 when a value does not fit fp16."""
-    for dtype in (torch.float16, torch.float32):
-        if folder is None:
-            store = torch.empty(offsets[-1], dim, dtype=dtype)
-            if _fill(store, token_rows, offsets, lower):
-                return FeatureTable(store, offsets, "memory")
+    def __init__(
+        self,
+        key: str,
+        token_rows: Sequence[Sequence[int]],
+        dim: int,
+        lower: LowerBlocks,
+        limit_bytes: int | None = None,
+    ):
+        self.token_rows, self.dim, self.lower = token_rows, dim, lower
+        self.offsets = np.concatenate([[0], np.cumsum([len(ids) for ids in token_rows])]).tolist()
+        self.folder = studio_home() / "feature-cache" / key  # where a complete disk cache lives
+        limit = MEMORY_LIMIT_BYTES if limit_bytes is None else limit_bytes
+        self.on_disk = self.offsets[-1] * dim * 2 > limit
+        self._tmp: Path | None = None  # the disk cache being filled, renamed to `folder` when complete
+        self._drop_tmp: weakref.finalize | None = None  # removes an unfinished one when the run ends
+        if (self.folder / "meta.json").is_file():
+            self._open_complete()
         else:
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-            try:
-                array = np.memmap(
-                    tmp / "values.bin", dtype=_NUMPY[dtype], mode="w+", shape=(offsets[-1], dim)
-                )
-                if _fill(torch.from_numpy(array), token_rows, offsets, lower):
-                    array.flush()
-                    return _publish(tmp, folder, offsets, dim, dtype)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        log.info("a feature exceeds fp16's range: storing fp32 instead")
-    raise AssertionError("fp32 storage cannot overflow")
+            self._allocate(torch.float16)
+        log.info(
+            "cached features: %d examples, %d tokens, %s %s",
+            len(token_rows),
+            self.offsets[-1],
+            "read from" if self.filled.all() else "filled as they come, in",
+            self.folder if self.on_disk else "memory",
+        )
 
+    @property
+    def location(self) -> str:
+        return str(self.folder) if self.on_disk else "memory"
 
-@torch.no_grad()
-def _fill(
-    store: torch.Tensor, token_rows: Sequence[Sequence[int]], offsets: list[int], lower: LowerBlocks
-) -> bool:
-    """Write every row's features into `store`; False if one does not fit its dtype."""
-    limit = FP16_MAX if store.dtype == torch.float16 else float("inf")
-    order = sorted(range(len(token_rows)), key=lambda i: -len(token_rows[i]))
-    for batch in _batches(order, token_rows):
-        width = len(token_rows[batch[0]])  # longest first
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for j, i in enumerate(batch):  # right padding: real tokens never attend to the padding
-            ids[j, : len(token_rows[i])] = torch.as_tensor(token_rows[i])
-            mask[j, : len(token_rows[i])] = 1
-        hidden = lower(ids, mask).float().cpu()
-        for j, i in enumerate(batch):
-            row = hidden[j, : len(token_rows[i])]
-            if not torch.isfinite(row).all() or row.abs().max() > limit:
-                return False
-            store[offsets[i] : offsets[i + 1]] = row.to(store.dtype)
-    return True
+    def rows(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        """The features of these examples, computing (in one batch) those not cached yet."""
+        missing = [i for i in dict.fromkeys(indices) if not self.filled[i]]
+        if missing:
+            self._fill(missing)
+        return [self.values[self.offsets[i] : self.offsets[i + 1]] for i in indices]
 
+    # --- filling ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _fill(self, indices: list[int]) -> None:
+        width = max(len(self.token_rows[i]) for i in indices)
+        ids = torch.zeros(len(indices), width, dtype=torch.long)
+        mask = torch.zeros(len(indices), width, dtype=torch.long)
+        for j, i in enumerate(indices):  # right padding: real tokens never attend to the padding
+            ids[j, : len(self.token_rows[i])] = torch.as_tensor(self.token_rows[i])
+            mask[j, : len(self.token_rows[i])] = 1
+        hidden = self.lower(ids, mask).float().cpu()
+        if self.values.dtype == torch.float16 and not (hidden.abs() <= FP16_MAX).all():
+            log.info("cached features: a value exceeds fp16's range, storing fp32 instead")
+            self._allocate(torch.float32, keep=self.values)
+        for j, i in enumerate(indices):
+            self.values[self.offsets[i] : self.offsets[i + 1]] = hidden[j, : len(self.token_rows[i])]
+            self.filled[i] = True
+        if self.on_disk and self.filled.all():
+            self._publish()
 
-def _batches(order: list[int], token_rows: Sequence[Sequence[int]]) -> list[list[int]]:
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and len(token_rows[batches[-1][0]]) * (len(batches[-1]) + 1) <= BATCH_TOKENS:
-            batches[-1].append(i)
+    def _allocate(self, dtype: torch.dtype, keep: torch.Tensor | None = None) -> None:
+        shape = (self.offsets[-1], self.dim)
+        if not self.on_disk:
+            self.values = torch.zeros(shape, dtype=dtype)
         else:
-            batches.append([i])
-    return batches
+            self.close()  # an fp16 file being replaced: its mapping stays readable until `keep` goes
+            self.folder.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}-", dir=self.folder.parent))
+            self._drop_tmp = weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
+            array = np.memmap(self._tmp / "values.bin", dtype=_NUMPY[dtype], mode="w+", shape=shape)
+            self._array, self.values = array, torch.from_numpy(array)
+        if keep is None:
+            self.filled = np.zeros(len(self.token_rows), dtype=bool)
+        else:
+            self.values.copy_(keep.to(dtype))
 
+    def _publish(self) -> None:
+        """Rename the finished file's folder into place (a cache on disk is always whole)."""
+        self._array.flush()
+        meta = {
+            "offsets": self.offsets,
+            "dim": self.dim,
+            "dtype": str(self.values.dtype).removeprefix("torch."),
+        }
+        (self._tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.rename(self._tmp, self.folder)
+        except OSError:  # a concurrent run published the same cache first: ours is identical
+            pass
+        self.close()
+        log.info("cached features: complete, kept in %s for runs with the same data and base", self.folder)
+        _clean_up(self.folder.parent)
 
-def _publish(tmp: Path, folder: Path, offsets: list[int], dim: int, dtype: torch.dtype) -> FeatureTable:
-    """Rename the finished folder into place (so a cache on disk is always whole) and open it."""
-    meta = {"offsets": offsets, "dim": dim, "dtype": str(dtype).removeprefix("torch.")}
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # a concurrent run published the same cache first: use that one
-        pass
-    _clean_up(folder.parent)
-    return _open(folder)
+    def _open_complete(self) -> None:
+        meta = json.loads((self.folder / "meta.json").read_text())
+        if meta["offsets"] != self.offsets or meta["dim"] != self.dim:
+            raise AssertionError(f"{self.folder} does not match its key")  # the key hashes the token ids
+        dtype = getattr(torch, meta["dtype"])
+        array = np.memmap(
+            self.folder / "values.bin", dtype=_NUMPY[dtype], mode="c", shape=(self.offsets[-1], self.dim)
+        )
+        self.values, self.on_disk = torch.from_numpy(array), True
+        self.filled = np.ones(len(self.token_rows), dtype=bool)
+        os.utime(self.folder)  # most recently used: kept by the clean-up
 
-
-def _open(folder: Path) -> FeatureTable:
-    meta = json.loads((folder / "meta.json").read_text())
-    dtype = getattr(torch, meta["dtype"])
-    array = np.memmap(
-        folder / "values.bin", dtype=_NUMPY[dtype], mode="c", shape=(meta["offsets"][-1], meta["dim"])
-    )
-    return FeatureTable(torch.from_numpy(array), meta["offsets"], str(folder))
+    def close(self) -> None:
+        """Drop an unfinished disk cache (a run that ended before every example came up)."""
+        if self._drop_tmp is not None:
+            self._drop_tmp()
+        self._tmp = self._drop_tmp = None
 
 
 def _clean_up(root: Path) -> None:

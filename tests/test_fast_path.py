@@ -72,10 +72,11 @@ def compare(levers, lora_model):
     plain = loss_and_grads(model, lambda: plain_loss(model, rows, tokenizer.pad_token_id))
     fast = fp.FastPath(model, levers, tokenizer.pad_token_id, data.train + data.val, len(data.train))
     if levers.cache:
-        fast.cache_features(1, "test")
-    fast.swap_in()
+        fast.use_cache(1, "test")
+    if levers.label_only:
+        fast.swap_head()
     batch = fast.collate([{**r, "row": i} for i, r in enumerate(rows)])
-    return plain, loss_and_grads(model, lambda: fast._fast_loss(batch))
+    return plain, loss_and_grads(model, lambda: fast.fast_loss(batch))
 
 
 def assert_grads_close(got, want, rtol):
@@ -168,59 +169,81 @@ def test_a_resumed_run_with_a_disk_cache_matches_an_uninterrupted_one(
 
     class Crash(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 4:  # after checkpoint-3 was written
+            if state.global_step == 6:  # after checkpoint-5: epoch 1 (5 steps) filled the cache
                 raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(feature_cache, "MEMORY_LIMIT_BYTES", 0)  # every cache goes to disk
-    recipe = tiny_recipe.replace(output_dir=str(tmp_path / "crashed"), save_every_steps=3, layers=1)
-    recipe = recipe.replace(speedups=["cache", "label_only"])
+    # An epoch is 5 steps. (Resuming inside a later epoch changes the data order on either path:
+    # the Trainer's length-grouped sampler draws it from the RNG state at the epoch's start.)
+    recipe = tiny_recipe.replace(
+        output_dir=str(tmp_path / "crashed"), max_steps=9, per_device_train_batch_size=8, eval_every_steps=5
+    )
+    recipe = recipe.replace(layers=1, speedups=["cache", "label_only"])
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(recipe, callbacks=[Crash()])
     with caplog.at_level(logging.INFO, logger="lora_studio.feature_cache"):
         resumed = train(recipe, resume=True)
-    assert "cached features: reusing" in caplog.text
+    assert "read from" in caplog.text  # the resumed run computed no features
     straight = train(recipe.replace(output_dir=str(tmp_path / "straight")))
 
     def losses(run):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
-    assert list(losses(resumed.run_dir)) == [1, 2, 3, 4, 5, 6]
+    assert list(losses(resumed.run_dir)) == list(range(1, 10))
     assert losses(resumed.run_dir) == pytest.approx(losses(straight.run_dir), abs=1e-4)
     assert resumed.metrics["val_loss"] == pytest.approx(straight.metrics["val_loss"], abs=1e-4)
 
 
-def test_the_cache_is_reused_for_the_same_tokens_and_rebuilt_when_they_change(monkeypatch):
-    monkeypatch.setattr(feature_cache, "MEMORY_LIMIT_BYTES", 0)
-    calls = []
-
-    def lower(ids, mask):
-        calls.append(ids.shape)
+def fake_lower(calls):
+    def lower(ids, mask):  # feature = half the token id, 4 times
+        calls.append(len(ids))
         return ids[..., None].float().expand(*ids.shape, 4) * 0.5
 
-    rows = [[1, 2, 3], [4, 5], [6]]
+    return lower
+
+
+def test_the_cache_fills_as_rows_come_and_is_reused_for_the_same_tokens():
+    rows, calls = [[1, 2, 3], [4, 5], [6]], []
     key = feature_cache.cache_key(rows, base="b", lower_blocks=2)
-    table = feature_cache.load_or_build(key, rows, lower, dim=4)
-    assert table.location != "memory" and calls
-    assert table.row(1).tolist() == [[2.0] * 4, [2.5] * 4]
-    calls.clear()
-    assert feature_cache.load_or_build(key, rows, lower, dim=4).row(2).tolist() == [[3.0] * 4]
-    assert not calls  # reused from disk
-    changed = [[1, 2, 3], [4, 5], [7]]
-    assert len({key, feature_cache.cache_key(changed, base="b", lower_blocks=2)}) == 2
-    assert len({key, feature_cache.cache_key(rows, base="b", lower_blocks=3)}) == 2
-    assert len({key, feature_cache.cache_key(rows, base="c", lower_blocks=2)}) == 2
-    new_key = feature_cache.cache_key(changed, base="b", lower_blocks=2)
-    assert feature_cache.load_or_build(new_key, changed, lower, dim=4).row(2).tolist() == [[3.5] * 4]
-    assert calls  # built again
+    cache = feature_cache.FeatureCache(key, rows, 4, fake_lower(calls), limit_bytes=0)  # on disk
+    assert [r.tolist() for r in cache.rows([1])] == [[[2.0] * 4, [2.5] * 4]] and calls == [1]
+    assert cache.rows([1, 0])[1].tolist() == [[0.5] * 4, [1.0] * 4, [1.5] * 4] and calls == [1, 1]
+    assert not (cache.folder / "meta.json").exists()  # incomplete: not kept
+    cache.rows([2])
+    assert (cache.folder / "meta.json").is_file()  # complete: kept for the next run
+    again = feature_cache.FeatureCache(key, rows, 4, fake_lower(calls), limit_bytes=0)
+    assert again.rows([2, 0])[0].tolist() == [[3.0] * 4] and calls == [1, 1, 1]  # nothing computed
+
+
+def test_the_cache_is_rebuilt_when_the_tokens_base_or_blocks_change():
+    rows, calls = [[1, 2, 3], [4, 5], [6]], []
+    key = feature_cache.cache_key(rows, base="b", lower_blocks=2)
+    feature_cache.FeatureCache(key, rows, 4, fake_lower(calls), limit_bytes=0).rows([0, 1, 2])
+    changed = [[1, 2, 3], [4, 5], [7]]  # one token of the data changed
+    other_keys = {
+        feature_cache.cache_key(changed, base="b", lower_blocks=2),
+        feature_cache.cache_key(rows, base="c", lower_blocks=2),
+        feature_cache.cache_key(rows, base="b", lower_blocks=3),
+    }
+    assert len(other_keys | {key}) == 4
+    new = feature_cache.FeatureCache(
+        feature_cache.cache_key(changed, base="b", lower_blocks=2),
+        changed,
+        4,
+        fake_lower(calls),
+        limit_bytes=0,
+    )
+    assert new.rows([2])[0].tolist() == [[3.5] * 4] and len(calls) == 2  # computed again
 
 
 def test_features_beyond_fp16_range_are_stored_in_fp32():
     rows = [[1, 2], [3]]
-    table = feature_cache.load_or_build(
-        "k", rows, lambda ids, mask: ids[..., None].float().expand(*ids.shape, 2) * 1e5, dim=2
+    cache = feature_cache.FeatureCache(
+        "k", rows, 2, lambda ids, mask: ids[..., None].float().expand(*ids.shape, 2) * 1e5
     )
-    assert table.values.dtype == torch.float32 and table.row(1).tolist() == [[3e5, 3e5]]
+    assert cache.rows([1])[0].tolist() == [[3e5, 3e5]]
+    assert cache.values.dtype == torch.float32 and cache.rows([0])[0].tolist() == [[1e5, 1e5], [2e5, 2e5]]
 
 
 def test_levers_that_are_not_exact_here_are_ruled_out_with_one_line_each(
@@ -250,13 +273,12 @@ def test_a_fast_loss_that_differs_from_the_plain_one_falls_back_to_the_plain_pat
     lora_model, tiny_recipe, monkeypatch
 ):
     model, tokenizer, data = lora_model
-    build = feature_cache.load_or_build
+    run_lower = fp.FastPath._run_lower
 
-    def wrong(*args, **kw):  # features that are not what the model's forward would compute
-        table = build(*args, **kw)
-        return feature_cache.FeatureTable(table.values.flip(0), table.offsets, table.location)
+    def wrong(self, *args, **kw):  # features that are not what the model's forward computes
+        return run_lower(self, *args, **kw).flip(1)
 
-    monkeypatch.setattr(fp, "load_or_build", wrong)
+    monkeypatch.setattr(fp.FastPath, "_run_lower", wrong)
     with torch.no_grad():  # sharper predictions: a random model's loss barely depends on its input
         model.get_base_model().lm_head.weight *= 30
     _, blocks = decoder_blocks(model)
@@ -265,4 +287,8 @@ def test_a_fast_loss_that_differs_from_the_plain_one_falls_back_to_the_plain_pat
         fp.prepare(tiny_recipe.replace(layers=1), model, tokenizer, data, Path(tiny_recipe.model.base_model))
         is None
     )
-    assert list(blocks) == before and model.get_base_model().lm_head.__class__.__name__ == "Linear"
+    assert list(blocks) == before and type(model.get_base_model().lm_head).__name__ == "Linear"
+    monkeypatch.setattr(fp.FastPath, "_run_lower", run_lower)
+    assert fp.prepare(
+        tiny_recipe.replace(layers=1), model, tokenizer, data, Path(tiny_recipe.model.base_model)
+    )
