@@ -5,7 +5,7 @@
 A configuration is either plain TRL + PEFT (`SFTTrainer` with a LoRA config, as TRL's docs show)
 or LoRA Studio's own `train()` with the default recipe. Both get the same rows, split the same
 way, and a BenchClock callback that times training without the evaluations, records the held-out
-loss curve, counts one step's FLOPs and reports progress to a file the parent reads.
+loss curve, counts the FLOPs executed and reports progress to a file the parent reads.
 """
 
 from __future__ import annotations
@@ -23,39 +23,37 @@ from transformers import TrainerCallback
 
 from .bench import CONFIGS, RunSettings
 
-FLOP_STEP = 2  # the optimizer step whose FLOPs are counted (after the first, which warms up)
-
 
 class BenchClock(TrainerCallback):
-    """Training time without evaluations, the held-out loss curve, one step's FLOPs, progress."""
+    """Training time and FLOPs without the evaluations, the held-out loss curve, progress.
+
+    FLOPs are counted (torch's FlopCounterMode) from the start of training to its end, minus what
+    each evaluation executed, so work done outside the steps (filling the feature cache while
+    batches are collated) counts too. The counter's own overhead is the same for every run.
+    """
 
     def __init__(self, started: float, progress_file: Path):
-        self.started = started  # before the model was loaded: setup (and feature caching) counts
+        self.started = started  # before the model was loaded: setup counts
         self.progress_file = progress_file
         self.eval_s = 0.0
         self.curve: list[dict[str, float]] = []
         self.ended: float | None = None
         self.tokens = 0
-        self.step_flops: tuple[float, int] | None = None  # (FLOPs, tokens) of step FLOP_STEP
-        self._counter: Any = None
         self.bf16 = False
+        self.flops = 0.0  # in training, evaluations excluded
+        self._eval_flops = 0.0
+        self._flops_at_step_end = 0.0
+        self._counter: Any = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        from torch.utils.flop_counter import FlopCounterMode
+
         self.bf16 = bool(args.bf16)  # bf16 autocast (or bf16 weights on a GPU): its peak is the yardstick
-
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if state.global_step + 1 == FLOP_STEP:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            self._counter = (FlopCounterMode(display=False), state.num_input_tokens_seen)
-            self._counter[0].__enter__()
+        self._counter = FlopCounterMode(display=False)
+        self._counter.__enter__()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if self._counter is not None:
-            counter, tokens_before = self._counter
-            counter.__exit__(None, None, None)
-            self.step_flops = (counter.get_total_flops(), state.num_input_tokens_seen - tokens_before)
-            self._counter = None
+        self._flops_at_step_end = self._counter.get_total_flops()
         self.progress_file.write_text(f"{state.global_step} {state.max_steps}")
 
     def on_evaluate(
@@ -74,21 +72,25 @@ class BenchClock(TrainerCallback):
             }
         )
         self.eval_s += runtime
+        flops = self._counter.get_total_flops()
+        self._eval_flops += flops - self._flops_at_step_end
+        self._flops_at_step_end = flops
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.ended = time.perf_counter()
         self.tokens = state.num_input_tokens_seen
+        self.flops = self._counter.get_total_flops() - self._eval_flops
+        self._counter.__exit__(None, None, None)
 
     def result(self) -> dict[str, Any]:
         train_s = (self.ended or time.perf_counter()) - self.started - self.eval_s
-        flops, flop_tokens = self.step_flops or (0.0, 0)
         return {
             "train_s": round(train_s, 2),
             "tokens": self.tokens,
             "tokens_per_s": round(self.tokens / train_s, 1),
             "heldout_loss": self.curve[-1]["loss"] if self.curve else None,
             "curve": self.curve,
-            "flops_per_token": flops / flop_tokens if flop_tokens else None,
+            "flops": self.flops,
         }
 
 
@@ -207,7 +209,7 @@ def run(name: str, settings: RunSettings) -> dict[str, Any]:
         peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
     result = clock.result()
     peak = peak_flops(torch.bfloat16 if clock.bf16 else torch.float32, device)  # now, in the same process
-    flops_per_s = (result["flops_per_token"] or 0) * result["tokens_per_s"]
+    flops_per_s = result["flops"] / result["train_s"]
     result.update(
         peak_mem_mb=round(peak_mem, 1),
         compute_dtype="bf16" if clock.bf16 else "fp32",

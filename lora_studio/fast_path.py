@@ -8,11 +8,12 @@ Three levers, each measured on its own by `lora-studio bench`:
 
 It trains the same PEFT model with the same Trainer as the plain path (so checkpoints, resume,
 callbacks, metrics and the adapter folder are the same); only what the model computes changes.
-The cached lower blocks are swapped for pass-throughs and the model gets their stored output as
-`inputs_embeds`: its own forward still makes the positions (rotary), masks and the top blocks.
-With label_only the output layer is a pass-through too, and the loss applies its frozen weights
-to the labelled positions alone. Before training, one batch is computed both ways; if the
-losses differ (a model whose forward does something we do not expect), the plain path runs.
+The cached lower blocks are wrapped to pass their input through, and the model gets their stored
+output as `inputs_embeds`: its own forward still makes the positions (rotary), masks and the top
+blocks. With label_only the output layer passes through too, and the loss applies its frozen
+weights to the labelled positions alone. Before training a few rows are computed both ways (in
+fp32); if the losses differ (a model whose forward does something we do not expect), the plain
+path runs instead.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ CHECK_ROWS = 4  # training rows computed both ways before training
 # Below this width autocast's per-op casts cost more than bf16 matmuls save (tiny test model, hidden
 # size 32: 4x slower; SmolLM2, 576: see `lora-studio bench`).
 MIN_BF16_WIDTH = 256
-CHECK_RTOL = 2e-3  # fp16 feature storage moves the loss by ~1e-4; a wrong forward by far more
+CHECK_RTOL = 2e-3  # fp16 feature storage moves the loss by ~1e-4 (SmolLM2: 6e-5); a wrong forward by far more
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,20 +55,6 @@ class Levers:
 
     def names(self) -> list[str]:
         return [name for name in SPEEDUPS if getattr(self, name)]
-
-
-class PassThrough(nn.Module):
-    """Stands in for a module whose work is done elsewhere: returns its input unchanged.
-
-    It keeps the replaced module as a child, so parameter counts and `restore` stay simple.
-    """
-
-    def __init__(self, replaced: nn.Module):
-        super().__init__()
-        self.replaced = replaced
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return hidden_states
 
 
 # --- choosing levers ---------------------------------------------------------------------------
@@ -114,11 +101,11 @@ def _ruled_out(name: str, recipe: Recipe, model: Any) -> str | None:
 
 
 def _cache_ruled_out(recipe: Recipe, model: Any) -> str | None:
-    if recipe.lora.layers is None:
+    _, blocks = decoder_blocks(model)
+    if recipe.lora.layers is None or recipe.lora.layers >= len(blocks):
         return "every block is adapted (set `layers` to adapt only the top blocks)"
     if recipe.train.gradient_checkpointing == "on":
         return "gradient_checkpointing is on"
-    _, blocks = decoder_blocks(model)
     lower = blocks[: len(blocks) - recipe.lora.layers]
     if any(p.requires_grad for p in lower.parameters()) or recipe.lora.modules_to_save:
         return "something below the top blocks is trained"

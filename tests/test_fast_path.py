@@ -258,6 +258,7 @@ def test_levers_that_are_not_exact_here_are_ruled_out_with_one_line_each(
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lora_studio.fast_path"):
         assert not fp.choose_levers(tiny_recipe, model).cache
+        assert not fp.choose_levers(tiny_recipe.replace(layers=2), model).cache  # both blocks
         assert not fp.choose_levers(tiny_recipe.replace(layers=1, gradient_checkpointing="on"), model).cache
     assert "every block is adapted" in caplog.text and "gradient_checkpointing is on" in caplog.text
 
