@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "examples" / "json_extraction" / "train.jsonl"
 DEFAULT_RECIPE = ROOT / "recipes" / "smollm2-lora-cpu.yaml"
+MEMORY_GUARD = 0.6  # a run using more than this share of the machine's memory is stopped
 EVALS_PER_RUN = 4  # held-out evaluations along each run: the curve for "time to the baseline's loss"
 # Randomly initialised bases for `--model random:NAME` (speed only: with SmolLM2's tokenizer).
 RANDOM_MODELS = {
@@ -159,19 +160,44 @@ def run_child(name: str, settings: RunSettings, bar: Any) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "lora_studio.bench_runs", name, json.dumps(asdict(settings))]
     with open(log_file, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=os.environ.copy())
+        too_big = None
         while proc.poll() is None:
             time.sleep(0.5)
             done = progress.read_text().split() if progress.is_file() else []
             if done and bar.n != start + int(done[0]):
                 bar.n = start + int(done[0])
                 bar.refresh()
+            if (rss := _rss_bytes(proc.pid)) > MEMORY_GUARD * _total_memory():
+                too_big = rss  # a shared machine must not run out of memory for one benchmark
+                proc.kill()
         stdout = proc.stdout.read() if proc.stdout else ""
     progress.unlink(missing_ok=True)
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if too_big:
+        log.warning("bench: %s stopped at %.1f GB of memory; its log: %s", name, too_big / 2**30, log_file)
+        return {"error": f"stopped: it used {too_big / 2**30:.1f} GB of memory; see {log_file}"}
     if proc.returncode or not lines:
         log.warning("bench: %s failed (exit code %s); its log: %s", name, proc.returncode, log_file)
         return {"error": f"exit code {proc.returncode}; see {log_file}"}
     return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def _rss_bytes(pid: int) -> int:
+    """A process's resident memory (Linux); 0 where /proc is not there."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _total_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 1 << 62
 
 
 def summarize(results: dict[str, dict], machine: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:

@@ -27,9 +27,10 @@ from .bench import CONFIGS, RunSettings
 class BenchClock(TrainerCallback):
     """Training time and FLOPs without the evaluations, the held-out loss curve, progress.
 
-    FLOPs are counted (torch's FlopCounterMode) from the start of training to its end, minus what
-    each evaluation executed, so work done outside the steps (filling the feature cache while
-    batches are collated) counts too. The counter's own overhead is the same for every run.
+    FLOPs are counted by torch's FlopCounterMode over each span from one step's end to the next
+    (so the feature cache's filling while a batch is collated counts too); a span that ends in an
+    evaluation is dropped. A new counter per span: one kept open for the whole run holds on to
+    tensors (measured on TRL's checkpointed training: memory grew until the kernel killed it).
     """
 
     def __init__(self, started: float, progress_file: Path):
@@ -41,19 +42,25 @@ class BenchClock(TrainerCallback):
         self.tokens = 0
         self.bf16 = False
         self.flops = 0.0  # in training, evaluations excluded
-        self._eval_flops = 0.0
-        self._flops_at_step_end = 0.0
         self._counter: Any = None
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+    def _count(self, keep: bool, again: bool = True) -> None:
+        """Close the current FLOP counter (adding its count if `keep`) and open the next."""
         from torch.utils.flop_counter import FlopCounterMode
 
+        if self._counter is not None:
+            self.flops += self._counter.get_total_flops() if keep else 0
+            self._counter.__exit__(None, None, None)
+        self._counter = FlopCounterMode(display=False) if again else None
+        if self._counter is not None:
+            self._counter.__enter__()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.bf16 = bool(args.bf16)  # bf16 autocast (or bf16 weights on a GPU): its peak is the yardstick
-        self._counter = FlopCounterMode(display=False)
-        self._counter.__enter__()
+        self._count(keep=False)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self._flops_at_step_end = self._counter.get_total_flops()
+        self._count(keep=True)
         self.progress_file.write_text(f"{state.global_step} {state.max_steps}")
 
     def on_evaluate(
@@ -61,6 +68,7 @@ class BenchClock(TrainerCallback):
     ) -> None:
         if self.ended is not None or not metrics:
             return  # an evaluation after training (a final report) is not part of the run
+        self._count(keep=False)  # the span since the last step's end held only this evaluation
         runtime = metrics.get("eval_runtime", 0.0)
         train_s = time.perf_counter() - runtime - self.started - self.eval_s
         self.curve.append(
@@ -72,15 +80,11 @@ class BenchClock(TrainerCallback):
             }
         )
         self.eval_s += runtime
-        flops = self._counter.get_total_flops()
-        self._eval_flops += flops - self._flops_at_step_end
-        self._flops_at_step_end = flops
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.ended = time.perf_counter()
         self.tokens = state.num_input_tokens_seen
-        self.flops = self._counter.get_total_flops() - self._eval_flops
-        self._counter.__exit__(None, None, None)
+        self._count(keep=True, again=False)
 
     def result(self) -> dict[str, Any]:
         train_s = (self.ended or time.perf_counter()) - self.started - self.eval_s

@@ -178,6 +178,8 @@ def pick_dtype(preference: str, device: str) -> torch.dtype:
     On CPUs without AVX-512 BF16 (most AVX2 machines) bf16 training is ~12x slower than fp32; on
     ones with it, bf16 matmuls are faster but training gains only a few percent (measured: 154 vs
     148 tokens/s on SmolLM2), so fp32 stays the CPU default and `dtype: bfloat16` is the opt-in.
+    The weights stay fp32 either way on CPUs; on ones with native bf16 the fast path computes in
+    bf16 autocast instead (fast_path.py, the `bf16` speedup), which `lora-studio bench` measures.
     """
     if preference != "auto":
         return getattr(torch, preference)

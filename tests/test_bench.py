@@ -87,3 +87,20 @@ def test_bench_runs_trl_and_lora_studio_on_the_same_rows(tiny_model_dir, chat_fi
     )
     assert report["settings"]["max_length"] == 21  # the longest row: nothing truncated in either
     assert (tmp_path / "bench" / "runs" / "default" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_run_that_takes_too_much_memory_is_stopped(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    from tqdm import tqdm
+
+    from lora_studio import bench
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("lora: {layers: 1}\ndata: {train_file: x.jsonl}\n")
+    options = BenchOptions(
+        out=tmp_path, model=str(tiny_model_dir), data=str(chat_file), recipe=str(recipe), max_steps=2
+    )
+    settings, _ = bench.plan(options)
+    monkeypatch.setattr(bench, "MEMORY_GUARD", 1e-9)  # any process is too big
+    with tqdm(total=2, disable=True) as bar:
+        result = bench.run_child("default", settings, bar)
+    assert result["error"].startswith("stopped: it used")
