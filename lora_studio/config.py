@@ -46,7 +46,11 @@ class ModelSettings:
     dtype: DType = _f("auto", "Weight dtype; 'auto' picks bf16/fp16 on GPUs and fp32 on CPUs (faster there).")
     device: Device = _f("auto", "Where to train; 'auto' picks CUDA, then MPS, then CPU.")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of base_model.")
-    trust_remote_code: bool = _f(False, "Run model code shipped with a hub model. Only for models you trust.")
+    trust_remote_code: bool = _f(
+        False,
+        "The base needs its own Python code (hub models with custom code). Takes effect only with the "
+        "operator's --trust-remote-code flag on the command; an adapter or recipe alone never runs code.",
+    )
 
 
 @dataclass(frozen=True)

@@ -287,7 +287,7 @@ def load_adapted(adapter_dir: str | Path) -> tuple[Any, Any]:
     from .models import load_base, model_fingerprint
 
     meta = read_metadata(adapter_dir)
-    base, tokenizer, ref = load_base(base_settings(meta))
+    base, tokenizer, ref = load_base(base_settings(meta, adapter_dir))
     check_adapter_base(Path(adapter_dir), meta, model_fingerprint(ref.folder), ref.name)
     return PeftModel.from_pretrained(base, str(adapter_dir)), tokenizer
 

@@ -164,7 +164,7 @@ def merge_into(adapter_dir: Path, folder: Path, *, dtype: str = "auto") -> tuple
     start = time.time()
     meta = read_metadata(adapter_dir)
     # Always merge into full-precision weights, whatever the adapter was trained on (QLoRA too).
-    settings = replace(base_settings(meta), quantization="none", dtype="float32")
+    settings = replace(base_settings(meta, adapter_dir), quantization="none", dtype="float32")
     base, base_tokenizer, ref = load_base(settings)
     check_adapter_base(adapter_dir, meta, model_fingerprint(ref.folder), settings.base_model)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()

@@ -44,6 +44,7 @@ from .adapters import read_metadata
 from .config import DEFAULT_BASE_MODEL, ModelSettings
 from .errors import ModelError, RequestError
 from .models import load_base, model_fingerprint
+from .remote_code import check_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class InferenceEngine:
         if not adapter_dirs and base is None:
             raise ModelError("no adapter folder and no base model given: name at least one of them")
         if base is None:
-            base = base_settings(read_metadata(adapter_dirs[0]))
+            base = base_settings(read_metadata(adapter_dirs[0]), adapter_dirs[0])
         engine = cls(base)
         names = list(names) if names else [adapter_name(d) for d in adapter_dirs]
         for name, folder in zip(names, adapter_dirs, strict=True):
@@ -460,13 +461,19 @@ def check_adapter_base(folder: Path, meta: dict[str, Any], base_hash: str, base_
         )
 
 
-def base_settings(metadata: dict[str, Any]) -> ModelSettings:
-    """The base model settings an adapter was trained with, read from its metadata."""
+def base_settings(metadata: dict[str, Any], adapter: str | Path = "this adapter") -> ModelSettings:
+    """The base model settings an adapter was trained with, read from its metadata.
+
+    An adapter is data: if it asks for the base's own code to run (`trust_remote_code`), it is
+    refused here, before any loading, unless the operator allowed it (see remote_code).
+    """
     recorded = dict((metadata.get("recipe") or {}).get("model") or {})
     known = {f.name for f in fields(ModelSettings)}
     recorded = {k: v for k, v in recorded.items() if k in known}
     recorded["base_model"] = metadata.get("base_model") or recorded.get("base_model") or DEFAULT_BASE_MODEL
-    return ModelSettings(**recorded)
+    settings = ModelSettings(**recorded)
+    check_remote_code(settings, f"adapter {adapter}")
+    return settings
 
 
 def adapter_name(folder: str | Path) -> str:

@@ -35,6 +35,7 @@ from .data import PreparedData, prepare
 from .errors import LoraStudioError, TrainingCancelled
 from .files import atomic_write_text
 from .models import BaseModelRef, load_base, load_tokenizer, model_fingerprint, pick_device, resolve_base
+from .remote_code import check_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,9 @@ def train(recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = ()
     and cancellation). With `resume`, training continues from the run folder's last checkpoint.
     """
     run_dir = recipe.output_dir
+    trust_remote_code = check_remote_code(recipe.model)  # refused before anything is read
     ref = resolve_base(recipe.model.base_model, recipe.model.revision)
-    tokenizer = load_tokenizer(ref.folder, recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(ref.folder, trust_remote_code)
     data = prepare(
         recipe.data, tokenizer, recipe.train.seed
     )  # bad data fails here, before anything is written

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import SECTIONS, DataSettings, Recipe
-from . import add_overrides
+from . import add_overrides, add_remote_code_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="a YAML recipe, e.g. recipes/smollm2-lora-cpu.yaml")
     add_overrides(p)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    add_remote_code_flag(p)
     p.set_defaults(run=run_train)
 
     p = sub.add_parser("models", help="list the base models available without a download")
@@ -37,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also score how well the base model already predicts the answers (task fit; loads the model)",
     )
+    add_remote_code_flag(p)
     p.set_defaults(run=run_data_check)
 
 

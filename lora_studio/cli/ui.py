@@ -7,6 +7,7 @@ import logging
 import os
 
 from ..errors import ConfigError
+from . import add_remote_code_flag
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="largest data file a user may upload, in MB (default: 200)",
     )
+    add_remote_code_flag(p)
     p.set_defaults(run=run_ui)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..config import DEFAULT_BASE_MODEL
 from ..errors import ConfigError
+from . import add_remote_code_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", help="answer this one prompt and exit (no interactive session)")
     p.add_argument("--system", help="a system message for the conversation")
     _generation_args(p)
+    add_remote_code_flag(p)
     p.set_defaults(run=run_chat)
 
     p = sub.add_parser("merge", help="merge an adapter into its base: a standalone model folder, verified")
@@ -42,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="saved weight dtype (auto: the base checkpoint's)",
     )
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_remote_code_flag(p)
     p.set_defaults(run=run_merge)
 
     p = sub.add_parser("export", help="export the merged model as a GGUF file (llama.cpp, Ollama), verified")
@@ -50,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="weight format in the file")
     p.add_argument("--out", required=True, help="the .gguf file to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_remote_code_flag(p)
     p.set_defaults(run=run_export)
 
     p = sub.add_parser(
@@ -69,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="require 'Authorization: Bearer KEY' (default: $LORA_STUDIO_API_KEY if set)",
     )
+    add_remote_code_flag(p)
     p.set_defaults(run=run_serve)
 
     p = sub.add_parser(
@@ -101,6 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a prompt to check (repeatable; default: the adapter's first training chats)",
     )
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length compared (default 32)")
+    add_remote_code_flag(p)
     p.set_defaults(run=run_verify)
 
 
