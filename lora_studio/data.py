@@ -179,7 +179,7 @@ def _message(m: Any, place: str) -> dict[str, str]:
     expected = f'expected {{"role": one of {sorted(ROLES)}, "content": a string}}'
     if not isinstance(m, dict):
         raise DataError(f"{place}: {expected}, got {type(m).__name__}")
-    if m.get("role") not in ROLES:
+    if not isinstance(m.get("role"), str) or m["role"] not in ROLES:  # (a list is unhashable)
         raise DataError(f"{place}: {expected}, got {'no role' if 'role' not in m else 'another role'}")
     if not isinstance(m.get("content"), str):
         raise DataError(f"{place}: {expected}, got content of type {type(m.get('content')).__name__}")
@@ -253,7 +253,7 @@ def encode(example: Example, tokenizer: Any, max_length: int) -> dict[str, Any]:
     """Token ids and labels (-100 outside the answers), cut to max_length.
 
     `length` counts the tokens of the row; for a row cut by `bounded` first (`cut`), it counts
-    only those of the part kept, which is already longer than max_length.
+    only those of the part kept (normally already more than max_length).
     """
     example, cut = bounded(example, max_length)
     input_ids: list[int] = []

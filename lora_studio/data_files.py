@@ -30,21 +30,18 @@ def read_rows(path: str | Path) -> list[tuple[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path}")
-    if path.is_dir():
-        rows = _read_datasets_folder(path)
-    elif path.suffix == ".jsonl":
-        rows = _read_jsonl(path)
-    elif path.suffix == ".json":
-        rows = _read_json(path)
-    elif path.suffix == ".csv":
-        rows = _read_csv(path)
-    elif path.suffix == ".parquet":
-        rows = _read_parquet(path)
-    else:
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    if not path.is_dir() and path.suffix not in readers:
         raise DataError(
             f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}"
             " or a saved `datasets` folder"
         )
+    if not path.is_dir() and not path.is_file():  # a device or pipe could be read forever
+        raise DataError(f"{path} is not a regular file")
+    try:
+        rows = _read_datasets_folder(path) if path.is_dir() else readers[path.suffix](path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not rows:
         raise DataError(f"{path} is empty: it has no rows")
     return rows
@@ -114,13 +111,15 @@ def _check_row(row: Any, where: str) -> Any:
     stack = [(row, 0, None)]
     while stack:
         item, depth, field = stack.pop()
-        place = f"{where}, field {field!r}" if field is not None else where
         if isinstance(item, _LongNumber):
-            raise DataError(
-                f"{place}: a number with {item.digits} digits; numbers may have at most {MAX_DIGITS}"
-            )
-        if depth > MAX_DEPTH:
-            raise DataError(f"{place}: nested deeper than {MAX_DEPTH} levels")
+            problem = f"a number with {item.digits} digits; numbers may have at most {MAX_DIGITS}"
+        elif depth > MAX_DEPTH:
+            problem = f"nested deeper than {MAX_DEPTH} levels"
+        else:
+            problem = None
+        if problem:
+            place = where if field is None else f"{where}, field {str(field)[:60]!r}"
+            raise DataError(f"{place}: {problem}")
         if isinstance(item, dict):
             stack += [(v, depth + 1, k if depth == 0 else field) for k, v in item.items()]
         elif isinstance(item, list):

@@ -91,6 +91,8 @@ def test_error_messages_never_quote_cell_values(tmp_path):
         {"text": {"x": secret}},
         {"text": [secret]},
         {"messages": [{"role": secret, "content": "x"}]},
+        {"messages": [{"role": [secret], "content": "x"}]},
+        {"messages": [{"role": {"k": secret}, "content": "x"}]},
         {"messages": [{"role": "user", "content": {"k": secret}}]},
         {"messages": [secret]},
     ]
@@ -136,7 +138,7 @@ def test_the_report_says_when_a_row_was_counted_only_up_to_its_cut(tmp_path, tok
 
 
 def test_data_check_of_one_60_mb_line_stays_small(tmp_path, tiny_model_dir):
-    """Tokenising the whole line took ~9 GB; cut first, the check peaks near 0.5 GB (bound: 1.5 GB)."""
+    """Tokenising the whole line took 8.7 GiB; cut first, the check peaks near 0.5 GiB (bound: 1.5 GiB)."""
     big = tmp_path / "big.jsonl"
     with open(big, "w") as f:
         f.write(PAIR)
@@ -164,7 +166,7 @@ def test_data_check_of_one_60_mb_line_stays_small(tmp_path, tiny_model_dir):
     code, peak_kb = map(int, out.stdout.split("\n", 1)[0].split())
     assert code == 0, out.stdout[-2000:]
     assert "truncated at max_length=512: 1" in out.stdout
-    print(f"data check of a 60 MB line: peak RSS {peak_kb / 2**20:.2f} GB")
+    print(f"data check of a 60 MB line: peak RSS {peak_kb / 2**20:.2f} GiB")
     assert peak_kb < 1.5 * 2**20
 
 
@@ -269,3 +271,30 @@ def examples_of(rows: list[dict]) -> list:
 
 def ui_form(dataset: Path, base: Path) -> list:
     return ["t", str(base), str(dataset), 4, None, "none", 1.0, 5e-3, 64, 4, 4, 2, 1]
+
+
+def test_unreadable_or_special_files_are_refused(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)  # reading it would wait forever
+    with pytest.raises(DataError, match="pipe.jsonl is not a regular file"):
+        load_examples(fifo)
+    if os.geteuid() != 0:  # root reads any file
+        locked = write(tmp_path, "locked.jsonl", PAIR.encode())
+        locked.chmod(0)
+        with pytest.raises(DataError, match="locked.jsonl: cannot be read \\(Permission denied\\)"):
+            load_examples(locked)
+
+
+def test_a_chat_template_that_refuses_a_conversation_names_the_row(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)  # a fresh one: its template is changed
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    [example] = examples_of([{"messages": [{"role": "system", "content": "s"}, *CHAT["messages"]]}])
+    with pytest.raises(
+        DataError, match="d.jsonl, line 1: the model's chat template refuses this conversation"
+    ):
+        encode(example, tokenizer, max_length=64)
