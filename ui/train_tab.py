@@ -7,6 +7,7 @@ from the store, so it survives a page reload and a UI restart.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,15 @@ from lora_studio.config import (
 from lora_studio.home import studio_home
 from lora_studio.jobs import Job, JobStore
 
-from .common import base_model_choices, dataset_choices, hint, literal_choices, shows_errors
+from .common import (
+    base_model_choices,
+    check_data_path,
+    check_model_path,
+    dataset_choices,
+    hint,
+    literal_choices,
+    shows_errors,
+)
 from .job_views import jobs_table, loss_frame, progress_html
 from .uploads import safe_name
 
@@ -78,10 +87,16 @@ def recipe_from_form(
     )
 
 
-def start_training(*form: Any) -> tuple[str, str]:
-    """Submit the form as a job and make sure a worker runs it; returns (job id, CLI command)."""
+def start_training(*form: Any, public: bool = False) -> tuple[str, str]:
+    """Submit the form as a job and make sure a worker runs it; returns (job id, CLI command).
+
+    `public`: the UI is reachable from other machines, so typed paths are limited (common.py).
+    """
+    recipe = recipe_from_form(*form)
+    check_data_path(recipe.data.train_file, public)
+    check_model_path(recipe.model.base_model, public)
     store = JobStore()
-    job_id = store.submit(recipe_from_form(*form))
+    job_id = store.submit(recipe)
     store.ensure_worker()
     return job_id, reproduce_command(store.get(job_id))
 
@@ -153,9 +168,10 @@ def reproduce_command(job: Job) -> str:
     )
 
 
-def _int(value: float | None) -> int | None:
-    """A whole number from a number box; an empty box stays None, for the recipe check to name."""
-    return None if value is None else int(round(value))
+def _int(value: float | None) -> int | float | None:
+    """A whole number from a number box; an empty box (None) or nan/inf stays as it is, for the
+    recipe check to name."""
+    return int(round(value)) if value is not None and math.isfinite(value) else value
 
 
 def _float(value: float | None) -> float | None:
@@ -163,7 +179,7 @@ def _float(value: float | None) -> float | None:
 
 
 # --- layout ---------------------------------------------------------------------------------------
-def build() -> TrainTab:
+def build(public: bool = False) -> TrainTab:
     with gr.Row():
         with gr.Column(scale=2, elem_id="train-form"):
             name = gr.Textbox(label="Run name", value="my-adapter", info="Names the job and its adapter.")
@@ -301,9 +317,14 @@ def build() -> TrainTab:
         eval_every,
         log_every,
     ]
-    start.click(
-        shows_errors(start_training), inputs=form, outputs=[job, command], api_name="start_training"
-    ).success(refresh_jobs, inputs=job, outputs=job, api_visibility="private")
+
+    @shows_errors
+    def on_start(*values: Any) -> tuple[str, str]:
+        return start_training(*values, public=public)
+
+    start.click(on_start, inputs=form, outputs=[job, command], api_name="start_training").success(
+        refresh_jobs, inputs=job, outputs=job, api_visibility="private"
+    )
     cancel.click(shows_errors(cancel_job), inputs=job, outputs=notice, api_name="cancel_job")
     resume.click(shows_errors(resume_job), inputs=job, outputs=notice, api_name="resume_job")
     watch = shows_errors(watch_job)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import SECTIONS, DataSettings, Recipe
+from ..data import FORMAT_FIELDS
 from . import add_overrides, add_remote_code_flag
 
 
@@ -30,7 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p = data.add_parser("check", help="parse a data file, detect its format and report problems")
     p.add_argument("file", help="a .jsonl, .json, .csv or .parquet file, or a saved datasets folder")
-    p.add_argument("--format", default="auto", help="the row format, if not detected (default: auto)")
+    p.add_argument(
+        "--format",
+        default="auto",
+        help="the row format, if not detected: auto (default), " + ", ".join(FORMAT_FIELDS),
+    )
     p.add_argument("--base-model", default=None, help="render examples with this model's chat template")
     p.add_argument("--max-length", type=int, default=DataSettings.max_length, help="token limit per example")
     p.add_argument(
@@ -78,9 +83,10 @@ def run_models(args: argparse.Namespace) -> int:
 
 def run_data_check(args: argparse.Namespace) -> int:
     from ..config import DEFAULT_BASE_MODEL
-    from ..data import check_file
+    from ..data import check_file, check_options
     from ..models import load_tokenizer, resolve_base
 
+    check_options(args.format, args.max_length)  # before the (slow) tokenizer load
     tokenizer = load_tokenizer(resolve_base(args.base_model or DEFAULT_BASE_MODEL).folder)
     print("\n".join(check_file(args.file, tokenizer, args.format, args.max_length).lines()))
     if args.fit:

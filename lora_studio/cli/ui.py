@@ -63,5 +63,6 @@ def run_ui(args: argparse.Namespace) -> int:
             args.host,
         )
     max_mb = args.max_upload_mb or DEFAULT_MAX_UPLOAD_MB
-    launch(build_app(max_upload_mb=max_mb), host=args.host, port=args.port, auth=auth, max_upload_mb=max_mb)
+    app = build_app(max_upload_mb=max_mb, host=args.host)
+    launch(app, host=args.host, port=args.port, auth=auth, max_upload_mb=max_mb)
     return 0
