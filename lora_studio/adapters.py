@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 
 from .config import LoraSettings
 from .errors import ConfigError, ModelError
-from .files import move_into_place
+from .files import move_into_place, temp_folder
 
 METADATA_FILE = "lora_studio.json"
 
@@ -87,9 +86,7 @@ def attach_lora(model: Any, settings: LoraSettings, gradient_checkpointing: bool
 def save_adapter(model: Any, tokenizer: Any, dest: Path, metadata: dict[str, Any]) -> Path:
     """Write a complete adapter folder atomically (temp folder, then rename)."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    tmp.chmod(0o755)
+    tmp = temp_folder(dest)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
