@@ -16,27 +16,29 @@ Public API (stable; the CLI and the web UI use only this): `JobStore(path=None)`
 
 States: queued -> running -> succeeded | failed | cancelled | interrupted. A running job whose
 process died (killed, out of memory, machine restart) is marked interrupted as soon as anyone
-reads the store (its pid is gone) or its heartbeat is older than `heartbeat_timeout`.
+reads the store (its pid is gone). A job process alive on this host is never judged by its
+heartbeat (it may be stopped with SIGSTOP, suspended or starved); only a job running on another
+host is marked interrupted when its heartbeat is older than `heartbeat_timeout`.
 `resume` puts interrupted, cancelled and failed jobs back in the queue; they continue from
-their run folder's last checkpoint (at most one checkpoint interval of work is lost).
+their run folder's last whole checkpoint (at most one checkpoint interval of work is lost).
 
 Each job's run folder is `<home>/runs/<job id>` unless its recipe sets output_dir; it holds
 what `training.train` writes, plus `job.log` (everything the job process printed). Every state
 change is one transaction (`BEGIN IMMEDIATE`), guarded by the job's attempt number, so a late
-write from a superseded process never overwrites a newer attempt.
+write from a superseded process never overwrites a newer attempt. The job process writes its run
+folder (status, metrics, the adapter) inside `fence`, which holds the store's write lock and
+checks the attempt is still current, so a superseded attempt writes nothing there either.
+
+A damaged jobs.sqlite gives a JobError saying so and how to start afresh, never a traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
-import os
 import socket
 import sqlite3
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -44,9 +46,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from . import worker
 from .config import DEFAULT_BASE_MODEL, Recipe
-from .errors import ConfigError, JobError
+from .errors import ConfigError, JobError, TrainingCancelled
 from .home import studio_home
+from .run_folder import last_complete_checkpoint
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
 JOB_STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
@@ -228,19 +232,20 @@ class JobStore:
         return self.get(job_id)
 
     def resume(self, job_id: str, *, restart: bool = False) -> Job:
-        """Queue an interrupted, cancelled or failed job again, to continue from its last checkpoint.
+        """Queue an interrupted, cancelled or failed job again, to continue from its last whole checkpoint.
 
-        A job stopped before its first checkpoint starts over (it lost less than one checkpoint
-        interval). If checkpoints were written but are gone, this refuses unless `restart` (start
-        over from step 0).
+        A job stopped before its first checkpoint was whole starts over (it lost at most one
+        checkpoint interval). If checkpoints were written but are gone, this refuses unless
+        `restart` (start over from step 0).
         """
         job = self.get(job_id)
         if job.state not in RESUMABLE_STATES:
             raise JobError(
                 f"job {job.id} is {job.state}; only {', '.join(RESUMABLE_STATES)} jobs can be resumed"
             )
-        has_checkpoint = _has_checkpoint(job.run_dir)
-        if not has_checkpoint and not restart and job.step >= _first_save_step(job.recipe):
+        has_checkpoint = last_complete_checkpoint(job.run_dir) is not None
+        # Past the first save step, that save finished (the Trainer saves before the next step).
+        if not has_checkpoint and not restart and job.step > _first_save_step(job.recipe):
             raise JobError(
                 f"job {job.id} reached step {job.step} but its checkpoints are missing from "
                 f"{job.run_dir / 'checkpoints'}; `lora-studio jobs resume {job.id} --restart` "
@@ -257,86 +262,44 @@ class JobStore:
         return self.get(job.id)
 
     def recover(self) -> list[str]:
-        """Mark running jobs whose process is gone (or silent too long) interrupted; returns their ids."""
+        """Mark running jobs whose process is gone (or, on another host, silent too long) interrupted.
+
+        Returns their ids.
+        """
         with self._connect() as db:
             rows = db.execute(
                 "SELECT id, attempt, pid, host, heartbeat_at FROM jobs WHERE state = 'running'"
             ).fetchall()
         now, here, lost = time.time(), socket.gethostname(), []
         for job_id, attempt, pid, host, beat in rows:
-            if host == here and pid and not _process_alive(pid):
+            if host == here and pid:  # ask the OS; a silent live process is stopped or starved, not dead
+                if worker.process_alive(pid, started_by=beat):
+                    continue
                 why = "its process is gone (killed, out of memory or the machine restarted)"
             elif beat is not None and now - beat > self.heartbeat_timeout:
-                why = f"no heartbeat for {now - beat:.0f} s"
+                why = f"no heartbeat from host {host} for {now - beat:.0f} s"
             else:
                 continue
             if self._end_attempt(job_id, attempt, why):
                 lost.append(job_id)
         return lost
 
-    # --- the worker process -----------------------------------------------------------------------
+    # --- the worker process (lora_studio.worker) ----------------------------------------------------
     def ensure_worker(self, concurrency: int = 1, idle_exit_seconds: float | None = 600) -> int | None:
         """Start a detached `lora-studio worker` unless one is alive; returns its pid (None: one was alive).
 
-        Returns when the new worker serves the store (well under a second).
-
-        The auto-started worker exits after `idle_exit_seconds` with nothing to do (None: never).
+        Returns when the new worker serves the store (well under a second). The auto-started
+        worker exits after `idle_exit_seconds` with nothing to do (None: never).
         """
-        if self.worker_pid() is not None:
-            return None
-        cmd = [
-            sys.executable,
-            "-m",
-            "lora_studio.cli",
-            "worker",
-            "--store",
-            str(self.path),
-            "--concurrency",
-            str(concurrency),
-        ]
-        if idle_exit_seconds is not None:
-            cmd += ["--idle-exit", str(idle_exit_seconds)]
-        with open(self.home / "worker.log", "ab") as log_file:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                cwd=self.home,
-                start_new_session=True,
-            )  # outlives its caller
-        # Return once it holds the store's lock, so a second call right after this one sees it.
-        deadline = time.monotonic() + 30
-        while proc.poll() is None and self.worker_pid() != proc.pid and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return proc.pid if proc.poll() is None else None  # it exits at once if another worker won the race
+        return worker.ensure_worker(self, concurrency, idle_exit_seconds)
 
     def worker_pid(self) -> int | None:
         """The pid of the worker serving this store, or None when none is running."""
-        with self.worker_lock() as held:
-            if held:
-                return None
-        try:
-            return int(self.worker_lock_path.read_text().strip() or 0) or None
-        except (OSError, ValueError):
-            return None
+        return worker.worker_pid(self)
 
-    @contextlib.contextmanager
-    def worker_lock(self) -> Iterator[bool]:
-        """Hold the one-worker-per-store lock while inside; yields False if another process holds it.
-
-        An OS file lock: it is released when its holder exits, even on SIGKILL.
-        """
-        with open(self.worker_lock_path, "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def worker_lock(self) -> contextlib.AbstractContextManager[bool]:
+        """Hold the one-worker-per-store lock while inside; yields False if another process holds it."""
+        return worker.worker_lock(self)
 
     @property
     def worker_lock_path(self) -> Path:
@@ -398,10 +361,27 @@ class JobStore:
             )
             db.execute("UPDATE jobs SET metrics = ? WHERE id = ?", (json.dumps(latest), job_id))
 
-    def forget_metrics_after(self, job_id: str, step: int) -> None:
+    def forget_metrics_after(self, job_id: str, attempt: int, step: int) -> None:
         """Drop rows past `step`: a resumed run redoes those steps from its checkpoint."""
         with self._transaction() as db:
-            db.execute("DELETE FROM metrics WHERE job_id = ? AND step > ?", (job_id, step))
+            if _is_current(db, job_id, attempt):
+                db.execute("DELETE FROM metrics WHERE job_id = ? AND step > ?", (job_id, step))
+
+    @contextlib.contextmanager
+    def fence(self, job_id: str, attempt: int) -> Iterator[None]:
+        """Hold the store's write lock while a job attempt writes to its run folder.
+
+        Raises TrainingCancelled if a newer attempt owns the job (or it is no longer running).
+        While the lock is held nobody can claim, resume or settle the job, so the check cannot go
+        stale before the write. Keep the body short and free of other store calls (they would wait).
+        """
+        with self._transaction() as db:
+            if not _is_current(db, job_id, attempt):
+                raise TrainingCancelled(
+                    f"job {job_id} attempt {attempt} was superseded by a newer attempt; "
+                    "it writes nothing more to the run folder"
+                )
+            yield
 
     def stop_reason(self, job_id: str, attempt: int) -> str | None:
         """Why a running attempt should stop now: 'cancelled', 'superseded' or None (keep going)."""
@@ -492,13 +472,18 @@ class JobStore:
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         # A connection per call: callers may be threads (the web UI) or separate processes.
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        db.row_factory = sqlite3.Row
         try:
-            db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes
-            yield db
-        finally:
-            db.close()
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            try:
+                db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes
+                yield db
+            finally:
+                db.close()
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
+                raise  # a bug in this module, not a problem with the file
+            raise _store_error(self.path, e) from None
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -546,31 +531,34 @@ def _check_data(recipe: Recipe) -> None:
             load_examples(path, recipe.data.format, recipe.data.system_prompt)
 
 
-def _has_checkpoint(run_dir: Path) -> bool:
-    folder = run_dir / "checkpoints"
-    return folder.is_dir() and any(p.name.startswith("checkpoint-") for p in folder.iterdir())
-
-
 def _first_save_step(recipe: dict[str, Any]) -> int:
     train = recipe["train"]
     return train["save_every_steps"] or train["eval_every_steps"]
 
 
-def _process_alive(pid: int) -> bool:
-    """Whether `pid` is a live LoRA Studio process (on Linux its command line says so: pids get reused)."""
-    if Path("/proc/self/cmdline").exists():
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()  # empty for a zombie
-        except OSError:
-            return False
-        return b"lora_studio" in cmdline or b"lora-studio" in cmdline
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _is_current(db: sqlite3.Connection, job_id: str, attempt: int) -> bool:
+    """Whether `attempt` is the job's latest attempt and still running."""
+    row = db.execute(
+        "SELECT 1 FROM jobs WHERE id = ? AND attempt = ? AND state = 'running'", (job_id, attempt)
+    ).fetchone()
+    return row is not None
+
+
+def _store_error(path: Path, e: sqlite3.Error) -> JobError:
+    """One line for the person at the keyboard: what is wrong with jobs.sqlite and what to do."""
+    text = str(e)
+    if "locked" in text or "busy" in text:
+        return JobError(f"the job store {path} stayed busy for 30 s ({text}); try again in a moment")
+    if "unable to open" in text:
+        return JobError(
+            f"cannot open the job store {path} ({text}); check that its folder exists and is "
+            "writable, or point LORA_STUDIO_HOME elsewhere"
+        )
+    return JobError(
+        f"the job store {path} is damaged ({text}); move it aside together with its -wal and -shm "
+        f"files (e.g. `mkdir {path.parent}/damaged && mv {path}* {path.parent}/damaged/`) and a fresh, "
+        f"empty store is made on the next start; run folders under {path.parent / 'runs'} are kept"
+    )
 
 
 def _queue_positions(db: sqlite3.Connection) -> dict[str, int]:
