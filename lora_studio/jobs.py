@@ -50,6 +50,7 @@ from . import worker
 from .config import DEFAULT_BASE_MODEL, Recipe
 from .errors import ConfigError, JobError, TrainingCancelled
 from .home import studio_home
+from .job_store import Database, is_current, queue_positions
 from .run_folder import last_complete_checkpoint
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
@@ -58,36 +59,6 @@ FINISHED_STATES = ("succeeded", "failed", "cancelled")
 RESUMABLE_STATES = ("interrupted", "cancelled", "failed")
 HEARTBEAT_SECONDS = 2.0  # how often a job process says it is alive
 LOG_FILE = "job.log"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,     -- submission order
-    id TEXT UNIQUE NOT NULL,
-    name TEXT NOT NULL,
-    state TEXT NOT NULL,
-    recipe TEXT NOT NULL,                      -- the resolved recipe as JSON, paths absolute
-    run_dir TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    queued_at REAL NOT NULL,                   -- first in, first out by this (resume re-queues)
-    started_at REAL,
-    finished_at REAL,
-    step INTEGER NOT NULL DEFAULT 0,
-    total_steps INTEGER,
-    seconds_per_step REAL,
-    progress_at REAL,
-    metrics TEXT NOT NULL DEFAULT '{}',        -- the latest value of each metric
-    adapter_dir TEXT,
-    error TEXT,
-    resume INTEGER NOT NULL DEFAULT 0,         -- the next run continues from the last checkpoint
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    attempt INTEGER NOT NULL DEFAULT 0,        -- bumped by every claim
-    pid INTEGER,
-    host TEXT,
-    heartbeat_at REAL
-);
-CREATE TABLE IF NOT EXISTS metrics (job_id TEXT NOT NULL, step INTEGER NOT NULL, row TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS metrics_by_job ON metrics (job_id, step);
-"""
 
 
 @dataclass(frozen=True)
@@ -143,9 +114,7 @@ class JobStore:
         self.home = self.path.parent
         self.heartbeat_timeout = heartbeat_timeout
         self.home.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+        self._db = Database(self.path)
         self.recover()  # a store opening is a service starting: settle jobs of processes that died
 
     # --- submitting and reading -----------------------------------------------------------------
@@ -159,7 +128,7 @@ class JobStore:
         recipe = _pin_paths(_as_recipe(recipe, overrides), self.home / "runs" / job_id)
         _check_data(recipe)
         now = time.time()
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             clash = db.execute(
                 "SELECT id FROM jobs WHERE run_dir = ? AND state IN ('queued', 'running', 'interrupted')",
                 (str(recipe.output_dir),),
@@ -184,21 +153,21 @@ class JobStore:
             query += f" WHERE state IN ({', '.join('?' * len(states))})"
             args.extend(states)
         query += " ORDER BY seq DESC" + (f" LIMIT {int(limit)}" if limit else "")
-        with self._connect() as db:
+        with self._db.connect() as db:
             rows = db.execute(query, args).fetchall()
-            queue = _queue_positions(db)
+            queue = queue_positions(db)
         return [_to_job(row, queue) for row in rows]
 
     def get(self, job_id: str) -> Job:
         """One job by id (a unique prefix of the id works too)."""
         self.recover()
-        with self._connect() as db:
+        with self._db.connect() as db:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (self._full_id(db, job_id),)).fetchone()
-            return _to_job(row, _queue_positions(db))
+            return _to_job(row, queue_positions(db))
 
     def metrics(self, job_id: str) -> list[dict[str, Any]]:
         """Every logged metrics row of a job, in step order (what a loss plot needs)."""
-        with self._connect() as db:
+        with self._db.connect() as db:
             rows = db.execute(
                 "SELECT row FROM metrics WHERE job_id = ? ORDER BY step, rowid", (self._full_id(db, job_id),)
             ).fetchall()
@@ -217,7 +186,7 @@ class JobStore:
     # --- changing jobs ----------------------------------------------------------------------------
     def cancel(self, job_id: str) -> Job:
         """Cancel a job: a queued or interrupted one at once; a running one at its next step (after a checkpoint)."""
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             job_id = self._full_id(db, job_id)
             (state,) = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if state in FINISHED_STATES:
@@ -251,7 +220,7 @@ class JobStore:
                 f"{job.run_dir / 'checkpoints'}; `lora-studio jobs resume {job.id} --restart` "
                 "starts it over from step 0"
             )
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             changed = db.execute(
                 "UPDATE jobs SET state = 'queued', queued_at = ?, finished_at = NULL, error = NULL, "
                 "cancel_requested = 0, resume = ? WHERE id = ? AND state = ?",
@@ -266,7 +235,7 @@ class JobStore:
 
         Returns their ids.
         """
-        with self._connect() as db:
+        with self._db.connect() as db:
             rows = db.execute(
                 "SELECT id, attempt, pid, host, heartbeat_at FROM jobs WHERE state = 'running'"
             ).fetchall()
@@ -308,7 +277,7 @@ class JobStore:
     # --- worker side (lora_studio.worker) ---------------------------------------------------------
     def claim_next(self, worker_pid: int) -> Job | None:
         """Move the oldest queued job to running for a worker; None when the queue is empty."""
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             row = db.execute(
                 "SELECT id FROM jobs WHERE state = 'queued' ORDER BY queued_at, seq LIMIT 1"
             ).fetchone()
@@ -345,7 +314,7 @@ class JobStore:
 
     def record_metrics(self, job_id: str, attempt: int, row: dict[str, Any]) -> None:
         """Append a metrics row and fold it into the job's latest metrics."""
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             found = db.execute(
                 "SELECT metrics FROM jobs WHERE id = ? AND attempt = ?", (job_id, attempt)
             ).fetchone()
@@ -363,8 +332,8 @@ class JobStore:
 
     def forget_metrics_after(self, job_id: str, attempt: int, step: int) -> None:
         """Drop rows past `step`: a resumed run redoes those steps from its checkpoint."""
-        with self._transaction() as db:
-            if _is_current(db, job_id, attempt):
+        with self._db.transaction() as db:
+            if is_current(db, job_id, attempt):
                 db.execute("DELETE FROM metrics WHERE job_id = ? AND step > ?", (job_id, step))
 
     @contextlib.contextmanager
@@ -375,8 +344,8 @@ class JobStore:
         While the lock is held nobody can claim, resume or settle the job, so the check cannot go
         stale before the write. Keep the body short and free of other store calls (they would wait).
         """
-        with self._transaction() as db:
-            if not _is_current(db, job_id, attempt):
+        with self._db.transaction() as db:
+            if not is_current(db, job_id, attempt):
                 raise TrainingCancelled(
                     f"job {job_id} attempt {attempt} was superseded by a newer attempt; "
                     "it writes nothing more to the run folder"
@@ -385,7 +354,7 @@ class JobStore:
 
     def stop_reason(self, job_id: str, attempt: int) -> str | None:
         """Why a running attempt should stop now: 'cancelled', 'superseded' or None (keep going)."""
-        with self._connect() as db:
+        with self._db.connect() as db:
             row = db.execute(
                 "SELECT attempt, state, cancel_requested FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
@@ -404,7 +373,7 @@ class JobStore:
         metrics: dict[str, Any] | None = None,
     ) -> bool:
         """Record how an attempt ended; False if a newer attempt owns the job now."""
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             row = db.execute(
                 "SELECT metrics FROM jobs WHERE id = ? AND attempt = ? AND state IN "
                 "('running', 'interrupted')",
@@ -439,7 +408,7 @@ class JobStore:
     # --- internals ----------------------------------------------------------------------------------
     def _end_attempt(self, job_id: str, attempt: int, why: str) -> bool:
         """A running attempt died: interrupted (resumable), or cancelled if that was asked for."""
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             return bool(
                 db.execute(
                     "UPDATE jobs SET state = CASE cancel_requested WHEN 1 THEN 'cancelled' ELSE 'interrupted' END, "
@@ -450,7 +419,7 @@ class JobStore:
 
     def _update(self, job_id: str, attempt: int, **values: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in values)
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             db.execute(
                 f"UPDATE jobs SET {sets} WHERE id = ? AND attempt = ? AND state = 'running'",
                 (*values.values(), job_id, attempt),
@@ -468,33 +437,6 @@ class JobStore:
             what = "matches several jobs; give more of it" if found else "is not a job in this store"
             raise JobError(f"{job_id!r} {what} ({self.path}); `lora-studio jobs list` shows the ids")
         return found[0]
-
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        # A connection per call: callers may be threads (the web UI) or separate processes.
-        try:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            db.row_factory = sqlite3.Row
-            try:
-                db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes
-                yield db
-            finally:
-                db.close()
-        except sqlite3.DatabaseError as e:
-            if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
-                raise  # a bug in this module, not a problem with the file
-            raise _store_error(self.path, e) from None
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")  # take the write lock up front: no upgrade deadlocks
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -534,36 +476,6 @@ def _check_data(recipe: Recipe) -> None:
 def _first_save_step(recipe: dict[str, Any]) -> int:
     train = recipe["train"]
     return train["save_every_steps"] or train["eval_every_steps"]
-
-
-def _is_current(db: sqlite3.Connection, job_id: str, attempt: int) -> bool:
-    """Whether `attempt` is the job's latest attempt and still running."""
-    row = db.execute(
-        "SELECT 1 FROM jobs WHERE id = ? AND attempt = ? AND state = 'running'", (job_id, attempt)
-    ).fetchone()
-    return row is not None
-
-
-def _store_error(path: Path, e: sqlite3.Error) -> JobError:
-    """One line for the person at the keyboard: what is wrong with jobs.sqlite and what to do."""
-    text = str(e)
-    if "locked" in text or "busy" in text:
-        return JobError(f"the job store {path} stayed busy for 30 s ({text}); try again in a moment")
-    if "unable to open" in text:
-        return JobError(
-            f"cannot open the job store {path} ({text}); check that its folder exists and is "
-            "writable, or point LORA_STUDIO_HOME elsewhere"
-        )
-    return JobError(
-        f"the job store {path} is damaged ({text}); move it aside together with its -wal and -shm "
-        f"files (e.g. `mkdir {path.parent}/damaged && mv {path}* {path.parent}/damaged/`) and a fresh, "
-        f"empty store is made on the next start; run folders under {path.parent / 'runs'} are kept"
-    )
-
-
-def _queue_positions(db: sqlite3.Connection) -> dict[str, int]:
-    rows = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY queued_at, seq").fetchall()
-    return {r[0]: i + 1 for i, r in enumerate(rows)}
 
 
 def _to_job(row: sqlite3.Row, queue: dict[str, int]) -> Job:
