@@ -337,7 +337,8 @@ def test_training_killed_at_random_moments_and_inside_saves_resumes_to_the_same_
             rng.shuffle(plan)
             for window in [*plan, "adapter", "finish", "swap"]:
                 killed = _run_attempt(store, zygote, job_id, window, rng)
-                assert killed, f"job {job_id} ended before its {window} kill"
+                ended = store.get(job_id)
+                assert killed, f"job {job_id} ended ({ended.state}: {ended.error}) before its {window} kill"
                 counts[window] += 1
                 _check_after_kill(store.get(job_id).run_dir, base)
                 assert store.resume(job_id).state == "queued"
