@@ -8,9 +8,9 @@ into place, so a folder with `lora_studio.json` is always complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 
 from .config import LoraSettings
 from .errors import ConfigError, ModelError
-from .files import move_into_place
+from .files import move_into_place, settle_folder, temp_folder
 
 METADATA_FILE = "lora_studio.json"
 
@@ -87,9 +87,7 @@ def attach_lora(model: Any, settings: LoraSettings, gradient_checkpointing: bool
 def save_adapter(model: Any, tokenizer: Any, dest: Path, metadata: dict[str, Any]) -> Path:
     """Write a complete adapter folder atomically (temp folder, then rename)."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    tmp.chmod(0o755)
+    tmp = temp_folder(dest)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -107,6 +105,8 @@ def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
     checked: the metadata's shape, the PEFT config, and that the weights file is complete.
     """
     folder = Path(adapter_dir)
+    with contextlib.suppress(OSError):  # a read-only folder is read as it is
+        settle_folder(folder)  # finish or roll back a replacement a crash cut short
     if not folder.is_dir():
         raise ModelError(f"adapter folder not found: {folder}")
     weights = folder / "adapter_model.safetensors"

@@ -35,7 +35,7 @@ import torch
 
 from .adapters import read_metadata
 from .errors import ConfigError, LoraStudioError, ModelError
-from .files import move_into_place
+from .files import move_into_place, settle_folder, temp_folder
 from .inference import base_settings, check_adapter_base, check_messages, stop_token_ids
 from .models import load_base, load_tokenizer, model_fingerprint
 
@@ -145,10 +145,9 @@ def merge_adapter(
     """
     start = time.time()
     adapter_dir, out_dir = Path(adapter_dir).expanduser().resolve(), Path(out_dir).expanduser()
+    settle_folder(out_dir)  # a replacement a crash cut short is rolled back before we look
     _check_destination(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    tmp.chmod(0o755)
+    tmp = temp_folder(out_dir)
     try:
         report, _ = merge_into(adapter_dir, tmp, dtype=dtype)
         move_into_place(tmp, out_dir)
