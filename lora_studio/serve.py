@@ -39,7 +39,7 @@ import anyio.to_thread
 # from this module's globals, and would otherwise take `request` for a query parameter.
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .access import require_auth_beyond_loopback
@@ -278,9 +278,14 @@ def sse_events(reply: Generation, completion_id: str, model: str, include_usage:
 
 async def cancel_on_disconnect(events: Iterator[str], reply: Generation) -> AsyncIterator[str]:
     """Stream the events from a worker thread; a client that goes away stops the generation at once
-    (Starlette cancels this coroutine), instead of holding the engine until max_tokens."""
+    (Starlette cancels this coroutine), instead of holding the engine until max_tokens.
+
+    The wait for each event is abandoned on cancel: a request still queued for the engine has no
+    next event to wait for, and must be cancelled now, not when its generation starts."""
     try:
-        async for event in iterate_in_threadpool(events):
+        while (
+            event := await anyio.to_thread.run_sync(next, events, None, abandon_on_cancel=True)
+        ) is not None:
             yield event
     finally:
         if not reply.finished:

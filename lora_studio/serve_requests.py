@@ -255,6 +255,8 @@ def max_prompt_chars(engine: InferenceEngine) -> int:
 def engine_error_message(message: str) -> tuple[str, str | None]:
     """The engine's RequestError in the API's words, and the request field it names."""
     message = message.replace("max_new_tokens", "max_tokens")
+    if len(message) > 400:  # it may quote a client's value: never echo megabytes
+        message = message[:400] + "..."
     name = message.split(":", 1)[0].split("[", 1)[0]
     return message, name if name in ("messages", "max_tokens", "temperature", "top_p", "seed") else None
 
