@@ -97,9 +97,12 @@ class Admission:
             )
         self._preparing += 1
         try:
-            yield self._replies.append
+            yield self._keep
         finally:
             self._preparing -= 1
+
+    def _keep(self, reply: Generation) -> None:
+        self._replies.append(reply)  # not a bound `append`: held() replaces the list
 
 
 def build_app(
