@@ -20,12 +20,14 @@ import json
 import os
 import random
 import secrets
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +123,7 @@ def probe_health(url: str, until: float, latencies: list[float]) -> None:
 
 
 @contextmanager
-def server_process(model: str, key: str, max_queue: int):
+def server_process(model: str, key: str, max_queue: int, threads: int | None):
     """`lora-studio serve --base MODEL` on a free loopback port; its URL."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="serve-load-") as work:
@@ -131,7 +133,8 @@ def server_process(model: str, key: str, max_queue: int):
         cmd = [sys.executable, "-m", "lora_studio.cli", "serve", "--base", model, "--port", str(port)]
         cmd += ["--api-key-file", str(key_file), "--max-queue", str(max_queue)]
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+            env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.time() + 900  # the first run converts the built-in GGUF
@@ -146,7 +149,11 @@ def server_process(model: str, key: str, max_queue: int):
             yield url
         finally:
             proc.terminate()
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -163,6 +170,7 @@ def report(lone: list[Result], results: list[Result], health: list[float], secon
     print(
         f"{args.clients} clients ({args.clients // 2} streaming whole answers, {args.clients - args.clients // 2} "
         f"leaving mid-answer) for {seconds:.0f} s, max_tokens {args.max_tokens}, greedy, model {args.model}"
+        f"{f', server OMP_NUM_THREADS={args.threads}' if args.threads else ''}"
     )
     statuses = sorted({r.status for r in results})
     print("  requests: " + ", ".join(f"{s} {sum(r.status == s for r in results)}" for s in statuses))
@@ -173,6 +181,8 @@ def report(lone: list[Result], results: list[Result], health: list[float], secon
             f"  {kind:<10} time to first token p50 {percentile(first, 50):6.2f} s, p95 {percentile(first, 95):6.2f} s"
             f" ({len(first)} requests)"
         )
+    lone_first = statistics.median(r.first_token_s or r.seconds for r in lone)
+    print(f"  one client alone (baseline, same run): time to first token p50 {lone_first:.2f} s")
     latencies = [r.seconds for r in done]
     print(
         f"  completed answers: latency p50 {percentile(latencies, 50):.2f} s, p95 {percentile(latencies, 95):.2f} s;"
@@ -202,15 +212,17 @@ def load(url: str, key: str, args: argparse.Namespace) -> tuple[list[Result], li
     start = time.perf_counter()
     until = start + args.duration
     tally, health = Tally(), []
-    threads = [threading.Thread(target=probe_health, args=(url, until, health))]
+    threads = [threading.Thread(target=probe_health, args=(url, until, health), daemon=True)]
     for i in range(args.clients):
         kind = "streaming" if i % 2 == 0 else "abandoning"
         loop_args = (url, key, kind, args.seed + 100 + i, until, args.max_tokens, tally)
-        threads.append(threading.Thread(target=client_loop, args=loop_args))
+        threads.append(threading.Thread(target=client_loop, args=loop_args, daemon=True))
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    while alive := [thread for thread in threads if thread.is_alive()]:
+        alive[0].join(timeout=15)
+        counts = Counter(r.status for r in tally.results)
+        print(f"  {time.perf_counter() - start:5.0f} s: {dict(counts)}", file=sys.stderr, flush=True)
     return tally.results, health, time.perf_counter() - start
 
 
@@ -229,11 +241,17 @@ def main() -> int:
     parser.add_argument(
         "--max-queue", type=int, default=16, help="the started server's --max-queue (default 16)"
     )
+    parser.add_argument(
+        "--threads", type=int, help="the started server's OMP_NUM_THREADS (default: torch's choice)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for prompts and leaving points")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the server when killed
 
     key = Path(args.api_key_file).read_text().strip() if args.api_key_file else secrets.token_hex(16)
-    server = nullcontext(args.url) if args.url else server_process(args.model, key, args.max_queue)
+    server = (
+        nullcontext(args.url) if args.url else server_process(args.model, key, args.max_queue, args.threads)
+    )
     with server as url:
         baseline = alone(url, key, args)
         results, health, seconds = load(url, key, args)
