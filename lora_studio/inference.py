@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_MAX_NEW_TOKENS = 256
+MIN_TEMPERATURE = 1e-3  # the smallest positive temperature sampling takes
 
 
 @dataclass(frozen=True)
@@ -78,13 +79,25 @@ class GenerationSettings:
             or self.max_new_tokens < 1
         ):
             out.append(f"max_new_tokens: expected a positive integer, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 2:
-            out.append(f"temperature: expected a number from 0 (greedy) to 2, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        # a temperature near 0 divides the logits into inf/nan: below MIN_TEMPERATURE, ask for 0 (greedy)
+        if not _is_number(self.temperature) or not (
+            self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 2
+        ):
+            out.append(
+                f"temperature: expected 0 (greedy) or a number from {MIN_TEMPERATURE} to 2, "
+                f"got {self.temperature!r}"
+            )
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             out.append(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            out.append(f"seed: expected an integer, got {self.seed!r}")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -(2**63) <= self.seed < 2**63
+        ):
+            out.append(f"seed: expected a 64-bit integer, got {self.seed!r}")
         return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class Generation:
@@ -331,6 +344,9 @@ class InferenceEngine:
         completion, error = None, None
         try:
             with self._lock:
+                if reply._cancelled.is_set():  # abandoned while it queued for the engine: skip it
+                    reply._finish([], self.stop_ids, None)
+                    return
                 self._activate(reply.adapter)
                 model, context = self._model_for(reply.adapter)
                 device = next(model.parameters()).device

@@ -71,7 +71,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer KEY' (default: $LORA_STUDIO_API_KEY if set)",
+        help="require 'Authorization: Bearer KEY' (visible in ps: prefer --api-key-file or "
+        "$LORA_STUDIO_API_KEY, used when neither option is given)",
+    )
+    p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the API key from this file")
+    p.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow a --host beyond this machine without an API key (anyone who connects can use it)",
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=4.0,
+        help="largest request body, in MB; more gets 413 (default 4)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=16,
+        help="requests that may wait for the model; more get 429 with Retry-After (default 16)",
     )
     add_remote_code_flag(p)
     p.set_defaults(run=run_serve)
@@ -197,9 +216,16 @@ def run_export(args: argparse.Namespace) -> int:
 
 # --- serve -------------------------------------------------------------------------------------
 def run_serve(args: argparse.Namespace) -> int:
+    from ..access import read_secret
     from ..inference import InferenceEngine, adapter_name
-    from ..serve import API_KEY_ENV, model_ids, run_server
+    from ..serve import API_KEY_ENV, check_exposure, model_ids, run_server
 
+    if not args.max_body_mb > 0:
+        raise ConfigError(f"--max-body-mb: expected a positive size in MB, got {args.max_body_mb}")
+    if args.max_queue < 0:
+        raise ConfigError(f"--max-queue: expected 0 or more waiting requests, got {args.max_queue}")
+    api_key = read_secret(args.api_key, args.api_key_file, API_KEY_ENV, "--api-key")
+    check_exposure(args.host, api_key, args.insecure_no_auth)  # before the model loads: fail fast
     names, paths = [], []
     for spec in args.adapters:
         name, sep, path = spec.partition("=")
@@ -212,13 +238,20 @@ def run_serve(args: argparse.Namespace) -> int:
             "nothing to serve: give adapter folders, or --base MODEL to serve a base model alone"
         )
     engine = InferenceEngine.from_adapters(paths, names, base=args.base)
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     print(
         f"serving {', '.join(model_ids(engine))} at http://{args.host}:{args.port}/v1"
         f"{' (API key required)' if api_key else ''}",
         flush=True,
     )
-    run_server(engine, host=args.host, port=args.port, api_key=api_key)
+    run_server(
+        engine,
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        max_body_mb=args.max_body_mb,
+        max_queue=args.max_queue,
+        insecure_no_auth=args.insecure_no_auth,
+    )
     return 0
 
 
