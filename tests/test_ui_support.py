@@ -11,6 +11,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from lora_studio.config import ModelSettings
 from lora_studio.downloads import adapter_archive, exports_dir
@@ -39,7 +41,7 @@ class FakeEngine:
 def adapter_folder(root: Path, run: str, base: str) -> Path:
     folder = root / run / "adapter"
     folder.mkdir(parents=True)
-    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    save_file({"w": torch.zeros(2)}, folder / "adapter_model.safetensors")  # a whole (tiny) file
     (folder / "adapter_config.json").write_text("{}")
     meta = {
         "base_model": base,
@@ -102,7 +104,8 @@ def test_adapter_archive_zips_the_folder_under_exports_and_reuses_it(tmp_path: P
             f"job123-adapter/{n}"
             for n in ("adapter_config.json", "adapter_model.safetensors", "lora_studio.json")
         ]
-        assert z.read("job123-adapter/adapter_model.safetensors") == b"weights"
+        weights = (folder / "adapter_model.safetensors").read_bytes()
+        assert z.read("job123-adapter/adapter_model.safetensors") == weights
     built = archive.stat().st_mtime_ns
     assert adapter_archive(folder).stat().st_mtime_ns == built  # unchanged adapter: same archive
     assert not [p for p in archive.parent.iterdir() if p.name.startswith(".")]  # no temp file left
