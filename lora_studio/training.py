@@ -163,6 +163,10 @@ def build_trainer(
     extra = (
         [EarlyStoppingCallback(t.early_stopping_patience)] if has_val and t.early_stopping_patience else []
     )
+    if has_val:  # validation loss rising while training loss falls: say so (overfit.py)
+        from .overfit import OverfitCallback
+
+        extra.append(OverfitCallback(run_dir))
     return SFTTrainer(
         model=model,
         args=args,
