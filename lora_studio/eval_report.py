@@ -80,7 +80,7 @@ class EvalReport:
         """The side-by-side table the terminal shows."""
         names = list(self.sides)
         first = next(iter(self.sides.values()))
-        rows = [(label, [_cell(value) for value in values]) for label, values in _table_rows(self.sides)]
+        rows = table_rows(self.sides)
         width = max(32, *(len(label) + 2 for label, _ in rows))
         out = [
             f"Test set: {first.score.rows} rows of {Path(self.data).name}; metric: {self.comparison.metric} "
@@ -128,8 +128,7 @@ class EvalReport:
             "|---|" + "---:|" * len(self.sides),
         ]
         lines += [
-            f"| {label.strip()} | " + " | ".join(_cell(v) for v in values) + " |"
-            for label, values in _table_rows(self.sides)
+            f"| {label.strip()} | " + " | ".join(cells) + " |" for label, cells in table_rows(self.sides)
         ]
         if self.gain() is not None:
             lines += ["", f"Adapter gain over base: **{self.gain():+.1%}**."]
@@ -145,32 +144,27 @@ class EvalReport:
         return "\n".join(lines) + "\n"
 
 
-def _table_rows(sides: dict[str, Side]) -> list[tuple[str, list[Any]]]:
-    """(label, one value per side) for the table; shares are floats in [0, 1], counts are ints."""
-    names = list(sides)
+def table_rows(sides: dict[str, Side]) -> list[tuple[str, list[str]]]:
+    """(label, one formatted cell per side) for the table."""
     score_rows = [dict(s.score.table()) for s in sides.values()]
     labels = list(dict.fromkeys(label for rows in score_rows for label in rows))
-    out = [(label, [rows.get(label) for rows in score_rows]) for label in labels]
+    out = [(label, [_share_or_count(rows.get(label)) for rows in score_rows]) for label in labels]
+    fits = [s.fit for s in sides.values()]
     out += [
-        ("answer-token loss", [_Loss(sides[n].fit.loss) for n in names]),
-        ("answer perplexity", [_Loss(sides[n].fit.perplexity) for n in names]),
-        ("seconds to answer and score", [round(sides[n].seconds) for n in names]),
+        ("answer-token loss", [f"{f.loss:.3f}" for f in fits]),
+        (
+            "answer perplexity",
+            [f"{f.perplexity:.4g}" if math.isfinite(f.perplexity) else "inf" for f in fits],
+        ),
+        ("seconds to answer and score", [f"{s.seconds:.0f}" for s in sides.values()]),
     ]
     return out
 
 
-class _Loss(float):
-    """A loss, shown with three decimals rather than as a share."""
-
-
-def _cell(value: Any) -> str:
+def _share_or_count(value: float | int | None) -> str:
     if value is None:
         return "-"
-    if isinstance(value, _Loss):
-        return f"{value:.3f}" if math.isfinite(value) else "inf"
-    if isinstance(value, float):
-        return f"{value:.1%}"
-    return str(value)
+    return f"{value:.1%}" if isinstance(value, float) else str(value)
 
 
 # --- running it ----------------------------------------------------------------------------------

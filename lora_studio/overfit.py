@@ -17,8 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
 from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -115,7 +113,7 @@ def _mean(values: list[float]) -> float:
 
 
 # --- during training ---------------------------------------------------------------------------
-class OverfitCallback(TrainerCallback):
+class OverfitWatch:
     """Checks the Trainer's log after every validation; raises the alarm once per run."""
 
     def __init__(self, run_dir: Path, rises: int = RISES):
@@ -123,25 +121,43 @@ class OverfitCallback(TrainerCallback):
         self.rises = rises
         self.raised = False
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+    def begin(self, state: Any) -> None:
         self.raised = bool(state.global_step) and bool(run_warnings(self.run_dir))
         if not state.global_step and state.is_world_process_zero:
             set_run_warning(self.run_dir, "overfitting", None)  # a fresh run: no old alarm
 
-    def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+    def check(self, state: Any) -> OverfitAlarm | None:
         if self.raised or not state.is_world_process_zero:
-            return
+            return None
         train = [(h["step"], h["loss"]) for h in state.log_history if "loss" in h]
         val = [(h["step"], h["eval_loss"]) for h in state.log_history if "eval_loss" in h]
         alarm = detect_overfitting(train, val, self.rises)
         if alarm is None:
-            return
+            return None
         best = state.best_model_checkpoint
         if best and Path(best).name == f"checkpoint-{alarm.best_step}":
             alarm = OverfitAlarm(**{**asdict(alarm), "best_checkpoint": Path(best).name})
         self.raised = True
         log.warning("%s", alarm.message)
         set_run_warning(self.run_dir, "overfitting", alarm.to_dict())
+        return alarm
+
+
+def overfit_callback(run_dir: Path, rises: int = RISES) -> Any:
+    """The TrainerCallback around OverfitWatch (built here, so importing this module stays light)."""
+    from transformers import TrainerCallback
+
+    class OverfitCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.watch = OverfitWatch(run_dir, rises)
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.watch.begin(state)
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.watch.check(state)
+
+    return OverfitCallback()
 
 
 # --- the run folder's status.json --------------------------------------------------------------

@@ -164,9 +164,9 @@ def build_trainer(
         [EarlyStoppingCallback(t.early_stopping_patience)] if has_val and t.early_stopping_patience else []
     )
     if has_val:  # validation loss rising while training loss falls: say so (overfit.py)
-        from .overfit import OverfitCallback
+        from .overfit import overfit_callback
 
-        extra.append(OverfitCallback(run_dir))
+        extra.append(overfit_callback(run_dir))
     return SFTTrainer(
         model=model,
         args=args,

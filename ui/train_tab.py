@@ -26,6 +26,7 @@ from lora_studio.home import studio_home
 from lora_studio.jobs import Job, JobStore
 
 from .common import base_model_choices, dataset_choices, hint, literal_choices, shows_errors
+from .eval_views import warnings_banner
 from .job_views import jobs_table, loss_frame, progress_html
 from .uploads import safe_name
 
@@ -115,7 +116,7 @@ def watch_job(job_id: str | None) -> tuple[str, pd.DataFrame | None, pd.DataFram
     if not job_id:
         return progress_html(None), loss_frame([]), table
     job = store.get(job_id)
-    return progress_html(job), loss_frame(store.metrics(job.id)), table
+    return progress_html(job) + warnings_banner(job.run_dir), loss_frame(store.metrics(job.id)), table
 
 
 def job_choices(store: JobStore | None = None) -> list[tuple[str, str]]:
