@@ -45,3 +45,38 @@ def noise_pairs(n: int, seed: int = 0, offset: int = 0) -> list[tuple[str, str]]
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def taught_tiny_model(source: Path, dest: Path, pairs: list[tuple[str, str]], steps: int = 150) -> Path:
+    """The learnable tiny model, fully fine-tuned on `pairs` (a stand-in for an instruct model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_studio.data import Example, encode
+
+    learnable_tiny_model(source, dest)
+    model = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(dest)
+    rows = [
+        encode(Example(f"row {i}", messages=tuple(chat_rows([p])[0]["messages"])), tokenizer, 64)
+        for i, p in enumerate(pairs)
+    ]
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.tensor(
+        [r["input_ids"] + [tokenizer.pad_token_id] * (width - len(r["input_ids"])) for r in rows]
+    )
+    labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # matrices this small gain nothing from threads, and lose a lot on a busy CPU
+    try:
+        for _ in range(steps):
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(dest)
+    return dest
