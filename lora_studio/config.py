@@ -75,6 +75,9 @@ class DataSettings:
     val_fraction: float = _f(0.1, "Share of train_file held out for validation when val_file is empty.")
     max_length: int = _f(512, "Longest example in tokens; longer ones are truncated.")
     system_prompt: str | None = _f(None, "A system message added to chat examples that have none.")
+    dedupe: bool = _f(
+        False, "Drop exact duplicate rows of train_file before the validation split (duplicates overfit)."
+    )
 
 
 @dataclass(frozen=True)

@@ -136,3 +136,28 @@ def test_jobs_show_prints_the_runs_warnings(tiny_recipe, capsys):
     assert main(["jobs", "show", job.id]) == 0
     out = capsys.readouterr().out
     assert "warnings" in out and "overfitting from step 30" in out and "checkpoint-30" in out
+
+
+# --- dedupe --------------------------------------------------------------------------------------
+def test_dedupe_drops_exact_duplicates_before_the_split(tiny_model_dir, tmp_path):
+    from lora_studio.config import DataSettings
+    from lora_studio.data import prepare
+    from lora_studio.models import load_tokenizer
+
+    pairs = [(f"Q{i}", f"A{i}") for i in range(10)]
+    pairs += [pairs[0], pairs[0], pairs[3], (pairs[5][0], "a different answer")]  # 3 exact repeats
+    data = write_jsonl(tmp_path / "dups.jsonl", chat_rows(pairs))
+    tokenizer = load_tokenizer(tiny_model_dir)
+    kept = prepare(DataSettings(train_file=str(data), val_fraction=0.2, dedupe=True), tokenizer)
+    assert kept.report.train_rows + kept.report.val_rows == 11  # 14 rows, 3 exact repeats
+    assert kept.report.duplicates == 0
+    seen = [e.key() for e in kept.examples]
+    assert len(seen) == len(set(seen))
+    plain = prepare(DataSettings(train_file=str(data), val_fraction=0.2), tokenizer)
+    assert plain.report.train_rows + plain.report.val_rows == 14
+    assert plain.fingerprint != kept.fingerprint  # a deduplicated run trained on other rows
+
+
+def test_dedupe_is_a_recipe_setting(tiny_recipe):
+    assert tiny_recipe.data.dedupe is False
+    assert tiny_recipe.replace(dedupe=True).data.dedupe is True
