@@ -105,6 +105,11 @@ class TrainSettings:
         "auto", "Recompute activations to save memory; 'auto' turns it on for GPUs only (it slows CPUs)."
     )
     seed: int = _f(42, "Random seed for data order, the validation split and adapter init.")
+    select_best: Literal["val_loss", "balanced"] = _f(
+        "val_loss",
+        "Which checkpoint becomes the adapter: the lowest validation loss, or 'balanced': the lowest "
+        "validation loss plus the rise of the loss on general text (keeps more of what the base knew).",
+    )
 
 
 SECTIONS: dict[str, type] = {

@@ -91,9 +91,17 @@ class EvalReport:
         if self.gain() is not None:
             out.append(f"adapter gain over base: {self.gain():+.1%} {first.score.headline_name}")
         if self.forgetting is not None:
-            out += ["", *self.forgetting.table()]
+            out += ["", *self.forgetting.table(), self.trade_off()]
         out += [f"warning: {w}" for w in self.warnings]
         return out
+
+    def trade_off(self) -> str:
+        """Task gain against general regression, in one line (needs the forgetting check)."""
+        f = self.forgetting
+        adapter = next(r for r in f.rows if r.name == "adapter")
+        headline = self.sides["adapter"].score.headline_name
+        task = f"{self.gain():+.1%} {headline}" if self.gain() is not None else "no base scored"
+        return f"trade-off, adapter vs base: task {task}; general {f.change(adapter)}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -135,7 +143,14 @@ class EvalReport:
         if self.warnings:
             lines += ["", "## Warnings from training", "", *(f"- {w}" for w in self.warnings)]
         if self.forgetting is not None:
-            lines += ["", "## General ability (forgetting)", "", *self.forgetting.markdown()]
+            lines += [
+                "",
+                "## General ability (forgetting)",
+                "",
+                *self.forgetting.markdown(),
+                "",
+                self.trade_off(),
+            ]
         for kind, title in (("loss_curves", "Loss curves"), ("confusion", "Confusion matrices")):
             if kind in self.files:
                 lines += ["", f"## {title}", "", f"![{title}]({Path(self.files[kind]).name})"]

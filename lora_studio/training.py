@@ -142,7 +142,7 @@ def build_trainer(
         save_steps=t.save_every_steps or t.eval_every_steps,
         save_total_limit=2,
         load_best_model_at_end=has_val,
-        metric_for_best_model="eval_loss",
+        metric_for_best_model="eval_balanced" if t.select_best == "balanced" else "eval_loss",
         greater_is_better=False,
         # TRL defaults to bf16 autocast even on CPUs (~12x slower on AVX2-only ones): follow the model's dtype.
         bf16="bfloat16" in dtype and device != "cpu",
@@ -173,8 +173,22 @@ def build_trainer(
         train_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in data.train]),
         eval_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in data.val]) if has_val else None,
         processing_class=tokenizer,
-        callbacks=[MetricsLog(run_dir / "metrics.jsonl", skip_first_eval=resuming), *extra, *callbacks],
+        callbacks=[
+            *_balanced(recipe, tokenizer, has_val),
+            MetricsLog(run_dir / "metrics.jsonl", skip_first_eval=resuming),
+            *extra,
+            *callbacks,
+        ],
     )
+
+
+def _balanced(recipe: Recipe, tokenizer: Any, has_val: bool) -> list[Any]:
+    """select_best: balanced scores general text at each validation (forgetting.py), before the log."""
+    if not has_val or recipe.train.select_best != "balanced":
+        return []
+    from .forgetting import balanced_callback
+
+    return [balanced_callback(tokenizer, recipe.data.max_length)]
 
 
 def _use_gradient_checkpointing(recipe: Recipe) -> bool:
@@ -194,6 +208,8 @@ class MetricRows:
         "learning_rate": "learning_rate",
         "grad_norm": "grad_norm",
         "train_loss": "train_loss",
+        "eval_general_loss": "general_loss",  # select_best: balanced
+        "eval_balanced": "balanced",
     }
 
     def __init__(self) -> None:
