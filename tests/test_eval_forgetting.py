@@ -33,7 +33,9 @@ def test_the_probe_set_is_shipped_as_promised():
     sentences = load_general_text()
     assert len(sentences) >= 200 and len(set(sentences)) == len(sentences)
     # Installed with the package: pyproject's package data covers every probe file.
-    line = next(x for x in (ROOT / "pyproject.toml").read_text().splitlines() if x.startswith("lora_studio = ["))
+    line = next(
+        x for x in (ROOT / "pyproject.toml").read_text().splitlines() if x.startswith("lora_studio = [")
+    )
     patterns = re.findall(r'"([^"]+)"', line)
     shipped = {p for pattern in patterns for p in (ROOT / "lora_studio").glob(pattern)}
     assert set(PROBE_DIR.iterdir()) <= shipped
