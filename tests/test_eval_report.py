@@ -121,3 +121,35 @@ def test_eval_bad_input_is_one_clear_line(trained_run, tmp_path, capsys):
     assert "text.jsonl, line 1: a plain-text row has no prompt" in capsys.readouterr().err
     assert main(["eval", str(run_dir), "--data", str(text), "--limit", "0"]) == 2
     assert "--limit must be a positive number" in capsys.readouterr().err
+
+
+def test_scratch_baseline_trains_the_same_recipe_on_a_random_copy_of_the_base(trained_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from lora_studio.adapters import read_metadata
+
+    run_dir, test_file = trained_run
+    out = tmp_path / "eval"
+    args = ["eval", str(run_dir), "--data", str(test_file), "--limit", "4", "--max-new-tokens", "2"]
+    assert main([*args, "--baseline", "scratch", "--out", str(out)]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("base"))
+    assert header.split() == ["base", "adapter", "scratch"]
+
+    trained, scratch = (
+        read_metadata(run_dir / "adapter"),
+        read_metadata(tmp_path / "eval-scratch/run/adapter"),
+    )
+    random_base = tmp_path / "eval-scratch" / "random-base"
+    assert scratch["base_model"] == str(random_base)
+    assert scratch["metrics"]["global_step"] == trained["metrics"]["global_step"]  # the same budget
+    assert scratch["recipe"]["lora"] == trained["recipe"]["lora"]
+    assert scratch["recipe"]["data"]["train_file"] == trained["recipe"]["data"]["train_file"]
+    original = load_file(next(Path(trained["recipe"]["model"]["base_model"]).glob("*.safetensors")))
+    fresh = load_file(next(random_base.glob("*.safetensors")))
+    assert original.keys() == fresh.keys()  # same architecture...
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert original[name].shape == fresh[name].shape and not original[name].equal(
+        fresh[name]
+    )  # ...new weights
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["sides"]) == {"base", "adapter", "scratch"}
