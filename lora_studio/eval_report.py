@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .adapters import METADATA_FILE, read_metadata
 from .data import load_examples
@@ -27,6 +27,9 @@ from .errors import DataError, ModelError
 from .evaluate import Comparison, Side, answer_side, compare_with_base, load_adapted, split_prompt
 from .files import move_into_place
 from .overfit import warning_lines
+
+if TYPE_CHECKING:
+    from .forgetting import ForgettingReport
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +67,17 @@ class EvalReport:
     comparison: Comparison
     out_dir: Path
     warnings: list[str] = field(default_factory=list)  # the run's alarms (overfitting, ...)
-    forgetting: Any = None  # forgetting.ForgettingReport when asked for
+    forgetting: ForgettingReport | None = None  # when asked for
     files: dict[str, str] = field(default_factory=dict)  # what was written, by kind
 
     @property
     def sides(self) -> dict[str, Side]:
         return self.comparison.sides
 
-    def gain(self) -> float | None:
-        """The adapter's headline score minus the base's (None without a base)."""
+    def gain(self, over: str = "base") -> float | None:
+        """The adapter's headline score minus the base's (or the scratch baseline's); None without it."""
         s = self.sides
-        return s["adapter"].score.headline - s["base"].score.headline if "base" in s else None
+        return s["adapter"].score.headline - s[over].score.headline if over in s else None
 
     def table(self) -> list[str]:
         """The side-by-side table the terminal shows."""
@@ -90,6 +93,11 @@ class EvalReport:
         out += [f"{label:{width}}" + "".join(f"{c:>12}" for c in cells) for label, cells in rows]
         if self.gain() is not None:
             out.append(f"adapter gain over base: {self.gain():+.1%} {first.score.headline_name}")
+        if self.gain("scratch") is not None:
+            out.append(
+                f"what the pretrained weights brought (adapter vs scratch): {self.gain('scratch'):+.1%} "
+                f"{first.score.headline_name}"
+            )
         if self.forgetting is not None:
             out += ["", *self.forgetting.table(), self.trade_off()]
         out += [f"warning: {w}" for w in self.warnings]
@@ -121,6 +129,7 @@ class EvalReport:
                 for name, s in self.sides.items()
             },
             "gain": self.gain(),
+            "gain_over_scratch": self.gain("scratch"),
             "warnings": self.warnings,
             "forgetting": self.forgetting.to_dict() if self.forgetting is not None else None,
             "files": self.files,
@@ -140,6 +149,11 @@ class EvalReport:
         ]
         if self.gain() is not None:
             lines += ["", f"Adapter gain over base: **{self.gain():+.1%}**."]
+        if self.gain("scratch") is not None:
+            lines += [
+                "",
+                f"What the pretrained weights brought (adapter vs scratch): **{self.gain('scratch'):+.1%}**.",
+            ]
         if self.warnings:
             lines += ["", "## Warnings from training", "", *(f"- {w}" for w in self.warnings)]
         if self.forgetting is not None:

@@ -153,3 +153,5 @@ def test_scratch_baseline_trains_the_same_recipe_on_a_random_copy_of_the_base(tr
     )  # ...new weights
     report = json.loads((out / "report.json").read_text())
     assert set(report["sides"]) == {"base", "adapter", "scratch"}
+    scores = {k: v["score"]["accuracy"] for k, v in report["sides"].items()}
+    assert report["gain_over_scratch"] == pytest.approx(scores["adapter"] - scores["scratch"])
