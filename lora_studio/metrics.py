@@ -13,7 +13,6 @@ Exact match is reported for every metric, so any two runs can be compared on it.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -280,12 +279,6 @@ def score(answers: Sequence[str], references: Sequence[str], metric: str = "auto
         right = [normalise_label(a) == normalise_label(r) for a, r in zip(answers, references, strict=True)]
         return Score("labels", len(right), "accuracy", lab.accuracy, em, right, labels=lab)
     return Score("exact", len(exact), "exact match", em, em, exact)
-
-
-def most_common_share(references: Sequence[str]) -> float:
-    """The share of the most common (normalised) reference: what always giving it would score."""
-    counts = Counter(normalise(r) for r in references)
-    return max(counts.values()) / len(references)
 
 
 def _check_lengths(answers: Sequence[str], references: Sequence[str]) -> None:

@@ -116,7 +116,9 @@ def download_merged(folder: str | None) -> tuple[str, str]:
     return str(path), f"Merged model archive ready: {path.name} ({path.stat().st_size / 1e6:.1f} MB)\n{note}"
 
 
-def evaluate(folder: str | None, test_file: str | None, limit: float | None, with_base: bool) -> tuple:
+def evaluate(
+    folder: str | None, test_file: str | None, limit: float | None, with_base: bool, forgetting: bool = False
+) -> tuple:
     """(table, summary markdown, loss curves image, confusion matrix image) of an adapter on a test file."""
     from PIL import Image
 
@@ -129,6 +131,7 @@ def evaluate(folder: str | None, test_file: str | None, limit: float | None, wit
             test_file.strip(),
             with_base=bool(with_base),
             limit=int(limit) if limit else None,
+            forgetting=bool(forgetting),
         )
     )
     gain = report.gain()
@@ -136,6 +139,12 @@ def evaluate(folder: str | None, test_file: str | None, limit: float | None, wit
     lines = [f"Metric: **{report.comparison.metric}** ({headline})."]
     if gain is not None:
         lines.append(f"Adapter gain over base: **{gain:+.1%}** {headline}.")
+    if report.forgetting is not None:
+        lines += [
+            "**General ability (forgetting)**",
+            "\n".join(report.forgetting.markdown()),
+            report.trade_off(),
+        ]
     lines.append(f"Report and per-example answers: `{report.out_dir}`")
     summary = "\n\n".join(lines) + warnings_banner(report.run_dir)
     images = [
@@ -210,6 +219,7 @@ def build() -> AdaptersTab:
             )
             limit = gr.Number(label="First N rows (empty: all)", value=50, precision=0, minimum=1, scale=1)
             with_base = gr.Checkbox(label="Also score the base", value=True, scale=1)
+            forgetting = gr.Checkbox(label="Check forgetting (general probes)", value=False, scale=1)
         run = gr.Button("Evaluate", variant="primary", elem_id="adapters-evaluate")
         scores = gr.Dataframe(label="Base vs adapter", interactive=False, elem_id="adapters-eval-table")
         verdict = gr.Markdown(elem_id="adapters-eval-summary")
@@ -229,7 +239,7 @@ def build() -> AdaptersTab:
     )
     run.click(
         shows_errors(evaluate),
-        inputs=[adapter, test_file, limit, with_base],
+        inputs=[adapter, test_file, limit, with_base, forgetting],
         outputs=[scores, verdict, curves, confusion],
         api_name="evaluate_adapter",
     )
