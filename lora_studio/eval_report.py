@@ -283,6 +283,9 @@ def write_report(report: EvalReport, examples: list) -> None:
             marks = {f"overfitting from step {a}": a for a in _alarm_steps(report.run_dir)}
             if plot_loss_curves(read_metrics(metrics), tmp / "loss_curves.png", marks):
                 files["loss_curves"] = "loss_curves.png"
+        if report.forgetting is not None:
+            files["forgetting"] = "forgetting.jsonl"
+            _write_probe_answers(tmp / files["forgetting"], report.forgetting)
         labels = {n: s.score.labels for n, s in report.sides.items() if s.score.labels is not None}
         if labels:
             plot_confusion(labels, tmp / "confusion.png")
@@ -305,6 +308,23 @@ def _write_examples(path: Path, report: EvalReport, examples: list) -> None:
             for name, side in c.sides.items():
                 row[name] = side.answers[i]
                 row[f"{name}_correct"] = side.score.correct[i]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _write_probe_answers(path: Path, forgetting: ForgettingReport) -> None:
+    """Each probe question with every model's answer and whether it counted as right."""
+    from .forgetting import load_probes, probe_correct
+
+    with open(path, "w") as f:
+        for i, probe in enumerate(load_probes()):
+            row: dict[str, Any] = {
+                "category": probe.category,
+                "question": probe.question,
+                "accepted": probe.answers,
+            }
+            for ability in forgetting.rows:
+                row[ability.name] = ability.answers[i]
+                row[f"{ability.name}_correct"] = probe_correct(ability.answers[i], probe)
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
