@@ -123,6 +123,9 @@ class DataSettings:
         range=Range(1, 131072),  # also bounds the text tokenised per row (data.CHARS_PER_TOKEN)
     )
     system_prompt: str | None = _f(None, "A system message added to chat examples that have none.")
+    dedupe: bool = _f(
+        False, "Drop exact duplicate rows of train_file before the validation split (duplicates overfit)."
+    )
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,11 @@ class TrainSettings:
         42,
         "Random seed for data order, the validation split and adapter init.",
         range=Range(0, 2**32 - 1),  # numpy's seeds
+    )
+    select_best: Literal["val_loss", "balanced"] = _f(
+        "val_loss",
+        "Which checkpoint becomes the adapter: the lowest validation loss, or 'balanced': the lowest "
+        "validation loss plus the rise of the loss on general text (keeps more of what the base knew).",
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import random
 import re
 from dataclasses import dataclass, field
@@ -286,6 +287,19 @@ def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Exa
     ]
 
 
+def dedupe(examples: list[Example]) -> list[Example]:
+    """The examples without exact repeats (same messages or text), first occurrence kept."""
+    seen: set[str] = set()
+    kept = []
+    for e in examples:
+        if e.key() not in seen:
+            seen.add(e.key())
+            kept.append(e)
+    if len(kept) < len(examples):
+        logging.getLogger(__name__).info("dedupe: dropped %d duplicate rows", len(examples) - len(kept))
+    return kept
+
+
 # --- the whole preparation and its report ------------------------------------------------------
 @dataclass
 class DataReport:
@@ -336,6 +350,8 @@ class PreparedData:
 def prepare(settings: Any, tokenizer: Any, seed: int = 42) -> PreparedData:
     """Load, check, split, tokenize and report on the data of a recipe's `data` section."""
     fmt, train_examples = load_examples(settings.train_file, settings.format, settings.system_prompt)
+    if settings.dedupe:  # before the split, so no row can land on both sides
+        train_examples = dedupe(train_examples)
     if settings.val_file:
         _, val_examples = load_examples(settings.val_file, fmt, settings.system_prompt)
     else:
@@ -412,6 +428,7 @@ def data_fingerprint(settings: Any) -> str:
     h.update(
         json.dumps(
             [settings.format, settings.system_prompt, settings.max_length, settings.val_fraction]
+            + (["dedupe"] if settings.dedupe else [])  # only when on: older fingerprints stay valid
         ).encode()
     )
     return h.hexdigest()

@@ -173,7 +173,7 @@ def build_trainer(
         save_steps=t.save_every_steps or t.eval_every_steps,
         save_total_limit=2,
         load_best_model_at_end=has_val,
-        metric_for_best_model="eval_loss",
+        metric_for_best_model="eval_balanced" if t.select_best == "balanced" else "eval_loss",
         greater_is_better=False,
         # TRL defaults to bf16 autocast even on CPUs (~12x slower on AVX2-only ones): follow the model's dtype.
         bf16="bfloat16" in dtype and device != "cpu",
@@ -194,6 +194,10 @@ def build_trainer(
     extra = (
         [EarlyStoppingCallback(t.early_stopping_patience)] if has_val and t.early_stopping_patience else []
     )
+    if has_val:  # validation loss rising while training loss falls: say so (overfit.py)
+        from .overfit import overfit_callback
+
+        extra.append(overfit_callback(run_dir))
     return SFTTrainer(
         model=model,
         args=args,
@@ -201,11 +205,21 @@ def build_trainer(
         eval_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in data.val]) if has_val else None,
         processing_class=tokenizer,
         callbacks=[
+            *_balanced(recipe, tokenizer, has_val),
             MetricsLog(run_dir / METRICS_FILE, skip_first_eval=resuming, fence=fence),
             *extra,
             *callbacks,
         ],
     )
+
+
+def _balanced(recipe: Recipe, tokenizer: Any, has_val: bool) -> list[Any]:
+    """select_best: balanced scores general text at each validation (forgetting.py), before the log."""
+    if not has_val or recipe.train.select_best != "balanced":
+        return []
+    from .forgetting import balanced_callback
+
+    return [balanced_callback(tokenizer, recipe.data.max_length)]
 
 
 def _use_gradient_checkpointing(recipe: Recipe) -> bool:
@@ -225,6 +239,8 @@ class MetricRows:
         "learning_rate": "learning_rate",
         "grad_norm": "grad_norm",
         "train_loss": "train_loss",
+        "eval_general_loss": "general_loss",  # select_best: balanced
+        "eval_balanced": "balanced",
     }
 
     def __init__(self) -> None:

@@ -35,6 +35,7 @@ from .common import (
     literal_choices,
     shows_errors,
 )
+from .eval_views import warnings_banner
 from .job_views import jobs_table, loss_frame, progress_html
 from .uploads import safe_name
 
@@ -130,7 +131,7 @@ def watch_job(job_id: str | None) -> tuple[str, pd.DataFrame | None, pd.DataFram
     if not job_id:
         return progress_html(None), loss_frame([]), table
     job = store.get(job_id)
-    return progress_html(job), loss_frame(store.metrics(job.id)), table
+    return progress_html(job) + warnings_banner(job.run_dir), loss_frame(store.metrics(job.id)), table
 
 
 def job_choices(store: JobStore | None = None) -> list[tuple[str, str]]:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..jobs import JOB_STATES, Job, JobStore
+from ..overfit import warning_lines
 from . import add_overrides, add_remote_code_flag
 
 
@@ -148,6 +149,7 @@ def run_show(args: argparse.Namespace) -> int:
         "log": str(job.log_path),
         "adapter": job.adapter_dir and str(job.adapter_dir),
         "error": job.error,
+        "warnings": "\n              ".join(warning_lines(job.run_dir)) or None,  # overfit.py's alarms
         "metrics": "  ".join(f"{k}={_num(v)}" for k, v in job.metrics.items()) or None,
     }
     for key, value in details.items():

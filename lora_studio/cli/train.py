@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--fit",
         action="store_true",
-        help="also score how well the base model already predicts the answers (task fit; loads the model)",
+        help="also check how well the base fits: zero-shot score and answer loss, with a verdict (loads the model)",
     )
     add_remote_code_flag(p)
     p.set_defaults(run=run_data_check)
@@ -95,11 +95,7 @@ def run_data_check(args: argparse.Namespace) -> int:
 
 
 def task_fit(path: str, fmt: str, base_model: str, max_length: int) -> str:
-    from ..config import ModelSettings
-    from ..data import load_examples
-    from ..evaluate import base_fit, fit_advice
-    from ..models import load_base
+    from ..fit import fit_models
 
-    model, tokenizer, _ = load_base(ModelSettings(base_model=base_model))
-    fit = base_fit(model, tokenizer, load_examples(path, fmt)[1], max_length=max_length)
-    return f"task fit of {base_model}: {fit.line()}\n  {fit_advice(fit)}"
+    reports, _ = fit_models([base_model], path, fmt, max_length=max_length)
+    return "\n".join(reports[0].lines())
