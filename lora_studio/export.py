@@ -143,6 +143,10 @@ def merge_adapter(
 
     dtype: the saved weights' dtype; "auto" keeps the base checkpoint's own dtype.
     """
+    if read_metadata(adapter_dir).get("task") == "classify":  # a label head: a sequence-classification model
+        from .classify_export import merge_classifier
+
+        return merge_classifier(adapter_dir, out_dir, dtype=dtype, overwrite=overwrite)
     start = time.time()
     adapter_dir, out_dir = Path(adapter_dir).expanduser().resolve(), Path(out_dir).expanduser()
     _check_destination(out_dir, overwrite)
@@ -163,6 +167,10 @@ def merge_into(adapter_dir: Path, folder: Path, *, dtype: str = "auto") -> tuple
 
     start = time.time()
     meta = read_metadata(adapter_dir)
+    if meta.get("task") == "classify":
+        raise ConfigError(
+            f"{adapter_dir} is a classification adapter: use `lora-studio merge` (GGUF is for chat models)"
+        )
     # Always merge into full-precision weights, whatever the adapter was trained on (QLoRA too).
     settings = replace(base_settings(meta), quantization="none", dtype="float32")
     base, base_tokenizer, ref = load_base(settings)

@@ -63,8 +63,12 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def build_app(engine: InferenceEngine, api_key: str | None = None) -> FastAPI:
+def build_app(
+    engine: InferenceEngine, api_key: str | None = None, classifiers: dict | None = None
+) -> FastAPI:
     """The FastAPI app serving `engine`; with `api_key`, /v1 routes need `Authorization: Bearer <key>`."""
+    from .serve_classify import add_classify_routes, refuse_classifier  # POST /v1/classify (task: classify)
+
     app = FastAPI(title="LoRA Studio", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
 
@@ -115,6 +119,7 @@ def build_app(engine: InferenceEngine, api_key: str | None = None) -> FastAPI:
     async def chat_completions(request: Request) -> Any:
         authorize(request)
         body = parse_body(await request.body())
+        refuse_classifier(classifiers or {}, body)
         model, adapter, kwargs, stream, include_usage = parse_chat_request(engine, body)
         try:
             reply = engine.start(kwargs.pop("messages"), adapter, **kwargs)
@@ -145,6 +150,7 @@ def build_app(engine: InferenceEngine, api_key: str | None = None) -> FastAPI:
             "usage": usage(reply),
         }
 
+    add_classify_routes(app, classifiers or {}, authorize)
     return app
 
 
@@ -302,11 +308,15 @@ async def cancel_on_disconnect(events: Iterator[str], reply: Generation) -> Asyn
 
 
 def run_server(
-    engine: InferenceEngine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
+    engine: InferenceEngine,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    classifiers: dict | None = None,
 ) -> None:
     """Serve until interrupted."""
     import uvicorn
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can use it", host)
-    uvicorn.run(build_app(engine, api_key), host=host, port=port, log_level="warning")
+    uvicorn.run(build_app(engine, api_key, classifiers), host=host, port=port, log_level="warning")

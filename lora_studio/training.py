@@ -52,6 +52,10 @@ def train(recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = ()
     `callbacks` are extra transformers TrainerCallbacks (the job service uses them for progress
     and cancellation). With `resume`, training continues from the run folder's last checkpoint.
     """
+    if recipe.task == "classify":  # a new label head on the body: its own data, model and trainer
+        from .classify_train import train_classifier
+
+        return train_classifier(recipe, resume=resume, callbacks=callbacks)
     run_dir = recipe.output_dir
     ref = resolve_base(recipe.model.base_model, recipe.model.revision)
     tokenizer = load_tokenizer(ref.folder, recipe.model.trust_remote_code)
@@ -190,6 +194,8 @@ class MetricRows:
         "learning_rate": "learning_rate",
         "grad_norm": "grad_norm",
         "train_loss": "train_loss",
+        "eval_accuracy": "val_accuracy",  # task: classify
+        "eval_macro_f1": "val_macro_f1",
     }
 
     def __init__(self) -> None:

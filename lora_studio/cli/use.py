@@ -193,6 +193,7 @@ def run_export(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from ..inference import InferenceEngine, adapter_name
     from ..serve import API_KEY_ENV, model_ids, run_server
+    from ..serve_classify import load_classifiers, run_classify_server, split_adapters
 
     names, paths = [], []
     for spec in args.adapters:
@@ -201,18 +202,27 @@ def run_serve(args: argparse.Namespace) -> int:
             name, path = adapter_name(spec), spec
         names.append(name)
         paths.append(path)
+    names, paths, classifier_paths = split_adapters(names, paths)  # task: classify -> POST /v1/classify
+    classifiers = load_classifiers(classifier_paths)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if classifiers and not paths and args.base is None:
+        print(
+            f"serving classifiers {', '.join(classifiers)} at http://{args.host}:{args.port}/v1/classify",
+            flush=True,
+        )
+        run_classify_server(classifiers, host=args.host, port=args.port, api_key=api_key)
+        return 0
     if not paths and args.base is None:
         raise ConfigError(
             "nothing to serve: give adapter folders, or --base MODEL to serve a base model alone"
         )
     engine = InferenceEngine.from_adapters(paths, names, base=args.base)
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     print(
         f"serving {', '.join(model_ids(engine))} at http://{args.host}:{args.port}/v1"
         f"{' (API key required)' if api_key else ''}",
         flush=True,
     )
-    run_server(engine, host=args.host, port=args.port, api_key=api_key)
+    run_server(engine, host=args.host, port=args.port, api_key=api_key, classifiers=classifiers)
     return 0
 
 
