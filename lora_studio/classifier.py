@@ -88,7 +88,7 @@ def load_classification_base(
             f"({', '.join(sorted(body_missing)[:3])}, ...): its checkpoint does not fit "
             f"{type(model).__name__}; choose another base model"
         )
-    log.info("new classification head for %d labels on %s (randomly initialised)", len(labels), ref.name)
+    log.debug("%s loaded as a sequence classifier for %d labels", ref.name, len(labels))
     if settings.quantization == "none":
         model.to(device)
     model.requires_grad_(False)

@@ -15,7 +15,7 @@ import sys
 from ..errors import LoraStudioError
 
 # Command groups, in the order `--help` lists them.
-GROUPS = ["train", "jobs", "ui", "use"]
+GROUPS = ["train", "jobs", "ui", "use", "classify"]
 
 
 def build_parser() -> argparse.ArgumentParser:
