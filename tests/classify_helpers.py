@@ -52,3 +52,28 @@ def classify_recipe(model_dir: Path, train_file: Path, run_dir: Path, **train: o
             },
         }
     )
+
+
+def build_classifier_adapter(model_dir: Path, dest: Path, labels: list[str]) -> Path:
+    """An untrained classification adapter (fresh head, zero LoRA update), written as training writes one."""
+    from lora_studio.adapters import save_adapter
+    from lora_studio.classifier import attach_classification_lora, load_classification_base
+    from lora_studio.classify_data import LabelMap
+    from lora_studio.classify_train import classification_metadata
+    from lora_studio.config import LoraSettings, ModelSettings
+    from lora_studio.models import load_tokenizer, model_fingerprint
+
+    tokenizer = load_tokenizer(model_dir)
+    model, ref = load_classification_base(
+        ModelSettings(base_model=str(model_dir)), labels, tokenizer.pad_token_id
+    )
+    peft = attach_classification_lora(model, LoraSettings(r=4, lora_alpha=8))
+    recipe = classify_recipe(model_dir, Path("unused.jsonl"), dest.parent / "run")
+    metadata = {
+        "base_model": str(model_dir),
+        "base_model_hash": model_fingerprint(ref.folder),
+        "recipe": recipe.to_dict(),
+        "created_at": "2025-01-01T00:00:00Z",
+        **classification_metadata(recipe, LabelMap(tuple(labels))),
+    }
+    return save_adapter(peft, tokenizer, dest, metadata)
