@@ -77,3 +77,29 @@ def build_classifier_adapter(model_dir: Path, dest: Path, labels: list[str]) -> 
         **classification_metadata(recipe, LabelMap(tuple(labels))),
     }
     return save_adapter(peft, tokenizer, dest, metadata)
+
+
+def build_wide_tiny_model(folder: Path) -> Path:
+    """The tiny Llama at hidden size 64: bitsandbytes packs 4-bit weights in blocks of 64."""
+    import torch
+    from tiny_model import build_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from classify_helpers import classify_recipe, toy_rows, write_jsonl
+from classify_helpers import build_wide_tiny_model, classify_recipe, toy_rows, write_jsonl
 
 from lora_studio import train
 from lora_studio.classifier import attach_classification_lora, load_classification_base
@@ -93,3 +93,24 @@ def test_sixty_classes_of_ten_rows_train_and_report_every_class(tiny_model_dir: 
     assert all(c["support"] == 1 for c in scores["per_class"])
     assert len(scores["confusion_matrix"]) == 60 and scores["rows"] == 60
     assert result.metrics["classes"] == 60
+
+
+def test_a_4bit_base_trains_with_a_full_precision_head_and_merges(tmp_path: Path):
+    from bitsandbytes.nn import Linear4bit
+
+    from lora_studio.classifier import Classifier
+    from lora_studio.export import merge_adapter
+
+    model_dir = build_wide_tiny_model(tmp_path / "wide")
+    data = write_jsonl(tmp_path / "toy.jsonl", toy_rows(10))
+    recipe = classify_recipe(model_dir, data, tmp_path / "run", max_steps=2, eval_every_steps=2)
+    result = train(recipe.replace(quantization="4bit"))
+    assert result.metrics["global_step"] == 2 and result.metrics["train_loss"] == result.metrics["train_loss"]
+    classifier = Classifier.from_adapter(result.adapter_dir)  # loaded 4-bit, as trained
+    body = classifier.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    head = classifier.model.get_base_model().score.modules_to_save["default"]
+    assert (
+        isinstance(body, Linear4bit) and type(head) is torch.nn.Linear and head.weight.dtype == torch.float32
+    )
+    report = merge_adapter(result.adapter_dir, tmp_path / "merged")  # from the float32 base
+    assert report.check.passed
