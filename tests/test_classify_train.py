@@ -114,3 +114,40 @@ def test_a_4bit_base_trains_with_a_full_precision_head_and_merges(tmp_path: Path
     )
     report = merge_adapter(result.adapter_dir, tmp_path / "merged")  # from the float32 base
     assert report.check.passed
+
+
+def test_accelerate_launch_two_processes_trains_a_classifier(tiny_model_dir: Path, tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    data = write_jsonl(tmp_path / "toy.jsonl", toy_rows(12))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"name: ddp\ntask: classify\nmodel: {{base_model: {tiny_model_dir}}}\nlora: {{r: 4, lora_alpha: 8}}\n"
+        f"data: {{train_file: {data}, max_length: 32, val_fraction: 0.25}}\n"
+        f"train: {{output_dir: {tmp_path / 'run'}, max_steps: 3, per_device_train_batch_size: 4, "
+        "eval_every_steps: 3, logging_steps: 1}\n"
+    )
+    accelerate = Path(sys.executable).with_name("accelerate")
+    config = root / "recipes/accelerate/cpu_2proc.yaml"
+    proc = subprocess.run(
+        [
+            str(accelerate),
+            "launch",
+            "--config_file",
+            str(config),
+            str(root / "recipes/train.py"),
+            str(recipe),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "run/adapter/lora_studio.json").read_text())
+    assert meta["metrics"]["world_size"] == 2 and meta["task"] == "classify"
+    scores = json.loads((tmp_path / "run/eval/scores.json").read_text())
+    assert scores["rows"] == 9  # every validation row scored once, none doubled by the two processes
