@@ -151,3 +151,14 @@ def test_accelerate_launch_two_processes_trains_a_classifier(tiny_model_dir: Pat
     assert meta["metrics"]["world_size"] == 2 and meta["task"] == "classify"
     scores = json.loads((tmp_path / "run/eval/scores.json").read_text())
     assert scores["rows"] == 9  # every validation row scored once, none doubled by the two processes
+
+
+def test_a_classifier_run_resumes_from_its_checkpoint(tiny_model_dir: Path, tmp_path: Path):
+    data = write_jsonl(tmp_path / "toy.jsonl", toy_rows(12))
+    recipe = classify_recipe(tiny_model_dir, data, tmp_path / "run", max_steps=2, eval_every_steps=2)
+    train(recipe)
+    result = train(recipe.replace(max_steps=4), resume=True)
+    assert result.metrics["global_step"] == 4
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    validated = [r["step"] for r in rows if "val_accuracy" in r]
+    assert validated == [0, 2, 4]  # the resumed run's first validation is not logged twice
