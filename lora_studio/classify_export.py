@@ -170,6 +170,7 @@ class ClassifierVerifyReport:
     labels: list[str]  # the adapter's label for each text
     checks: list[ProbabilityCheck] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # targets that could not be checked
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -180,7 +181,7 @@ class ClassifierVerifyReport:
         for text, label in zip(self.texts, self.labels, strict=True):
             short = text if len(text) <= 60 else text[:59] + "…"
             out.append(f"  {short!r} -> {label}")
-        out += [c.line() for c in self.checks] + [f"ERROR {e}" for e in self.errors]
+        out += [c.line() for c in self.checks] + [f"ERROR {e}" for e in self.errors] + self.notes
         out.append("result: " + ("consistent" if self.ok else "PROBLEMS FOUND"))
         return out
 
@@ -207,6 +208,8 @@ def verify_classifier(
     reference = adapter.probabilities(chosen)
     labels = [adapter.labels[int(i)] for i in reference.argmax(-1)]
     report = ClassifierVerifyReport(str(adapter_dir), chosen, labels)
+    if "gguf" in targets:
+        report.notes.append("GGUF: not checked (GGUF export is for chat models, not classifiers)")
     with tempfile.TemporaryDirectory(prefix="lora-studio-verify-") as work:
         if "merged" in targets:
             try:

@@ -169,7 +169,8 @@ def merge_into(adapter_dir: Path, folder: Path, *, dtype: str = "auto") -> tuple
     meta = read_metadata(adapter_dir)
     if meta.get("task") == "classify":
         raise ConfigError(
-            f"{adapter_dir} is a classification adapter: use `lora-studio merge` (GGUF is for chat models)"
+            f"{adapter_dir} is a classification adapter and GGUF is for chat models: "
+            "use `lora-studio merge` for a standalone transformers classifier"
         )
     # Always merge into full-precision weights, whatever the adapter was trained on (QLoRA too).
     settings = replace(base_settings(meta), quantization="none", dtype="float32")

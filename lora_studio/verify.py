@@ -135,7 +135,7 @@ def verify(
             server_url=server_url,
             server_model=server_model,
             api_key=api_key,
-            targets=[t for t in targets if t != "gguf"],
+            targets=targets,
             texts=[p[-1]["content"] for p in prompts] if prompts else None,
         )
     name = adapter_name(adapter_dir)

@@ -82,6 +82,7 @@ def test_verify_compares_probabilities_of_adapter_merged_and_server(classifier_d
     whats = [c.what for c in report.checks]
     assert any(w.startswith("merged model") for w in whats) and any(w.startswith("server") for w in whats)
     assert all(c.same_label == 1.0 for c in report.checks)
+    assert "GGUF: not checked (GGUF export is for chat models, not classifiers)" in report.lines()
 
 
 def test_chat_engine_refuses_a_classifier(tiny_model_dir: Path, classifier_dir: Path):
