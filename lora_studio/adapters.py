@@ -84,13 +84,21 @@ def attach_lora(model: Any, settings: LoraSettings, gradient_checkpointing: bool
 
 
 # --- adapter folders ---------------------------------------------------------------------------
-def save_adapter(model: Any, tokenizer: Any, dest: Path, metadata: dict[str, Any]) -> Path:
-    """Write a complete adapter folder atomically (temp folder, then rename)."""
+def save_adapter(
+    model: Any,
+    tokenizer: Any,
+    dest: Path,
+    metadata: dict[str, Any],
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a complete adapter folder atomically (temp folder, then rename); `extra_files`: name -> text."""
     dest = Path(dest)
     tmp = temp_folder(dest)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
         move_into_place(tmp, dest)
     finally:

@@ -27,6 +27,11 @@ Quantization = Literal["none", "8bit", "4bit"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DataFormat = Literal["auto", "messages", "alpaca", "prompt_completion", "text"]
+Task = Literal["chat", "classify"]
+TASK_HELP = (
+    "What to train: 'chat' teaches the model to write answers; 'classify' keeps the pretrained body, "
+    "puts a new head sized to the labels on it and trains it to pick one label per text."
+)
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,9 @@ class DataSettings:
     dedupe: bool = _f(
         False, "Drop exact duplicate rows of train_file before the validation split (duplicates overfit)."
     )
+    # task: classify reads one text and one label per row.
+    text_column: str = _f("text", "task: classify: the column (field) holding each row's text.")
+    label_column: str = _f("label", "task: classify: the column (field) holding each row's label.")
 
 
 @dataclass(frozen=True)
@@ -167,6 +175,14 @@ class TrainSettings:
         "Which checkpoint becomes the adapter: the lowest validation loss, or 'balanced': the lowest "
         "validation loss plus the rise of the loss on general text (keeps more of what the base knew).",
     )
+    # task: classify only.
+    class_weight: Literal["none", "balanced"] = _f(
+        "none", "task: classify: 'balanced' weights the loss by inverse class frequency (for skewed labels)."
+    )
+    metric_for_best_model: Literal["val_loss", "macro_f1", "accuracy"] = _f(
+        "val_loss",
+        "What picks the best checkpoint and drives early stopping; macro_f1 and accuracy need task: classify.",
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -180,6 +196,7 @@ SECTIONS: dict[str, type] = {
 @dataclass(frozen=True)
 class Recipe:
     name: str = "run"
+    task: Task = "chat"
     model: ModelSettings = field(default_factory=ModelSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataSettings = field(default_factory=DataSettings)
@@ -195,9 +212,12 @@ class Recipe:
         name = raw.get("name", "run")
         if not isinstance(name, str) or not name:
             problems.append(f"name: expected a non-empty string, got {name!r}")
+        task = raw.get("task", "chat")
+        if task not in typing.get_args(Task):
+            problems.append(f"task: expected {_describe(Task)}, got {task!r}")
         for key in raw:
-            if key != "name" and key not in SECTIONS:
-                problems.append(_unknown(key, ["name", *SECTIONS], "top-level key"))
+            if key not in ("name", "task") and key not in SECTIONS:
+                problems.append(_unknown(key, ["name", "task", *SECTIONS], "top-level key"))
         sections = {}
         for section, kind in SECTIONS.items():
             values = raw.get(section) or {}
@@ -205,7 +225,8 @@ class Recipe:
                 problems.append(f"{section}: expected a mapping, got {type(values).__name__}")
                 values = {}
             sections[section] = _build_section(kind, section, values, problems)
-        recipe = cls(name=name if isinstance(name, str) else "run", **sections)
+        task = task if task in typing.get_args(Task) else "chat"
+        recipe = cls(name=name if isinstance(name, str) else "run", task=task, **sections)
         problems.extend(recipe._cross_checks())
         if problems:
             raise ConfigError(f"{source} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
@@ -257,6 +278,9 @@ class Recipe:
         steps = self.train.max_steps
         if steps != -1 and steps not in COUNT:
             problems.append(f"max_steps: expected -1 or a positive number (at most {MAX_COUNT}), got {steps}")
+        for name, chat_value in (("class_weight", "none"), ("metric_for_best_model", "val_loss")):
+            if self.task != "classify" and getattr(self.train, name) != chat_value:
+                problems.append(f"{name}: {getattr(self.train, name)!r} needs task: classify")
         save, every = self.train.save_every_steps, self.train.eval_every_steps
         if save is not None and save in COUNT and every in COUNT and save % every:
             problems.append(
@@ -293,7 +317,9 @@ def field_range(name: str) -> Range | None:
 
 def field_help() -> dict[str, str]:
     """Plain field name -> help text, for --help and the UI's hints."""
-    return {f.name: f.metadata["help"] for kind in SECTIONS.values() for f in fields(kind)}
+    return {"task": TASK_HELP} | {
+        f.name: f.metadata["help"] for kind in SECTIONS.values() for f in fields(kind)
+    }
 
 
 def field_section(name: str) -> str | None:
@@ -319,8 +345,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         except ConfigError as e:
             problems.append(str(e))
             continue
-        if key == "name":
-            raw["name"] = value
+        if key in ("name", "task"):
+            raw[key] = value
             continue
         section, _, name = key.rpartition(".")
         section = section or field_section(name)

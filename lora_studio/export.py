@@ -143,6 +143,10 @@ def merge_adapter(
 
     dtype: the saved weights' dtype; "auto" keeps the base checkpoint's own dtype.
     """
+    if read_metadata(adapter_dir).get("task") == "classify":  # a label head: a sequence-classification model
+        from .classify_export import merge_classifier
+
+        return merge_classifier(adapter_dir, out_dir, dtype=dtype, overwrite=overwrite)
     start = time.time()
     adapter_dir, out_dir = Path(adapter_dir).expanduser().resolve(), Path(out_dir).expanduser()
     settle_folder(out_dir)  # a replacement a crash cut short is rolled back before we look
@@ -162,6 +166,11 @@ def merge_into(adapter_dir: Path, folder: Path, *, dtype: str = "auto") -> tuple
 
     start = time.time()
     meta = read_metadata(adapter_dir)
+    if meta.get("task") == "classify":
+        raise ConfigError(
+            f"{adapter_dir} is a classification adapter and GGUF is for chat models: "
+            "use `lora-studio merge` for a standalone transformers classifier"
+        )
     # Always merge into full-precision weights, whatever the adapter was trained on (QLoRA too).
     settings = replace(base_settings(meta, adapter_dir), quantization="none", dtype="float32")
     base, base_tokenizer, ref = load_base(settings)

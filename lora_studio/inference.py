@@ -231,6 +231,11 @@ class InferenceEngine:
 
         folder = Path(path).expanduser().resolve()
         meta = read_metadata(folder)  # also checks adapter_model.safetensors is there (no pickles)
+        if meta.get("task") == "classify":
+            raise ModelError(
+                f"{folder} is a classification adapter: it picks labels and cannot chat; "
+                "use `lora-studio classify` or POST /v1/classify"
+            )
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}", name or ""):
             raise ModelError(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_', ':' or '-'")
         if name in self._adapters or name in (self.base_name, "base"):

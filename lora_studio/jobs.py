@@ -466,10 +466,13 @@ def _pin_paths(recipe: Recipe, default_run_dir: Path) -> Recipe:
 
 def _check_data(recipe: Recipe) -> None:
     """Parse the data files now, so a job never waits in the queue only to fail on a typo."""
+    from .classify_data import load_labeled
     from .data import load_examples
 
     for path in (recipe.data.train_file, recipe.data.val_file):
-        if path:
+        if path and recipe.task == "classify":
+            load_labeled(path, recipe.data.text_column, recipe.data.label_column)
+        elif path:
             load_examples(path, recipe.data.format, recipe.data.system_prompt)
 
 

@@ -52,6 +52,7 @@ from .serve_requests import (
     engine_error_message,
     max_prompt_chars,
     model_ids,
+    parse_body,
     parse_chat_request,
     read_body,
     resolve_model,
@@ -111,6 +112,7 @@ def build_app(
     *,
     max_body_mb: float = DEFAULT_MAX_BODY_MB,
     max_queue: int = DEFAULT_MAX_QUEUE,
+    classifiers: dict | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `engine`; with `api_key`, /v1 routes need `Authorization: Bearer <key>`."""
     admission = Admission(max_queue)
@@ -160,7 +162,7 @@ def build_app(
         authorize(request)
         with admission.place() as keep:
             raw = await read_body(request, max_bytes)
-            chat, reply = await run_in_threadpool(start_chat, engine, raw, prompt_chars)
+            chat, reply = await run_in_threadpool(start_chat, engine, raw, prompt_chars, classifiers)
             keep(reply)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if chat.stream:
@@ -172,6 +174,10 @@ def build_app(
         text = await reply_text(request, reply)
         return completion(reply, text, completion_id, chat.model)
 
+    if classifiers:  # POST /v1/classify for task: classify adapters
+        from .serve_classify import add_classify_routes
+
+        add_classify_routes(app, classifiers, authorize, max_bytes)
     return app
 
 
@@ -196,9 +202,15 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(body, status_code=500)
 
 
-def start_chat(engine: InferenceEngine, raw: bytes, prompt_chars: int) -> tuple[ChatRequest, Generation]:
+def start_chat(
+    engine: InferenceEngine, raw: bytes, prompt_chars: int, classifiers: dict | None = None
+) -> tuple[ChatRequest, Generation]:
     """Parse, check, template and tokenise a request, and start its generation (CPU work: call it
     in a worker thread, never on the event loop)."""
+    if classifiers:  # a classifier's name gets a 400 naming /v1/classify, not "unknown model"
+        from .serve_classify import refuse_classifier
+
+        refuse_classifier(classifiers, parse_body(raw))
     chat = parse_chat_request(raw, engine, prompt_chars)
     try:
         return chat, engine.start(chat.messages, chat.adapter, **chat.settings)
@@ -327,12 +339,13 @@ def run_server(
     max_body_mb: float = DEFAULT_MAX_BODY_MB,
     max_queue: int = DEFAULT_MAX_QUEUE,
     insecure_no_auth: bool = False,
+    classifiers: dict | None = None,
 ) -> None:
     """Serve until interrupted; beyond loopback only with an API key, or with `insecure_no_auth`."""
     import uvicorn
 
     check_exposure(host, api_key, insecure_no_auth)
-    app = build_app(engine, api_key, max_body_mb=max_body_mb, max_queue=max_queue)
+    app = build_app(engine, api_key, max_body_mb=max_body_mb, max_queue=max_queue, classifiers=classifiers)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -72,6 +72,10 @@ def train(
     `fence()` is entered around every write to the run folder except the Trainer's checkpoints;
     it raises TrainingCancelled when this run may no longer write (its job attempt was superseded).
     """
+    if recipe.task == "classify":  # a new label head on the body: its own data, model and trainer
+        from .classify_train import train_classifier
+
+        return train_classifier(recipe, resume=resume, callbacks=callbacks)
     fence = fence or contextlib.nullcontext
     run_dir = recipe.output_dir
     trust_remote_code = check_remote_code(recipe.model)  # refused before anything is read
@@ -241,6 +245,8 @@ class MetricRows:
         "train_loss": "train_loss",
         "eval_general_loss": "general_loss",  # select_best: balanced
         "eval_balanced": "balanced",
+        "eval_accuracy": "val_accuracy",  # task: classify
+        "eval_macro_f1": "val_macro_f1",
     }
 
     def __init__(self) -> None:

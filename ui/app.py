@@ -15,7 +15,7 @@ import gradio as gr
 from lora_studio.engine_pool import EnginePool
 from lora_studio.home import studio_home
 
-from . import adapters_tab, chat_tab, data_tab, train_tab
+from . import adapters_tab, chat_tab, classify_tab, data_tab, train_tab
 from .common import is_loopback, shows_errors
 from .uploads import DEFAULT_MAX_UPLOAD_MB
 
@@ -51,6 +51,8 @@ def build_app(max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, host: str = "127.0.0
                 chat = chat_tab.build(EnginePool(max_bases=2))
             with gr.Tab("Adapters", id="adapters") as adapters_page:
                 adapters = adapters_tab.build()
+            with gr.Tab("Classify", id="classify") as classify_page:
+                classify = classify_tab.build()
         # The Train tab follows the dataset chosen on the Data tab.
         data.dataset.change(
             data_tab.refresh_datasets, inputs=data.dataset, outputs=train.dataset, api_visibility="private"
@@ -72,6 +74,13 @@ def build_app(max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, host: str = "127.0.0
                 shows_errors(adapters_tab.refresh),
                 inputs=adapters.adapter,
                 outputs=[adapters.adapter, adapters.table],
+                api_visibility="private",
+            )
+        for trigger in (app.load, classify_page.select):
+            trigger(
+                shows_errors(classify_tab.refresh),
+                inputs=classify.adapter,
+                outputs=classify.adapter,
                 api_visibility="private",
             )
     return app

@@ -21,6 +21,7 @@ from lora_studio.config import (
     LoraSettings,
     Quantization,
     Recipe,
+    Task,
     TrainSettings,
 )
 from lora_studio.home import studio_home
@@ -63,11 +64,13 @@ def recipe_from_form(
     batch_size: float = 8,
     eval_every: float = 50,
     log_every: float = 5,
+    task: str = "chat",
 ) -> Recipe:
     """The form's values as a validated Recipe (every problem reported at once, as the CLI does)."""
     return Recipe.from_dict(
         {
             "name": (name or "").strip() or "adapter",
+            "task": task,
             "model": {
                 "base_model": (base_model or "").strip() or DEFAULT_BASE_MODEL,
                 "quantization": quantization,
@@ -184,6 +187,13 @@ def build(public: bool = False) -> TrainTab:
     with gr.Row():
         with gr.Column(scale=2, elem_id="train-form"):
             name = gr.Textbox(label="Run name", value="my-adapter", info="Names the job and its adapter.")
+            task = gr.Dropdown(
+                label="Task",
+                choices=literal_choices(Task),
+                value="chat",
+                info=hint("task"),
+                elem_id="train-task",
+            )
             base_model = gr.Dropdown(
                 label="Base model",
                 choices=base_model_choices(),
@@ -317,6 +327,7 @@ def build(public: bool = False) -> TrainTab:
         batch_size,
         eval_every,
         log_every,
+        task,
     ]
 
     @shows_errors

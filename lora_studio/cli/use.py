@@ -219,6 +219,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..access import read_secret
     from ..inference import InferenceEngine, adapter_name
     from ..serve import API_KEY_ENV, check_exposure, model_ids, run_server
+    from ..serve_classify import load_classifiers, run_classify_server, split_adapters
 
     if not args.max_body_mb > 0:
         raise ConfigError(f"--max-body-mb: expected a positive size in MB, got {args.max_body_mb}")
@@ -233,6 +234,15 @@ def run_serve(args: argparse.Namespace) -> int:
             name, path = adapter_name(spec), spec
         names.append(name)
         paths.append(path)
+    names, paths, classifier_paths = split_adapters(names, paths)  # task: classify -> POST /v1/classify
+    classifiers = load_classifiers(classifier_paths)
+    if classifiers and not paths and args.base is None:
+        print(
+            f"serving classifiers {', '.join(classifiers)} at http://{args.host}:{args.port}/v1/classify",
+            flush=True,
+        )
+        run_classify_server(classifiers, host=args.host, port=args.port, api_key=api_key)
+        return 0
     if not paths and args.base is None:
         raise ConfigError(
             "nothing to serve: give adapter folders, or --base MODEL to serve a base model alone"
@@ -251,6 +261,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_body_mb=args.max_body_mb,
         max_queue=args.max_queue,
         insecure_no_auth=args.insecure_no_auth,
+        classifiers=classifiers,
     )
     return 0
 
