@@ -187,7 +187,7 @@ class Classifier:
         folder = Path(adapter_dir).expanduser().resolve()
         meta = require_classifier(folder)
         labels = labels_of(meta, folder)
-        settings = model_settings or base_settings(meta)
+        settings = model_settings or base_settings(meta, folder)
         tokenizer = load_tokenizer(
             folder
             if (folder / "tokenizer_config.json").is_file()

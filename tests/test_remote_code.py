@@ -140,3 +140,19 @@ def test_the_operators_flag_is_what_lets_the_code_run(
     except ModelError:
         pass  # the module's classes need not load for this check
     assert sentinel.read_text() == "remote code ran"
+
+
+def test_a_classifier_asking_for_remote_code_is_refused_too(
+    evil_base: Path, sentinel: Path, tmp_path: Path
+) -> None:
+    from classify_helpers import build_classifier_adapter
+
+    from lora_studio.classifier import Classifier
+
+    adapter = build_classifier_adapter(evil_base, tmp_path / "classifier", ["a", "b"])
+    meta = json.loads((adapter / "lora_studio.json").read_text())
+    meta["recipe"]["model"]["trust_remote_code"] = True
+    (adapter / "lora_studio.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match=REMOTE_CODE_FLAG):
+        Classifier.from_adapter(adapter)
+    assert not sentinel.exists()
