@@ -124,7 +124,9 @@ def test_an_adapter_trained_hard_on_a_narrow_task_regresses(learnable_dir, tmp_p
     assert report["rows"][3]["val_loss"] is not None and report["rows"][3]["step"] == 30
     assert "## General ability (forgetting)" in (result.run_dir / "eval" / "report.md").read_text()
     probes = [json.loads(x) for x in (result.run_dir / "eval" / "forgetting.jsonl").read_text().splitlines()]
-    assert len(probes) == len(load_probes()) and {"base", "adapter_correct", "checkpoint-30"} <= set(probes[0])
+    assert len(probes) == len(load_probes()) and {"base", "adapter_correct", "checkpoint-30"} <= set(
+        probes[0]
+    )
     right = sum(p["adapter_correct"] for p in probes) / len(probes)
     assert right == pytest.approx(report["rows"][1]["probe_accuracy"])
 
