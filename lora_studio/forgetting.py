@@ -15,6 +15,7 @@ uses the same general text during training (`balanced_callback`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -217,7 +218,7 @@ def checkpoint_ability(model: Any, tokenizer: Any, checkpoint: Path, run_dir: Pa
         model.set_adapter("default")
         model.delete_adapter(name)
     step = int(name.rsplit("-", 1)[-1])
-    return Ability(**{**ability.__dict__, "step": step, "val_loss": _val_loss_at(run_dir, step)})
+    return dataclasses.replace(ability, step=step, val_loss=_val_loss_at(run_dir, step))
 
 
 def _val_loss_at(run_dir: Path | None, step: int) -> float | None:

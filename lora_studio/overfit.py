@@ -10,6 +10,7 @@ the person why their run stopped improving and which checkpoint they got.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -136,7 +137,7 @@ class OverfitWatch:
             return None
         best = state.best_model_checkpoint
         if best and Path(best).name == f"checkpoint-{alarm.best_step}":
-            alarm = OverfitAlarm(**{**asdict(alarm), "best_checkpoint": Path(best).name})
+            alarm = dataclasses.replace(alarm, best_checkpoint=Path(best).name)
         self.raised = True
         log.warning("%s", alarm.message)
         set_run_warning(self.run_dir, "overfitting", alarm.to_dict())

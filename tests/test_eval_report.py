@@ -155,3 +155,13 @@ def test_scratch_baseline_trains_the_same_recipe_on_a_random_copy_of_the_base(tr
     assert set(report["sides"]) == {"base", "adapter", "scratch"}
     scores = {k: v["score"]["accuracy"] for k, v in report["sides"].items()}
     assert report["gain_over_scratch"] == pytest.approx(scores["adapter"] - scores["scratch"])
+
+
+@pytest.mark.parametrize("command", ["eval", "fit"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: lora-studio {command}" in out
+    assert ("--baseline" in out and "--forgetting" in out) if command == "eval" else "--models" in out
