@@ -8,7 +8,7 @@
 3. classification head: recipes/smollm2-classify-cpu.yaml (task: classify), a new 4-label head on the
    pretrained body, LoRA on the body.
 For each: accuracy and macro F1 on the 120 held-out rows of test.csv, training time (the Trainer's
-own runtime, model loading excluded) and inference rows per second (batches of 16, model loaded).
+own runtime, model loading excluded) and inference rows per second (batches of 16, model loaded; up to 24 new tokens per answer).
 `--set` overrides apply to both trainings. Results go to runs/classification-compare/results.json.
 """
 
@@ -39,6 +39,7 @@ PROMPT = (
 )
 NO_LABEL = "(no label)"
 BATCH = 16
+MAX_NEW_TOKENS = 24  # room for a chatty base to name the team; a trained answer stops at its end-of-turn
 
 log = logging.getLogger("compare")
 
@@ -109,7 +110,7 @@ def prompt(text: str, labels: list[str]) -> str:
 def answer_and_score(model, tokenizer, test: list, labels: list[str], train_seconds: float) -> dict:
     prompts = [[{"role": "user", "content": prompt(r.text, labels)}] for r in test]
     start = time.perf_counter()
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=6, batch_size=BATCH)
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=BATCH)
     seconds = time.perf_counter() - start
     picked = [label_in(a, labels) for a in answers]
     known = [*labels, NO_LABEL]  # an answer naming no label counts as wrong
