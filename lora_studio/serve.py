@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
@@ -49,6 +48,7 @@ from .serve_requests import (
     BASE_ALIAS,
     APIError,
     ChatRequest,
+    api_key_check,
     engine_error_message,
     max_prompt_chars,
     model_ids,
@@ -130,16 +130,7 @@ def build_app(
     created = int(time.time())
     add_error_handlers(app)
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            raise APIError(
-                401,
-                "missing or incorrect API key: send it as 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-            )
+    authorize = api_key_check(api_key)
 
     # async handlers run on the event loop, so they never wait for a worker thread
     @app.get("/health")

@@ -21,7 +21,6 @@ server has classifiers only (their base may have no chat template), `classify_ap
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from .classifier import Classifier, is_classifier
-from .serve_requests import APIError, parse_body, read_body
+from .serve_requests import APIError, api_key_check, parse_body, read_body
 
 MAX_INPUTS = 256
 CHAT_PATHS = ("/v1/chat/completions", "/v1/completions")
@@ -140,16 +139,7 @@ def classify_app(classifiers: dict[str, Classifier], api_key: str | None = None)
     """The whole app when only classifiers are served: /health, /v1/models, /v1/classify; chat refused."""
     app = FastAPI(title="LoRA Studio classifiers", docs_url=None, redoc_url=None, openapi_url=None)
 
-    def authorize(request: Request) -> None:  # the same rule as serve.build_app's
-        if api_key is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            raise APIError(
-                401,
-                "missing or incorrect API key: send it as 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-            )
+    authorize = api_key_check(api_key)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:

@@ -14,9 +14,11 @@ seed) are checked by the engine's `GenerationSettings`; the server maps its name
 
 from __future__ import annotations
 
+import hmac
 import json
 import re
 import reprlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +73,23 @@ class ChatRequest:
 
 
 # --- the body ----------------------------------------------------------------------------------
+def api_key_check(api_key: str | None) -> Callable[[Request], None]:
+    """The check every /v1 route makes: `Authorization: Bearer <api_key>` (nothing when no key is set)."""
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise APIError(
+                401,
+                "missing or incorrect API key: send it as 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
+
+    return authorize
+
+
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The request body, refused with 413 as soon as it passes `max_bytes` (declared or sent)."""
     declared = request.headers.get("content-length", "")
