@@ -130,11 +130,11 @@ def settle_folder(dest: Path) -> None:
         return
     for partial in dest.parent.glob(f".{dest.name}.partial-*"):
         pid = partial.name.rsplit(".partial-", 1)[1].split("-")[0]
-        if pid.isdigit() and not _pid_exists(int(pid)):
+        if pid.isdigit() and not pid_exists(int(pid)):
             shutil.rmtree(partial, ignore_errors=True)
 
 
-def _pid_exists(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from .errors import ConfigError
+from .files import pid_exists
 
 if TYPE_CHECKING:  # jobs imports this module: no import back at run time
     from .jobs import Job, JobStore
@@ -269,13 +270,7 @@ def process_alive(pid: int, started_by: float | None = None) -> bool:
     """
     proc = Path(f"/proc/{pid}")
     if not Path("/proc/self/stat").exists():  # not Linux: the pid exists, that is all we can tell
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid_exists(pid)
     try:
         cmdline = (proc / "cmdline").read_bytes()  # empty for a zombie
         stat = (proc / "stat").read_text()
