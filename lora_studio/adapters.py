@@ -8,9 +8,9 @@ into place, so a folder with `lora_studio.json` is always complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 
 from .config import LoraSettings
 from .errors import ConfigError, ModelError
-from .files import move_into_place
+from .files import move_into_place, settle_folder, temp_folder
 
 METADATA_FILE = "lora_studio.json"
 
@@ -84,15 +84,21 @@ def attach_lora(model: Any, settings: LoraSettings, gradient_checkpointing: bool
 
 
 # --- adapter folders ---------------------------------------------------------------------------
-def save_adapter(model: Any, tokenizer: Any, dest: Path, metadata: dict[str, Any]) -> Path:
-    """Write a complete adapter folder atomically (temp folder, then rename)."""
+def save_adapter(
+    model: Any,
+    tokenizer: Any,
+    dest: Path,
+    metadata: dict[str, Any],
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a complete adapter folder atomically (temp folder, then rename); `extra_files`: name -> text."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    tmp.chmod(0o755)
+    tmp = temp_folder(dest)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
         move_into_place(tmp, dest)
     finally:
@@ -101,15 +107,80 @@ def save_adapter(model: Any, tokenizer: Any, dest: Path, metadata: dict[str, Any
 
 
 def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
-    """The `lora_studio.json` of an adapter folder, or a ModelError saying what is wrong."""
+    """The `lora_studio.json` of a whole adapter folder, or a ModelError saying what is wrong.
+
+    An adapter folder is data from anywhere (a download, an upload), so everything read here is
+    checked: the metadata's shape, the PEFT config, and that the weights file is complete.
+    """
     folder = Path(adapter_dir)
+    with contextlib.suppress(OSError):  # a read-only folder is read as it is
+        settle_folder(folder)  # finish or roll back a replacement a crash cut short
     if not folder.is_dir():
         raise ModelError(f"adapter folder not found: {folder}")
-    if not (folder / "adapter_model.safetensors").is_file():
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
         raise ModelError(f"{folder} has no adapter_model.safetensors: not a (complete) LoRA adapter folder")
     meta = folder / METADATA_FILE
     if not meta.is_file():
         raise ModelError(
             f"{folder} has no {METADATA_FILE}: it was not written by LoRA Studio or is incomplete"
         )
-    return json.loads(meta.read_text())
+    metadata = _json_object(meta)
+    problems = [
+        f"{key} should be {kind.__name__}, got {type(metadata[key]).__name__}"
+        for key, kind in _METADATA_FIELDS.items()
+        if key in metadata and not isinstance(metadata[key], kind)
+    ]
+    recipe = metadata.get("recipe")
+    model = recipe.get("model") if isinstance(recipe, dict) else None
+    if model is not None and not isinstance(model, dict):
+        problems.append(f"recipe.model should be an object, got {type(model).__name__}")
+    if not isinstance(metadata.get("base_model"), str):
+        problems.append("base_model (the name of the base it was trained on) is missing")
+    if problems:
+        raise ModelError(f"{meta} is damaged: {'; '.join(problems)}. {_RECOVER}")
+    _json_object(folder / "adapter_config.json")
+    check_safetensors_complete(weights)
+    return metadata
+
+
+# Fields of lora_studio.json that are read back, and their JSON types.
+_METADATA_FIELDS: dict[str, type] = {
+    "base_model": str,
+    "base_model_hash": str,
+    "recipe": dict,
+    "metrics": dict,
+    "data_fingerprint": str,
+}
+_RECOVER = "Copy the adapter folder again, or retrain it."
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelError(f"{path.parent} has no {path.name}: not a complete adapter folder. {_RECOVER}")
+    try:
+        value = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # also bad UTF-8 and absurd nesting
+        raise ModelError(f"{path} is damaged (not valid JSON: {str(e)[:80]}). {_RECOVER}") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{path} is damaged: expected a JSON object, got {type(value).__name__}. {_RECOVER}")
+    return value
+
+
+def check_safetensors_complete(path: Path) -> None:
+    """Refuse a truncated or garbled safetensors file: its header must describe the file's exact size."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if not 2 <= header_len <= min(size - 8, 100_000_000):
+                raise ValueError("bad header length")
+            header = json.loads(f.read(header_len))
+        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise ModelError(f"{path} is not a readable safetensors file. {_RECOVER}") from None
+    expected = 8 + header_len + max(ends, default=0)
+    if size != expected:
+        raise ModelError(
+            f"{path} is truncated or damaged ({size} bytes, its header describes {expected}). {_RECOVER}"
+        )

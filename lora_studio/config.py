@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -27,10 +28,47 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DataFormat = Literal["auto", "messages", "alpaca", "prompt_completion", "text"]
 Speedup = Literal["cache", "label_only", "bf16"]
+Task = Literal["chat", "classify"]
+TASK_HELP = (
+    "What to train: 'chat' teaches the model to write answers; 'classify' keeps the pretrained body, "
+    "puts a new head sized to the labels on it and trains it to pick one label per text."
+)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number setting accepts, from low to high (each end included unless open)."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        low = f"{'above' if self.low_open else 'at least'} {_number(self.low)}"
+        if self.high == math.inf:
+            return low
+        return f"{low} and {'below' if self.high_open else 'at most'} {_number(self.high)}"
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+# Counts and step numbers above this are typos, and overflow the int32 some libraries use.
+MAX_COUNT = 2**31 - 1
+POSITIVE = Range(0, math.inf, low_open=True)
+COUNT = Range(1, MAX_COUNT)
+SHARE = Range(0, 1, high_open=True)  # a fraction: 0 allowed, 1 not
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with its help text kept in the metadata."""
+    """A dataclass field with its help text (and a `range` for numbers) kept in the metadata."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -47,14 +85,22 @@ class ModelSettings:
     dtype: DType = _f("auto", "Weight dtype; 'auto' picks bf16/fp16 on GPUs and fp32 on CPUs (faster there).")
     device: Device = _f("auto", "Where to train; 'auto' picks CUDA, then MPS, then CPU.")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of base_model.")
-    trust_remote_code: bool = _f(False, "Run model code shipped with a hub model. Only for models you trust.")
+    trust_remote_code: bool = _f(
+        False,
+        "The base needs its own Python code (hub models with custom code). Takes effect only with the "
+        "operator's --trust-remote-code flag on the command; an adapter or recipe alone never runs code.",
+    )
 
 
 @dataclass(frozen=True)
 class LoraSettings:
-    r: int = _f(16, "LoRA rank: the size of the low-rank update. Higher learns more and costs more.")
-    lora_alpha: int = _f(32, "LoRA scaling; the update is multiplied by lora_alpha / r.")
-    lora_dropout: float = _f(0.05, "Dropout on the LoRA input during training.")
+    r: int = _f(
+        16,
+        "LoRA rank: the size of the low-rank update. Higher learns more and costs more.",
+        range=Range(1, 16384),  # no model's hidden size is larger; a rank beyond it adds nothing
+    )
+    lora_alpha: int = _f(32, "LoRA scaling; the update is multiplied by lora_alpha / r.", range=COUNT)
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input during training.", range=SHARE)
     target_modules: list[str] | str = _f(
         "all-linear", "Which linear layers get adapters: 'all-linear' or a list of module names."
     )
@@ -62,6 +108,7 @@ class LoraSettings:
         None,
         "Adapt only the top N transformer blocks; the lower ones stay frozen and backward stops early "
         "(faster). Empty adapts all blocks.",
+        range=COUNT,
     )
     use_dora: bool = _f(False, "Use DoRA (weight-decomposed LoRA).")
     use_rslora: bool = _f(False, "Use rank-stabilised LoRA scaling (lora_alpha / sqrt(r)).")
@@ -73,36 +120,70 @@ class DataSettings:
     train_file: str = _f("", "Training data: .jsonl, .json, .csv, .parquet or a saved `datasets` folder.")
     val_file: str | None = _f(None, "Validation data; when empty, val_fraction of train_file is held out.")
     format: DataFormat = _f("auto", "Row format; 'auto' detects it from the fields of the first row.")
-    val_fraction: float = _f(0.1, "Share of train_file held out for validation when val_file is empty.")
-    max_length: int = _f(512, "Longest example in tokens; longer ones are truncated.")
+    val_fraction: float = _f(
+        0.1, "Share of train_file held out for validation when val_file is empty.", range=SHARE
+    )
+    max_length: int = _f(
+        512,
+        "Longest example in tokens; longer ones are truncated.",
+        range=Range(1, 131072),  # also bounds the text tokenised per row (data.CHARS_PER_TOKEN)
+    )
     system_prompt: str | None = _f(None, "A system message added to chat examples that have none.")
+    dedupe: bool = _f(
+        False, "Drop exact duplicate rows of train_file before the validation split (duplicates overfit)."
+    )
+    # task: classify reads one text and one label per row.
+    text_column: str = _f("text", "task: classify: the column (field) holding each row's text.")
+    label_column: str = _f("label", "task: classify: the column (field) holding each row's label.")
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     output_dir: str = _f("", "The run folder; empty means runs/<recipe name>.")
-    num_train_epochs: float = _f(1.0, "Passes over the training data.")
+    num_train_epochs: float = _f(1.0, "Passes over the training data.", range=POSITIVE)
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: run num_train_epochs).")
-    per_device_train_batch_size: int = _f(8, "Examples per step on each device.")
-    gradient_accumulation_steps: int = _f(1, "Steps whose gradients are summed before each update.")
-    learning_rate: float = _f(2e-4, "Peak learning rate of the adapter weights.")
+    per_device_train_batch_size: int = _f(8, "Examples per step on each device.", range=COUNT)
+    gradient_accumulation_steps: int = _f(
+        1, "Steps whose gradients are summed before each update.", range=COUNT
+    )
+    learning_rate: float = _f(2e-4, "Peak learning rate of the adapter weights.", range=POSITIVE)
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _f(
         "cosine", "How the learning rate changes over training."
     )
-    warmup_ratio: float = _f(0.05, "Share of steps spent warming the learning rate up.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    eval_every_steps: int = _f(50, "Validate every N steps.")
+    # Below 1: transformers reads a warmup of 1 or more as a number of steps, not a share.
+    warmup_ratio: float = _f(0.05, "Share of steps spent warming the learning rate up.", range=SHARE)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", range=Range(0, math.inf))
+    eval_every_steps: int = _f(50, "Validate every N steps.", range=COUNT)
     save_every_steps: int | None = _f(
-        None, "Checkpoint every N steps; empty means at every validation (needed to keep the best)."
+        None,
+        "Checkpoint every N steps; empty means at every validation (needed to keep the best).",
+        range=COUNT,
     )
     early_stopping_patience: int | None = _f(
-        3, "Stop when validation loss has not improved for N validations; empty disables it."
+        3, "Stop when validation loss has not improved for N validations; empty disables it.", range=COUNT
     )
-    logging_steps: int = _f(5, "Record training loss every N steps.")
+    logging_steps: int = _f(5, "Record training loss every N steps.", range=COUNT)
     gradient_checkpointing: Literal["auto", "on", "off"] = _f(
         "auto", "Recompute activations to save memory; 'auto' turns it on for GPUs only (it slows CPUs)."
     )
-    seed: int = _f(42, "Random seed for data order, the validation split and adapter init.")
+    seed: int = _f(
+        42,
+        "Random seed for data order, the validation split and adapter init.",
+        range=Range(0, 2**32 - 1),  # numpy's seeds
+    )
+    select_best: Literal["val_loss", "balanced"] = _f(
+        "val_loss",
+        "Which checkpoint becomes the adapter: the lowest validation loss, or 'balanced': the lowest "
+        "validation loss plus the rise of the loss on general text (keeps more of what the base knew).",
+    )
+    # task: classify only.
+    class_weight: Literal["none", "balanced"] = _f(
+        "none", "task: classify: 'balanced' weights the loss by inverse class frequency (for skewed labels)."
+    )
+    metric_for_best_model: Literal["val_loss", "macro_f1", "accuracy"] = _f(
+        "val_loss",
+        "What picks the best checkpoint and drives early stopping; macro_f1 and accuracy need task: classify.",
+    )
     speedups: Literal["auto", "none"] | list[Speedup] = _f(
         "auto",
         "Exact shortcuts of the fast path: 'cache' (run frozen lower blocks once, with `layers`), "
@@ -122,6 +203,7 @@ SECTIONS: dict[str, type] = {
 @dataclass(frozen=True)
 class Recipe:
     name: str = "run"
+    task: Task = "chat"
     model: ModelSettings = field(default_factory=ModelSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataSettings = field(default_factory=DataSettings)
@@ -137,9 +219,12 @@ class Recipe:
         name = raw.get("name", "run")
         if not isinstance(name, str) or not name:
             problems.append(f"name: expected a non-empty string, got {name!r}")
+        task = raw.get("task", "chat")
+        if task not in typing.get_args(Task):
+            problems.append(f"task: expected {_describe(Task)}, got {task!r}")
         for key in raw:
-            if key != "name" and key not in SECTIONS:
-                problems.append(_unknown(key, ["name", *SECTIONS], "top-level key"))
+            if key not in ("name", "task") and key not in SECTIONS:
+                problems.append(_unknown(key, ["name", "task", *SECTIONS], "top-level key"))
         sections = {}
         for section, kind in SECTIONS.items():
             values = raw.get(section) or {}
@@ -147,7 +232,8 @@ class Recipe:
                 problems.append(f"{section}: expected a mapping, got {type(values).__name__}")
                 values = {}
             sections[section] = _build_section(kind, section, values, problems)
-        recipe = cls(name=name if isinstance(name, str) else "run", **sections)
+        task = task if task in typing.get_args(Task) else "chat"
+        recipe = cls(name=name if isinstance(name, str) else "run", task=task, **sections)
         problems.extend(recipe._cross_checks())
         if problems:
             raise ConfigError(f"{source} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
@@ -160,9 +246,13 @@ class Recipe:
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{path}: byte 0x{e.object[e.start]:02x} at position {e.start} is not UTF-8 text; "
+                "re-save the recipe as UTF-8"
+            ) from None
+        raw = _parse_yaml(text, str(path)) or {}
         if isinstance(raw, dict):
             raw.setdefault("name", path.stem)
             _resolve_data_paths(raw, path.parent)
@@ -185,45 +275,58 @@ class Recipe:
         return Path(self.train.output_dir or f"runs/{self.name}")
 
     def _cross_checks(self) -> list[str]:
-        problems = []
-        if not self.data.train_file:
-            problems.append("train_file: required (a .jsonl/.json/.csv/.parquet file or a datasets folder)")
-        if not 0 <= self.data.val_fraction < 1:
-            problems.append(f"val_fraction: expected a number in [0, 1), got {self.data.val_fraction}")
-        for name in ("r", "lora_alpha"):
-            if getattr(self.lora, name) <= 0:
-                problems.append(f"{name}: must be positive, got {getattr(self.lora, name)}")
-        if self.lora.layers is not None and self.lora.layers <= 0:
-            problems.append(f"layers: must be a positive number of top blocks, got {self.lora.layers}")
-        for name in (
-            "max_length",
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-            "eval_every_steps",
-            "logging_steps",
-        ):
-            value = getattr(self.data, name, None) or getattr(self.train, name, None)
-            if value is not None and value <= 0:
-                problems.append(f"{name}: must be positive, got {value}")
-        if self.train.num_train_epochs <= 0 and self.train.max_steps == -1:
-            problems.append(f"num_train_epochs: must be positive, got {self.train.num_train_epochs}")
-        if self.train.learning_rate <= 0:
-            problems.append(f"learning_rate: must be positive, got {self.train.learning_rate}")
-        if self.train.max_steps == 0 or self.train.max_steps < -1:
-            problems.append(f"max_steps: expected -1 or a positive number, got {self.train.max_steps}")
-        save = self.train.save_every_steps
-        if save is not None and (save <= 0 or save % self.train.eval_every_steps):
+        problems = (
+            []
+            if self.data.train_file
+            else ["train_file: required (a .jsonl/.json/.csv/.parquet file or a datasets folder)"]
+        )
+        for section in SECTIONS:
+            problems += _range_problems(getattr(self, section))
+        steps = self.train.max_steps
+        if steps != -1 and steps not in COUNT:
+            problems.append(f"max_steps: expected -1 or a positive number (at most {MAX_COUNT}), got {steps}")
+        for name, chat_value in (("class_weight", "none"), ("metric_for_best_model", "val_loss")):
+            if self.task != "classify" and getattr(self.train, name) != chat_value:
+                problems.append(f"{name}: {getattr(self.train, name)!r} needs task: classify")
+        save, every = self.train.save_every_steps, self.train.eval_every_steps
+        if save is not None and save in COUNT and every in COUNT and save % every:
             problems.append(
                 f"save_every_steps: must be a positive multiple of eval_every_steps "
-                f"({self.train.eval_every_steps}) so the best checkpoint can be kept, got {save}"
+                f"({every}) so the best checkpoint can be kept, got {save}"
             )
         return problems
 
 
 # --- helpers -------------------------------------------------------------------------------------
+def _range_problems(settings: Any) -> list[str]:
+    """Every number of a section outside its field's range (an empty optional setting is fine)."""
+    problems = []
+    for f in fields(settings):
+        value, limits = getattr(settings, f.name), f.metadata.get("range")
+        if limits is None or value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{f.name}: must be a finite number, got {value}")
+        elif value not in limits:
+            problems.append(f"{f.name}: must be {limits}, got {value}")
+    return problems
+
+
+def field_range(name: str) -> Range | None:
+    """The range of a number setting, by plain name (for the UI's boxes and other checks)."""
+    section = field_section(name)
+    return (
+        next(f.metadata.get("range") for f in fields(SECTIONS[section]) if f.name == name)
+        if section
+        else None
+    )
+
+
 def field_help() -> dict[str, str]:
     """Plain field name -> help text, for --help and the UI's hints."""
-    return {f.name: f.metadata["help"] for kind in SECTIONS.values() for f in fields(kind)}
+    return {"task": TASK_HELP} | {
+        f.name: f.metadata["help"] for kind in SECTIONS.values() for f in fields(kind)
+    }
 
 
 def field_section(name: str) -> str | None:
@@ -244,9 +347,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key:
             problems.append(f"override {item!r}: expected key=value, e.g. max_steps=10")
             continue
-        value = yaml.safe_load(text) if text.strip() else None
-        if key == "name":
-            raw["name"] = value
+        try:
+            value = _parse_yaml(text, f"override {key}") if text.strip() else None
+        except ConfigError as e:
+            problems.append(str(e))
+            continue
+        if key in ("name", "task"):
+            raw[key] = value
             continue
         section, _, name = key.rpartition(".")
         section = section or field_section(name)
@@ -262,6 +369,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _parse_yaml(text: str, what: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what}: not valid YAML: {e}") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts (4300)
+        raise ConfigError(f"{what}: a value cannot be read: {str(e).split(';')[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{what}: nested too deeply to read") from None
+
+
 def _build_section(kind: type, section: str, values: dict[str, Any], problems: list[str]) -> Any:
     hints = typing.get_type_hints(kind)
     known = {f.name for f in fields(kind)}
@@ -270,7 +388,7 @@ def _build_section(kind: type, section: str, values: dict[str, Any], problems: l
         if key not in known:
             problems.append(_unknown(f"{section}.{key}", [f"{section}.{k}" for k in known], "setting"))
         elif not _matches(value := _coerce(value, hints[key]), hints[key]):
-            problems.append(f"{key}: expected {_describe(hints[key])}, got {value!r}")
+            problems.append(f"{key}: expected {_describe(hints[key])}, got {value!r:.80}")
         else:
             good[key] = float(value) if hints[key] is float else value
     return kind(**good)

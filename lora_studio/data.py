@@ -11,14 +11,19 @@ covers only the assistant's tokens. Plain text is trained on in full.
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import hashlib
 import json
+import logging
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import field_range
+from .data_files import SUFFIXES as SUFFIXES  # re-exported: file reading lives in data_files
+from .data_files import parse_json_cell, read_rows
 from .errors import DataError
 
 FORMAT_FIELDS = {
@@ -28,8 +33,13 @@ FORMAT_FIELDS = {
     "text": ("text",),
 }
 ROLES = {"system", "user", "assistant"}
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 IGNORE_INDEX = -100  # label of tokens that do not count in the loss
+# Before a row is rendered and tokenised it is cut to (max_length + 1) * CHARS_PER_TOKEN characters:
+# ordinary text averages 3-5 characters per token, so the cut keeps every token training sees, and
+# one 60 MB line costs what a long row costs (tokenising all of it took 9 GB).
+CHARS_PER_TOKEN = 16
+MESSAGE_OVERHEAD = 16  # characters counted for each message of a chat, so endless empty turns are cut too
+_BAD_CHARS = re.compile("[\x00\ud800-\udfff]")  # NUL, and surrogates that no UTF-8 text holds
 
 
 @dataclass(frozen=True)
@@ -41,15 +51,15 @@ class Example:
     text: str | None = None
 
     def key(self) -> str:
-        """Identity of the row, for duplicates."""
-        return json.dumps([list(self.messages), self.text], sort_keys=True)
+        """Identity of the row, for duplicates (a hash: sets of keys stay small for long rows)."""
+        return _digest([list(self.messages), self.text])
 
     def prompt_key(self) -> str:
         """Identity of what the model is asked, for leakage between train and validation."""
         if self.text is not None:
-            return self.text
+            return _digest(self.text)
         last_answer = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
-        return json.dumps(list(self.messages[:last_answer]), sort_keys=True)
+        return _digest(list(self.messages[:last_answer]))
 
     def answer(self) -> str:
         return (
@@ -59,100 +69,24 @@ class Example:
         )
 
 
-# --- reading files -----------------------------------------------------------------------------
-def read_rows(path: str | Path) -> list[tuple[str, Any]]:
-    """Rows of a data file as (location, row) pairs; malformed content names its line."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
-    if path.is_dir():
-        rows = _read_datasets_folder(path)
-    elif path.suffix == ".jsonl":
-        rows = _read_jsonl(path)
-    elif path.suffix == ".json":
-        rows = _read_json(path)
-    elif path.suffix == ".csv":
-        rows = _read_csv(path)
-    elif path.suffix == ".parquet":
-        rows = _read_parquet(path)
-    else:
-        raise DataError(
-            f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}"
-            " or a saved `datasets` folder"
-        )
-    if not rows:
-        raise DataError(f"{path} is empty: it has no rows")
-    return rows
-
-
-def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path.name}, line {number}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path.name}, line {number}: not valid JSON ({e.msg} at column {e.colno})"
-                ) from None
-    return rows
-
-
-def _read_json(path: Path) -> list[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        return []
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path.name}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
-        ) from None
-    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-        data = next(iter(data.values()))  # {"data": [...]}-style wrappers
-    if not isinstance(data, list):
-        raise DataError(f"{path.name}: expected a JSON list of rows, got a {type(data).__name__}")
-    return [(f"{path.name}, row {i}", row) for i, row in enumerate(data, start=1)]
-
-
-def _read_csv(path: Path) -> list[tuple[str, Any]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        rows = []
-        for row in reader:
-            if None in row:
-                raise DataError(
-                    f"{path.name}, line {reader.line_num}: more values than the header has columns"
-                )
-            rows.append((f"{path.name}, line {reader.line_num}", row))
-    return rows
-
-
-def _read_parquet(path: Path) -> list[tuple[str, Any]]:
-    from datasets import Dataset
-
-    try:
-        table = Dataset.from_parquet(str(path))
-    except Exception as e:
-        raise DataError(f"{path.name}: not a readable Parquet file ({e})") from None
-    return [(f"{path.name}, row {i}", row) for i, row in enumerate(table, start=1)]
-
-
-def _read_datasets_folder(path: Path) -> list[tuple[str, Any]]:
-    from datasets import DatasetDict, load_from_disk
-
-    try:
-        data = load_from_disk(str(path))
-    except Exception as e:
-        raise DataError(f"{path}: not a saved `datasets` folder ({e})") from None
-    if isinstance(data, DatasetDict):
-        data = data["train"] if "train" in data else next(iter(data.values()))
-    return [(f"{path.name}, row {i}", row) for i, row in enumerate(data, start=1)]
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 # --- formats -----------------------------------------------------------------------------------
+def check_format(fmt: str) -> None:
+    if fmt != "auto" and fmt not in FORMAT_FIELDS:
+        raise DataError(f"unknown data format {fmt!r}; use one of: auto, {', '.join(FORMAT_FIELDS)}")
+
+
+def check_options(fmt: str, max_length: int) -> None:
+    """Refuse an unknown format or an out-of-range max_length before any file is read."""
+    check_format(fmt)
+    limits = field_range("max_length")
+    if max_length not in limits:
+        raise DataError(f"max_length: must be {limits} tokens, got {max_length}")
+
+
 def detect_format(rows: list[tuple[str, Any]], source: str) -> str:
     where, first = rows[0]
     if not isinstance(first, dict):
@@ -163,8 +97,10 @@ def detect_format(rows: list[tuple[str, Any]], source: str) -> str:
     for name, needed in FORMAT_FIELDS.items():
         if any(k in first for k in needed):  # a partial match: checking the row will name what is missing
             return name
+    names = sorted(str(k)[:40] for k in first)
+    shown = str(names[:10])[:-1] + (f", ... {len(names) - 10} more]" if len(names) > 10 else "]")
     raise DataError(
-        f"{source}: cannot tell the format from the fields {sorted(first)} of its first row. Expected "
+        f"{source}: cannot tell the format from the fields {shown} of its first row. Expected "
         "'messages', 'instruction'+'output', 'prompt'+'completion' or 'text' (or set format: in the recipe)"
     )
 
@@ -202,34 +138,35 @@ def to_example(where: str, row: Any, fmt: str, system_prompt: str | None = None)
 
 
 def _string(row: dict, name: str, where: str, required: bool = True) -> str:
+    """A text field, checked. Messages name the field and the value's type, never its content."""
     value = row.get(name)
     if value is None and not required:
         return ""
     if not isinstance(value, str):
-        raise DataError(
-            f"{where}, field {name!r}: expected a string, got {type(value).__name__} {value!r:.60}"
-        )
+        raise DataError(f"{where}, field {name!r}: expected a string, got {type(value).__name__}")
     if required and not value.strip():
         raise DataError(f"{where}, field {name!r}: is empty")
+    return _checked_text(value, f"{where}, field {name!r}")
+
+
+def _checked_text(value: str, place: str) -> str:
+    """Refuse text no tokenizer should see: NUL characters and unpaired surrogates."""
+    bad = _BAD_CHARS.search(value)
+    if bad:
+        nul = bad.group() == "\x00"
+        what = "a NUL character (\\x00)" if nul else f"an unpaired surrogate (\\u{ord(bad.group()):04x})"
+        why = "" if nul else ", which is not valid Unicode"
+        raise DataError(f"{place}: holds {what} at character {bad.start() + 1}{why}; remove it from the file")
     return value
 
 
 def _messages(value: Any, where: str) -> list[dict[str, str]]:
+    place = f"{where}, field 'messages'"
     if isinstance(value, str):  # CSV cells hold the list as JSON text
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise DataError(f"{where}, field 'messages': expected a list of messages, got text") from None
+        value = parse_json_cell(value, place)
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where}, field 'messages': expected a non-empty list of {{role, content}} objects")
-    messages = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise DataError(
-                f"{where}, field 'messages', item {i}: expected {{\"role\": one of "
-                f'{sorted(ROLES)}, "content": a string}}, got {m!r:.80}'
-            )
-        messages.append({"role": m["role"], "content": m["content"]})
+        raise DataError(f"{place}: expected a non-empty list of {{role, content}} objects")
+    messages = [_message(m, f"{place}, item {i}") for i, m in enumerate(value)]
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}, field 'messages': has no assistant message to learn from")
     if [m["role"] for m in messages if m["role"] != "system"][0] == "assistant":
@@ -239,10 +176,22 @@ def _messages(value: Any, where: str) -> list[dict[str, str]]:
     return messages
 
 
+def _message(m: Any, place: str) -> dict[str, str]:
+    expected = f'expected {{"role": one of {sorted(ROLES)}, "content": a string}}'
+    if not isinstance(m, dict):
+        raise DataError(f"{place}: {expected}, got {type(m).__name__}")
+    if not isinstance(m.get("role"), str) or m["role"] not in ROLES:  # (a list is unhashable)
+        raise DataError(f"{place}: {expected}, got {'no role' if 'role' not in m else 'another role'}")
+    if not isinstance(m.get("content"), str):
+        raise DataError(f"{place}: {expected}, got content of type {type(m.get('content')).__name__}")
+    return {"role": m["role"], "content": _checked_text(m["content"], f"{place}, 'content'")}
+
+
 def load_examples(
     path: str | Path, fmt: str = "auto", system_prompt: str | None = None
 ) -> tuple[str, list[Example]]:
     """Read, detect and check a whole file; the first bad row raises a DataError naming it."""
+    check_format(fmt)
     rows = read_rows(path)
     if fmt == "auto":
         fmt = detect_format(rows, Path(path).name)
@@ -257,7 +206,13 @@ def render(example: Example, tokenizer: Any) -> list[tuple[str, bool]]:
     messages = list(example.messages)
 
     def template(msgs: list[dict], prompt: bool = False) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+        except Exception as e:  # templates raise on conversations they do not support (jinja errors)
+            raise DataError(
+                f"{example.where}: the model's chat template refuses this conversation "
+                f"({type(e).__name__}: {str(e)[:200]})"
+            ) from None
 
     segments, done = [], ""
     for i, message in enumerate(messages):
@@ -277,8 +232,31 @@ def render(example: Example, tokenizer: Any) -> list[tuple[str, bool]]:
     return [(text, trainable) for text, trainable in segments if text]
 
 
+def bounded(example: Example, max_length: int) -> tuple[Example, bool]:
+    """The example cut to what its first max_length tokens can hold, and whether anything was cut."""
+    budget = (max_length + 1) * CHARS_PER_TOKEN
+    if example.text is not None:
+        cut = len(example.text) > budget
+        return (dataclasses.replace(example, text=example.text[:budget]) if cut else example), cut
+    kept, cut = [], False
+    for m in example.messages:
+        if budget <= 0:  # later turns start beyond max_length
+            cut = True
+            break
+        if len(m["content"]) > budget:
+            m, cut = {**m, "content": m["content"][:budget]}, True
+        kept.append(m)
+        budget -= len(m["content"]) + MESSAGE_OVERHEAD
+    return (dataclasses.replace(example, messages=tuple(kept)) if cut else example), cut
+
+
 def encode(example: Example, tokenizer: Any, max_length: int) -> dict[str, Any]:
-    """Token ids and labels (-100 outside the answers), cut to max_length."""
+    """Token ids and labels (-100 outside the answers), cut to max_length.
+
+    `length` counts the tokens of the row; for a row cut by `bounded` first (`cut`), it counts
+    only those of the part kept (normally already more than max_length).
+    """
+    example, cut = bounded(example, max_length)
     input_ids: list[int] = []
     labels: list[int] = []
     for i, (text, trainable) in enumerate(render(example, tokenizer)):
@@ -287,12 +265,12 @@ def encode(example: Example, tokenizer: Any, max_length: int) -> dict[str, Any]:
         ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
         input_ids += ids
         labels += ids if trainable else [IGNORE_INDEX] * len(ids)
-    truncated = len(input_ids) > max_length
     return {
         "input_ids": input_ids[:max_length],
         "labels": labels[:max_length],
         "length": len(input_ids),
-        "truncated": truncated,
+        "truncated": cut or len(input_ids) > max_length,
+        "cut": cut,
     }
 
 
@@ -309,6 +287,19 @@ def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Exa
     ]
 
 
+def dedupe(examples: list[Example]) -> list[Example]:
+    """The examples without exact repeats (same messages or text), first occurrence kept."""
+    seen: set[str] = set()
+    kept = []
+    for e in examples:
+        if e.key() not in seen:
+            seen.add(e.key())
+            kept.append(e)
+    if len(kept) < len(examples):
+        logging.getLogger(__name__).info("dedupe: dropped %d duplicate rows", len(examples) - len(kept))
+    return kept
+
+
 # --- the whole preparation and its report ------------------------------------------------------
 @dataclass
 class DataReport:
@@ -320,16 +311,25 @@ class DataReport:
     duplicates: int = 0  # training rows identical to an earlier training row
     leaked: int = 0  # validation rows whose prompt also appears in training
     truncated: int = 0  # rows longer than max_length
+    cut: int = 0  # rows so long they were cut before tokenising: their token counts are lower bounds
     max_length: int = 0
     token_lengths: dict[str, float] = field(default_factory=dict)
     top_answer_share: float = 0.0  # share of the most common answer among training rows
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def cut_at(self) -> int:
+        return (self.max_length + 1) * CHARS_PER_TOKEN
+
     def lines(self) -> list[str]:
         out = [
             f"format: {self.format}",
             f"rows: {self.train_rows} train, {self.val_rows} validation",
-            "tokens per row: " + ", ".join(f"{k} {v:.0f}" for k, v in self.token_lengths.items()),
+            "tokens per row: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in self.token_lengths.items())
+            + (
+                f"; {self.cut} row(s) over {self.cut_at} characters counted only that far" if self.cut else ""
+            ),
             f"duplicates: {self.duplicates}",
             f"train/validation leakage: {self.leaked}",
             f"truncated at max_length={self.max_length}: {self.truncated}",
@@ -350,6 +350,8 @@ class PreparedData:
 def prepare(settings: Any, tokenizer: Any, seed: int = 42) -> PreparedData:
     """Load, check, split, tokenize and report on the data of a recipe's `data` section."""
     fmt, train_examples = load_examples(settings.train_file, settings.format, settings.system_prompt)
+    if settings.dedupe:  # before the split, so no row can land on both sides
+        train_examples = dedupe(train_examples)
     if settings.val_file:
         _, val_examples = load_examples(settings.val_file, fmt, settings.system_prompt)
     else:
@@ -358,9 +360,10 @@ def prepare(settings: Any, tokenizer: Any, seed: int = 42) -> PreparedData:
     val = [encode(e, tokenizer, settings.max_length) for e in val_examples]
     if all(row["truncated"] for row in train):
         longest = max(row["length"] for row in train)
+        at_least = "at least " if any(row["cut"] for row in train) else ""
         raise DataError(
             f"{Path(settings.train_file).name}: every example is longer than max_length="
-            f"{settings.max_length} tokens (the longest has {longest}); raise max_length"
+            f"{settings.max_length} tokens (the longest has {at_least}{longest}); raise max_length"
         )
     report = make_report(fmt, train_examples, val_examples, train + val, settings.max_length)
     return PreparedData(train, val, report, data_fingerprint(settings), train_examples)
@@ -377,6 +380,7 @@ def make_report(
     train_prompts = {e.prompt_key() for e in train}
     report.leaked = sum(e.prompt_key() in train_prompts for e in val)
     report.truncated = sum(row["truncated"] for row in encoded)
+    report.cut = sum(row["cut"] for row in encoded)
     lengths = sorted(row["length"] for row in encoded)
     report.token_lengths = {
         "mean": sum(lengths) / len(lengths),
@@ -418,10 +422,13 @@ def data_fingerprint(settings: Any) -> str:
         path = Path(name)
         for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
             if f.is_file():
-                h.update(f.read_bytes())
+                with open(f, "rb") as stream:  # in chunks: a data file may be larger than memory
+                    while chunk := stream.read(1 << 22):
+                        h.update(chunk)
     h.update(
         json.dumps(
             [settings.format, settings.system_prompt, settings.max_length, settings.val_fraction]
+            + (["dedupe"] if settings.dedupe else [])  # only when on: older fingerprints stay valid
         ).encode()
     )
     return h.hexdigest()
@@ -453,8 +460,10 @@ def check_file(
     samples: int = 1,
 ) -> FileCheck:
     """Parse, detect, split and report on a file as training would, without training."""
+    check_options(fmt, max_length)
     fmt, examples = load_examples(path, fmt)
     train_examples, val_examples = split(examples, val_fraction, seed=42)
     encoded = [encode(e, tokenizer, max_length) for e in examples]
     report = make_report(fmt, train_examples, val_examples, encoded, max_length)
-    return FileCheck(str(path), report, [render(e, tokenizer) for e in examples[:samples]])
+    shown = [render(bounded(e, max_length)[0], tokenizer) for e in examples[:samples]]
+    return FileCheck(str(path), report, shown)

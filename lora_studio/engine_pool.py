@@ -44,7 +44,9 @@ class EnginePool:
     def for_adapter(self, adapter_dir: str | Path) -> tuple[InferenceEngine, str]:
         """The engine of the base an adapter was trained on, with the adapter loaded; and its name there."""
         folder = Path(adapter_dir).expanduser().resolve()
-        settings = base_settings(read_metadata(folder))  # a ModelError if the folder is not a whole adapter
+        settings = base_settings(
+            read_metadata(folder), folder
+        )  # a ModelError if the folder is not a whole adapter
         with self._lock:
             engine = self._engine(settings)
             key = (settings, folder)

@@ -1,14 +1,12 @@
-"""Evaluation: generate answers in batches, score JSON extraction, and measure how well a base fits data.
+"""Evaluation on a model: greedy batched answers, answer-token loss, and base vs adapter on the same prompts.
 
     answers = generate_answers(model, tokenizer, [prompt_messages, ...])     # greedy, batched
-    score = score_json(answers, references)          # per-field and whole-record exact match
-    fit = base_fit(model, tokenizer, examples)        # the base's loss on the answer tokens
-    comparison = compare_with_base(adapter_dir, test_examples)   # base vs adapted, same prompts
+    fit = base_fit(model, tokenizer, examples)        # mean loss on the answer tokens (teacher-forced)
+    model, tokenizer = load_adapted(adapter_dir)      # the adapter on the base it was trained on
+    comparison = compare_with_base(model, tokenizer, test_examples)   # base vs adapter, same prompts
 
-`base_fit` answers the *task mismatch* question before any compute is spent: a base whose loss
-(perplexity) on the answers of your data is already low mostly needs to learn the format; a very
-high one means the task or language is far from what the base knows, so expect to need more
-data, more steps or a larger base.
+Scoring answers against references is `metrics`; the `eval` command's report is `eval_report`;
+the fit check of a base before training is `fit`.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ import torch
 from .data import IGNORE_INDEX, Example, encode
 from .errors import DataError
 from .inference import stop_token_ids
+from .metrics import Score, choose_metric, score
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,10 @@ Messages = list[dict[str, str]]
 def split_prompt(example: Example) -> tuple[Messages, str]:
     """The conversation up to the last answer (what the model is asked) and that answer."""
     if example.text is not None:
-        raise ValueError(f"{example.where}: a plain-text row has no prompt/answer split to evaluate")
+        raise DataError(
+            f"{example.where}: a plain-text row has no prompt and answer to evaluate; "
+            "use a chat, alpaca or prompt/completion file"
+        )
     last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
     return [dict(m) for m in example.messages[:last]], example.messages[last]["content"]
 
@@ -94,88 +96,6 @@ def generate_answers(
     return answers
 
 
-# --- the JSON exact-field-match metric ---------------------------------------------------------
-def parse_json_object(text: str) -> dict[str, Any] | None:
-    """The JSON object in an answer, or None when there is none.
-
-    Lenient on the wrapping (a code fence or a sentence around the object is allowed, so a base
-    model is not marked down for chattiness alone) but strict on the object itself.
-    """
-    text = text.strip()
-    decoder = json.JSONDecoder()
-    for start in [i for i, ch in enumerate(text) if ch == "{"]:
-        try:
-            value, _ = decoder.raw_decode(text, start)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict):
-            return value
-    return None
-
-
-def _same(predicted: Any, expected: Any) -> bool:
-    """Exact match up to surrounding spaces and letter case; 3 == "3" (a field, not a type test)."""
-    if isinstance(predicted, (dict, list)) or predicted is None:
-        return predicted == expected
-    return str(predicted).strip().casefold() == str(expected).strip().casefold()
-
-
-@dataclass(frozen=True)
-class JsonScore:
-    """Exact-field-match accuracy of predicted JSON objects against reference ones."""
-
-    rows: int
-    parse_errors: int  # answers with no JSON object at all (counted wrong on every field)
-    field_accuracy: dict[str, float]  # per field of the reference schema
-    record_accuracy: float  # every field right (extra keys allowed)
-    mean_field_accuracy: float
-
-    def lines(self) -> list[str]:
-        return [
-            f"whole-record accuracy: {self.record_accuracy:.1%}",
-            f"mean field accuracy:   {self.mean_field_accuracy:.1%}",
-            *(f"  {name}: {acc:.1%}" for name, acc in self.field_accuracy.items()),
-            f"no JSON object: {self.parse_errors}/{self.rows}",
-        ]
-
-
-def _reference(number: int, text: str) -> dict[str, Any]:
-    value = parse_json_object(text) if text.strip().startswith("{") else None
-    if value is None:
-        raise DataError(
-            f"reference {number} is not a JSON object, so it cannot be scored field by field: "
-            f"{text!r:.80}. The JSON metric needs answers that are JSON objects"
-        )
-    return value
-
-
-def score_json(answers: Sequence[str], references: Sequence[str]) -> JsonScore:
-    """Score answers against reference JSON strings, field by field and whole record."""
-    if len(answers) != len(references) or not references:
-        raise ValueError(f"need one answer per reference, got {len(answers)} answers for {len(references)}")
-    refs = [_reference(i, r) for i, r in enumerate(references, start=1)]
-    fields = list(dict.fromkeys(k for r in refs for k in r))
-    right = dict.fromkeys(fields, 0)
-    whole = errors = 0
-    for answer, ref in zip(answers, refs, strict=True):
-        got = parse_json_object(answer)
-        errors += got is None
-        got = got or {}
-        hits = [k for k in ref if k in got and _same(got[k], ref[k])]
-        for k in hits:
-            right[k] += 1
-        whole += len(hits) == len(ref)
-    n = len(refs)
-    per_field = {k: right[k] / n for k in fields}
-    return JsonScore(
-        rows=n,
-        parse_errors=errors,
-        field_accuracy=per_field,
-        record_accuracy=whole / n,
-        mean_field_accuracy=sum(per_field.values()) / len(per_field),
-    )
-
-
 # --- task fit: how well the base already predicts the answers ----------------------------------
 @dataclass(frozen=True)
 class Fit:
@@ -191,18 +111,6 @@ class Fit:
             f"answer loss {self.loss:.3f} (perplexity {self.perplexity:.1f}) "
             f"over {self.tokens} answer tokens of {self.examples} examples"
         )
-
-
-def fit_advice(fit: Fit) -> str:
-    """What a person should make of a task-fit score (mean loss per answer token of the base)."""
-    if fit.loss < 0.5:
-        return "the base already predicts these answers well: a short run (or none) should do"
-    if fit.loss < 2.5:
-        return "a partial fit: LoRA should adapt the base to this task in a few epochs"
-    return (
-        "a poor fit (task mismatch): the base is far from these answers; expect to need more data and "
-        "epochs, a higher rank or more layers, or choose a base closer to the task"
-    )
 
 
 @torch.no_grad()
@@ -261,18 +169,32 @@ def _pad(rows: list[dict[str, Any]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 # --- base vs adapted ---------------------------------------------------------------------------
 @dataclass
+class Side:
+    """One model's answers to the test prompts, their score and its answer-token loss."""
+
+    name: str  # "base", "adapter" or "scratch"
+    answers: list[str]
+    score: Score
+    fit: Fit  # teacher-forced loss on the reference answers
+    seconds: float  # time to answer every prompt and compute the loss
+
+
+@dataclass
 class Comparison:
-    """The same prompts answered by the base and by base + adapter: answers, scores and fits."""
+    """The same prompts answered by several models (base, adapter, ...), scored the same way."""
 
     prompts: list[Messages]
     references: list[str]
-    base_answers: list[str]
-    adapted_answers: list[str]
-    base: JsonScore
-    adapted: JsonScore
-    base_fit: Fit  # answer-token loss on these examples, teacher-forced
-    adapted_fit: Fit
-    seconds: dict[str, float] = field(default_factory=dict)  # time spent generating, per side
+    metric: str
+    sides: dict[str, Side]
+
+    @property
+    def base(self) -> Side:
+        return self.sides["base"]
+
+    @property
+    def adapter(self) -> Side:
+        return self.sides["adapter"]
 
 
 def load_adapted(adapter_dir: str | Path) -> tuple[Any, Any]:
@@ -287,35 +209,58 @@ def load_adapted(adapter_dir: str | Path) -> tuple[Any, Any]:
     from .models import load_base, model_fingerprint
 
     meta = read_metadata(adapter_dir)
-    base, tokenizer, ref = load_base(base_settings(meta))
+    base, tokenizer, ref = load_base(base_settings(meta, adapter_dir))
     check_adapter_base(Path(adapter_dir), meta, model_fingerprint(ref.folder), ref.name)
     return PeftModel.from_pretrained(base, str(adapter_dir)), tokenizer
 
 
+def answer_budget(tokenizer: Any, references: Sequence[str], cap: int = 256) -> int:
+    """New tokens to allow per answer: the longest reference's length plus room for chattiness."""
+    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+    return min(cap, longest + 16)
+
+
+def answer_side(
+    name: str,
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    metric: str,
+    max_new_tokens: int | None = None,
+    batch_size: int = 16,
+    max_length: int = 512,
+) -> Side:
+    """Answer the examples' prompts with `model`, score the answers and measure its answer loss."""
+    prompts, references = (list(x) for x in zip(*(split_prompt(e) for e in examples), strict=True))
+    budget = max_new_tokens or answer_budget(tokenizer, references)
+    start = time.perf_counter()
+    log.info("answering %d prompts with the %s model", len(prompts), name)
+    answers = generate_answers(model, tokenizer, prompts, budget, batch_size)
+    fit = base_fit(model, tokenizer, examples, sample=len(examples), max_length=max_length)
+    seconds = round(time.perf_counter() - start, 1)
+    return Side(name, answers, score(answers, references, metric), fit, seconds)
+
+
 def compare_with_base(
-    model: Any, tokenizer: Any, examples: Sequence[Example], max_new_tokens: int = 48, batch_size: int = 20
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    metric: str = "auto",
+    max_new_tokens: int | None = None,
+    batch_size: int = 16,
+    with_base: bool = True,
+    max_length: int = 512,
 ) -> Comparison:
     """Answer the examples' prompts with a PEFT model's base (adapter disabled) and with the adapter.
 
     Both sides use the very same weights object, so the only difference is the LoRA update.
     """
     prompts, references = (list(x) for x in zip(*(split_prompt(e) for e in examples), strict=True))
-    answers, fits, seconds = {}, {}, {}
-    for side in ("base", "adapted"):
-        start = time.perf_counter()
-        with model.disable_adapter() if side == "base" else contextlib.nullcontext():
-            log.info("answering %d prompts with the %s model", len(prompts), side)
-            answers[side] = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
-            fits[side] = base_fit(model, tokenizer, examples, sample=len(examples))
-        seconds[side] = round(time.perf_counter() - start, 1)
-    return Comparison(
-        prompts,
-        references,
-        answers["base"],
-        answers["adapted"],
-        score_json(answers["base"], references),
-        score_json(answers["adapted"], references),
-        fits["base"],
-        fits["adapted"],
-        seconds,
-    )
+    metric = choose_metric(references) if metric == "auto" else metric
+    sides = {}
+    for name in ("base", "adapter") if with_base else ("adapter",):
+        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
+            sides[name] = answer_side(
+                name, model, tokenizer, examples, metric, max_new_tokens, batch_size, max_length
+            )
+    return Comparison(prompts, references, metric, sides)

@@ -35,7 +35,7 @@ import torch
 
 from .adapters import read_metadata
 from .errors import ConfigError, LoraStudioError, ModelError
-from .files import move_into_place
+from .files import move_into_place, settle_folder, temp_folder
 from .inference import base_settings, check_adapter_base, check_messages, stop_token_ids
 from .models import load_base, load_tokenizer, model_fingerprint
 
@@ -143,12 +143,15 @@ def merge_adapter(
 
     dtype: the saved weights' dtype; "auto" keeps the base checkpoint's own dtype.
     """
+    if read_metadata(adapter_dir).get("task") == "classify":  # a label head: a sequence-classification model
+        from .classify_export import merge_classifier
+
+        return merge_classifier(adapter_dir, out_dir, dtype=dtype, overwrite=overwrite)
     start = time.time()
     adapter_dir, out_dir = Path(adapter_dir).expanduser().resolve(), Path(out_dir).expanduser()
+    settle_folder(out_dir)  # a replacement a crash cut short is rolled back before we look
     _check_destination(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    tmp.chmod(0o755)
+    tmp = temp_folder(out_dir)
     try:
         report, _ = merge_into(adapter_dir, tmp, dtype=dtype)
         move_into_place(tmp, out_dir)
@@ -163,8 +166,13 @@ def merge_into(adapter_dir: Path, folder: Path, *, dtype: str = "auto") -> tuple
 
     start = time.time()
     meta = read_metadata(adapter_dir)
+    if meta.get("task") == "classify":
+        raise ConfigError(
+            f"{adapter_dir} is a classification adapter and GGUF is for chat models: "
+            "use `lora-studio merge` for a standalone transformers classifier"
+        )
     # Always merge into full-precision weights, whatever the adapter was trained on (QLoRA too).
-    settings = replace(base_settings(meta), quantization="none", dtype="float32")
+    settings = replace(base_settings(meta, adapter_dir), quantization="none", dtype="float32")
     base, base_tokenizer, ref = load_base(settings)
     check_adapter_base(adapter_dir, meta, model_fingerprint(ref.folder), settings.base_model)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()

@@ -78,6 +78,9 @@ def _ruled_out(name: str, recipe: Recipe, model: Any) -> str | None:
         return "the base is quantized (QLoRA)"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return "training runs in several processes"
+    if name in ("cache", "label_only") and recipe.train.select_best == "balanced":
+        # its general-text score runs the model's own forward, which these levers cut short
+        return "select_best: balanced scores general text with the whole model"
     if name == "cache":
         return _cache_ruled_out(recipe, model)
     if name == "label_only":

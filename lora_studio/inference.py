@@ -44,11 +44,13 @@ from .adapters import read_metadata
 from .config import DEFAULT_BASE_MODEL, ModelSettings
 from .errors import ModelError, RequestError
 from .models import load_base, model_fingerprint
+from .remote_code import check_remote_code
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_MAX_NEW_TOKENS = 256
+MIN_TEMPERATURE = 1e-3  # the smallest positive temperature sampling takes
 
 
 @dataclass(frozen=True)
@@ -77,13 +79,25 @@ class GenerationSettings:
             or self.max_new_tokens < 1
         ):
             out.append(f"max_new_tokens: expected a positive integer, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 2:
-            out.append(f"temperature: expected a number from 0 (greedy) to 2, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        # a temperature near 0 divides the logits into inf/nan: below MIN_TEMPERATURE, ask for 0 (greedy)
+        if not _is_number(self.temperature) or not (
+            self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 2
+        ):
+            out.append(
+                f"temperature: expected 0 (greedy) or a number from {MIN_TEMPERATURE} to 2, "
+                f"got {self.temperature!r}"
+            )
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             out.append(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            out.append(f"seed: expected an integer, got {self.seed!r}")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -(2**63) <= self.seed < 2**63
+        ):
+            out.append(f"seed: expected a 64-bit integer, got {self.seed!r}")
         return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class Generation:
@@ -188,7 +202,7 @@ class InferenceEngine:
         if not adapter_dirs and base is None:
             raise ModelError("no adapter folder and no base model given: name at least one of them")
         if base is None:
-            base = base_settings(read_metadata(adapter_dirs[0]))
+            base = base_settings(read_metadata(adapter_dirs[0]), adapter_dirs[0])
         engine = cls(base)
         names = list(names) if names else [adapter_name(d) for d in adapter_dirs]
         for name, folder in zip(names, adapter_dirs, strict=True):
@@ -217,6 +231,11 @@ class InferenceEngine:
 
         folder = Path(path).expanduser().resolve()
         meta = read_metadata(folder)  # also checks adapter_model.safetensors is there (no pickles)
+        if meta.get("task") == "classify":
+            raise ModelError(
+                f"{folder} is a classification adapter: it picks labels and cannot chat; "
+                "use `lora-studio classify` or POST /v1/classify"
+            )
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}", name or ""):
             raise ModelError(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_', ':' or '-'")
         if name in self._adapters or name in (self.base_name, "base"):
@@ -330,6 +349,9 @@ class InferenceEngine:
         completion, error = None, None
         try:
             with self._lock:
+                if reply._cancelled.is_set():  # abandoned while it queued for the engine: skip it
+                    reply._finish([], self.stop_ids, None)
+                    return
                 self._activate(reply.adapter)
                 model, context = self._model_for(reply.adapter)
                 device = next(model.parameters()).device
@@ -460,13 +482,19 @@ def check_adapter_base(folder: Path, meta: dict[str, Any], base_hash: str, base_
         )
 
 
-def base_settings(metadata: dict[str, Any]) -> ModelSettings:
-    """The base model settings an adapter was trained with, read from its metadata."""
+def base_settings(metadata: dict[str, Any], adapter: str | Path = "this adapter") -> ModelSettings:
+    """The base model settings an adapter was trained with, read from its metadata.
+
+    An adapter is data: if it asks for the base's own code to run (`trust_remote_code`), it is
+    refused here, before any loading, unless the operator allowed it (see remote_code).
+    """
     recorded = dict((metadata.get("recipe") or {}).get("model") or {})
     known = {f.name for f in fields(ModelSettings)}
     recorded = {k: v for k, v in recorded.items() if k in known}
     recorded["base_model"] = metadata.get("base_model") or recorded.get("base_model") or DEFAULT_BASE_MODEL
-    return ModelSettings(**recorded)
+    settings = ModelSettings(**recorded)
+    check_remote_code(settings, f"adapter {adapter}")
+    return settings
 
 
 def adapter_name(folder: str | Path) -> str:

@@ -5,6 +5,9 @@ the process loads the training libraries first and then waits for "JOB_ID ATTEMP
 (the worker's spare, so the next job starts without the import delay). Everything the process
 prints goes to the job's log.
 
+Its writes to the run folder are fenced by the job's attempt (`JobStore.fence`): once a newer
+attempt owns the job, this one writes neither status.json nor adapter/.
+
 Stopping happens at a step boundary, after a checkpoint is saved: when the job is cancelled in
 the store, or when the process gets SIGTERM/SIGINT (the worker stopping or dying). A second
 signal, or one before training has begun, stops at once.
@@ -45,7 +48,7 @@ class StoreProgress(TrainerCallback):
         self._begin = (now, state.global_step)
         self._rows.restart(state)
         # A resumed run redoes the steps after its checkpoint: drop their old rows so the curve continues.
-        self.store.forget_metrics_after(self.job_id, state.global_step)
+        self.store.forget_metrics_after(self.job_id, self.attempt, state.global_step)
         self.store.record_progress(self.job_id, self.attempt, state.global_step, state.max_steps, None)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -115,10 +118,13 @@ def run_job(store: JobStore, job_id: str, attempt: int) -> None:
     log.info("job %s attempt %d: %s in process %d", job_id, attempt, job.name, os.getpid())
     try:
         result = train(
-            Recipe.from_dict(job.recipe), resume=job.resumes_from_checkpoint, callbacks=[progress, stopper]
+            Recipe.from_dict(job.recipe),
+            resume=job.resumes_from_checkpoint,
+            callbacks=[progress, stopper],
+            fence=lambda: store.fence(job_id, attempt),  # a superseded attempt writes nothing more
         )
     except TrainingCancelled as e:
-        if stopper.reason != "superseded":
+        if stopper.reason != "superseded" and store.stop_reason(job_id, attempt) != "superseded":
             store.finish(
                 job_id, attempt, "cancelled" if stopper.reason == "cancelled" else "interrupted", error=str(e)
             )

@@ -16,27 +16,29 @@ Public API (stable; the CLI and the web UI use only this): `JobStore(path=None)`
 
 States: queued -> running -> succeeded | failed | cancelled | interrupted. A running job whose
 process died (killed, out of memory, machine restart) is marked interrupted as soon as anyone
-reads the store (its pid is gone) or its heartbeat is older than `heartbeat_timeout`.
+reads the store (its pid is gone). A job process alive on this host is never judged by its
+heartbeat (it may be stopped with SIGSTOP, suspended or starved); only a job running on another
+host is marked interrupted when its heartbeat is older than `heartbeat_timeout`.
 `resume` puts interrupted, cancelled and failed jobs back in the queue; they continue from
-their run folder's last checkpoint (at most one checkpoint interval of work is lost).
+their run folder's last whole checkpoint (at most one checkpoint interval of work is lost).
 
 Each job's run folder is `<home>/runs/<job id>` unless its recipe sets output_dir; it holds
 what `training.train` writes, plus `job.log` (everything the job process printed). Every state
 change is one transaction (`BEGIN IMMEDIATE`), guarded by the job's attempt number, so a late
-write from a superseded process never overwrites a newer attempt.
+write from a superseded process never overwrites a newer attempt. The job process writes its run
+folder (status, metrics, the adapter) inside `fence`, which holds the store's write lock and
+checks the attempt is still current, so a superseded attempt writes nothing there either.
+
+A damaged jobs.sqlite gives a JobError saying so and how to start afresh, never a traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
-import os
 import socket
 import sqlite3
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -44,9 +46,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from . import worker
 from .config import DEFAULT_BASE_MODEL, Recipe
-from .errors import ConfigError, JobError
+from .errors import ConfigError, JobError, TrainingCancelled
 from .home import studio_home
+from .job_store import Database, is_current, queue_positions
+from .run_folder import last_complete_checkpoint
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
 JOB_STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
@@ -54,36 +59,6 @@ FINISHED_STATES = ("succeeded", "failed", "cancelled")
 RESUMABLE_STATES = ("interrupted", "cancelled", "failed")
 HEARTBEAT_SECONDS = 2.0  # how often a job process says it is alive
 LOG_FILE = "job.log"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,     -- submission order
-    id TEXT UNIQUE NOT NULL,
-    name TEXT NOT NULL,
-    state TEXT NOT NULL,
-    recipe TEXT NOT NULL,                      -- the resolved recipe as JSON, paths absolute
-    run_dir TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    queued_at REAL NOT NULL,                   -- first in, first out by this (resume re-queues)
-    started_at REAL,
-    finished_at REAL,
-    step INTEGER NOT NULL DEFAULT 0,
-    total_steps INTEGER,
-    seconds_per_step REAL,
-    progress_at REAL,
-    metrics TEXT NOT NULL DEFAULT '{}',        -- the latest value of each metric
-    adapter_dir TEXT,
-    error TEXT,
-    resume INTEGER NOT NULL DEFAULT 0,         -- the next run continues from the last checkpoint
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    attempt INTEGER NOT NULL DEFAULT 0,        -- bumped by every claim
-    pid INTEGER,
-    host TEXT,
-    heartbeat_at REAL
-);
-CREATE TABLE IF NOT EXISTS metrics (job_id TEXT NOT NULL, step INTEGER NOT NULL, row TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS metrics_by_job ON metrics (job_id, step);
-"""
 
 
 @dataclass(frozen=True)
@@ -139,9 +114,7 @@ class JobStore:
         self.home = self.path.parent
         self.heartbeat_timeout = heartbeat_timeout
         self.home.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+        self._db = Database(self.path)
         self.recover()  # a store opening is a service starting: settle jobs of processes that died
 
     # --- submitting and reading -----------------------------------------------------------------
@@ -155,7 +128,7 @@ class JobStore:
         recipe = _pin_paths(_as_recipe(recipe, overrides), self.home / "runs" / job_id)
         _check_data(recipe)
         now = time.time()
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             clash = db.execute(
                 "SELECT id FROM jobs WHERE run_dir = ? AND state IN ('queued', 'running', 'interrupted')",
                 (str(recipe.output_dir),),
@@ -180,21 +153,21 @@ class JobStore:
             query += f" WHERE state IN ({', '.join('?' * len(states))})"
             args.extend(states)
         query += " ORDER BY seq DESC" + (f" LIMIT {int(limit)}" if limit else "")
-        with self._connect() as db:
+        with self._db.connect() as db:
             rows = db.execute(query, args).fetchall()
-            queue = _queue_positions(db)
+            queue = queue_positions(db)
         return [_to_job(row, queue) for row in rows]
 
     def get(self, job_id: str) -> Job:
         """One job by id (a unique prefix of the id works too)."""
         self.recover()
-        with self._connect() as db:
+        with self._db.connect() as db:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (self._full_id(db, job_id),)).fetchone()
-            return _to_job(row, _queue_positions(db))
+            return _to_job(row, queue_positions(db))
 
     def metrics(self, job_id: str) -> list[dict[str, Any]]:
         """Every logged metrics row of a job, in step order (what a loss plot needs)."""
-        with self._connect() as db:
+        with self._db.connect() as db:
             rows = db.execute(
                 "SELECT row FROM metrics WHERE job_id = ? ORDER BY step, rowid", (self._full_id(db, job_id),)
             ).fetchall()
@@ -213,7 +186,7 @@ class JobStore:
     # --- changing jobs ----------------------------------------------------------------------------
     def cancel(self, job_id: str) -> Job:
         """Cancel a job: a queued or interrupted one at once; a running one at its next step (after a checkpoint)."""
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             job_id = self._full_id(db, job_id)
             (state,) = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if state in FINISHED_STATES:
@@ -228,25 +201,26 @@ class JobStore:
         return self.get(job_id)
 
     def resume(self, job_id: str, *, restart: bool = False) -> Job:
-        """Queue an interrupted, cancelled or failed job again, to continue from its last checkpoint.
+        """Queue an interrupted, cancelled or failed job again, to continue from its last whole checkpoint.
 
-        A job stopped before its first checkpoint starts over (it lost less than one checkpoint
-        interval). If checkpoints were written but are gone, this refuses unless `restart` (start
-        over from step 0).
+        A job stopped before its first checkpoint was whole starts over (it lost at most one
+        checkpoint interval). If checkpoints were written but are gone, this refuses unless
+        `restart` (start over from step 0).
         """
         job = self.get(job_id)
         if job.state not in RESUMABLE_STATES:
             raise JobError(
                 f"job {job.id} is {job.state}; only {', '.join(RESUMABLE_STATES)} jobs can be resumed"
             )
-        has_checkpoint = _has_checkpoint(job.run_dir)
-        if not has_checkpoint and not restart and job.step >= _first_save_step(job.recipe):
+        has_checkpoint = last_complete_checkpoint(job.run_dir) is not None
+        # Past the first save step, that save finished (the Trainer saves before the next step).
+        if not has_checkpoint and not restart and job.step > _first_save_step(job.recipe):
             raise JobError(
                 f"job {job.id} reached step {job.step} but its checkpoints are missing from "
                 f"{job.run_dir / 'checkpoints'}; `lora-studio jobs resume {job.id} --restart` "
                 "starts it over from step 0"
             )
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             changed = db.execute(
                 "UPDATE jobs SET state = 'queued', queued_at = ?, finished_at = NULL, error = NULL, "
                 "cancel_requested = 0, resume = ? WHERE id = ? AND state = ?",
@@ -257,86 +231,44 @@ class JobStore:
         return self.get(job.id)
 
     def recover(self) -> list[str]:
-        """Mark running jobs whose process is gone (or silent too long) interrupted; returns their ids."""
-        with self._connect() as db:
+        """Mark running jobs whose process is gone (or, on another host, silent too long) interrupted.
+
+        Returns their ids.
+        """
+        with self._db.connect() as db:
             rows = db.execute(
                 "SELECT id, attempt, pid, host, heartbeat_at FROM jobs WHERE state = 'running'"
             ).fetchall()
         now, here, lost = time.time(), socket.gethostname(), []
         for job_id, attempt, pid, host, beat in rows:
-            if host == here and pid and not _process_alive(pid):
+            if host == here and pid:  # ask the OS; a silent live process is stopped or starved, not dead
+                if worker.process_alive(pid, started_by=beat):
+                    continue
                 why = "its process is gone (killed, out of memory or the machine restarted)"
             elif beat is not None and now - beat > self.heartbeat_timeout:
-                why = f"no heartbeat for {now - beat:.0f} s"
+                why = f"no heartbeat from host {host} for {now - beat:.0f} s"
             else:
                 continue
             if self._end_attempt(job_id, attempt, why):
                 lost.append(job_id)
         return lost
 
-    # --- the worker process -----------------------------------------------------------------------
+    # --- the worker process (lora_studio.worker) ----------------------------------------------------
     def ensure_worker(self, concurrency: int = 1, idle_exit_seconds: float | None = 600) -> int | None:
         """Start a detached `lora-studio worker` unless one is alive; returns its pid (None: one was alive).
 
-        Returns when the new worker serves the store (well under a second).
-
-        The auto-started worker exits after `idle_exit_seconds` with nothing to do (None: never).
+        Returns when the new worker serves the store (well under a second). The auto-started
+        worker exits after `idle_exit_seconds` with nothing to do (None: never).
         """
-        if self.worker_pid() is not None:
-            return None
-        cmd = [
-            sys.executable,
-            "-m",
-            "lora_studio.cli",
-            "worker",
-            "--store",
-            str(self.path),
-            "--concurrency",
-            str(concurrency),
-        ]
-        if idle_exit_seconds is not None:
-            cmd += ["--idle-exit", str(idle_exit_seconds)]
-        with open(self.home / "worker.log", "ab") as log_file:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                cwd=self.home,
-                start_new_session=True,
-            )  # outlives its caller
-        # Return once it holds the store's lock, so a second call right after this one sees it.
-        deadline = time.monotonic() + 30
-        while proc.poll() is None and self.worker_pid() != proc.pid and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return proc.pid if proc.poll() is None else None  # it exits at once if another worker won the race
+        return worker.ensure_worker(self, concurrency, idle_exit_seconds)
 
     def worker_pid(self) -> int | None:
         """The pid of the worker serving this store, or None when none is running."""
-        with self.worker_lock() as held:
-            if held:
-                return None
-        try:
-            return int(self.worker_lock_path.read_text().strip() or 0) or None
-        except (OSError, ValueError):
-            return None
+        return worker.worker_pid(self)
 
-    @contextlib.contextmanager
-    def worker_lock(self) -> Iterator[bool]:
-        """Hold the one-worker-per-store lock while inside; yields False if another process holds it.
-
-        An OS file lock: it is released when its holder exits, even on SIGKILL.
-        """
-        with open(self.worker_lock_path, "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def worker_lock(self) -> contextlib.AbstractContextManager[bool]:
+        """Hold the one-worker-per-store lock while inside; yields False if another process holds it."""
+        return worker.worker_lock(self)
 
     @property
     def worker_lock_path(self) -> Path:
@@ -345,7 +277,7 @@ class JobStore:
     # --- worker side (lora_studio.worker) ---------------------------------------------------------
     def claim_next(self, worker_pid: int) -> Job | None:
         """Move the oldest queued job to running for a worker; None when the queue is empty."""
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             row = db.execute(
                 "SELECT id FROM jobs WHERE state = 'queued' ORDER BY queued_at, seq LIMIT 1"
             ).fetchone()
@@ -382,7 +314,7 @@ class JobStore:
 
     def record_metrics(self, job_id: str, attempt: int, row: dict[str, Any]) -> None:
         """Append a metrics row and fold it into the job's latest metrics."""
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             found = db.execute(
                 "SELECT metrics FROM jobs WHERE id = ? AND attempt = ?", (job_id, attempt)
             ).fetchone()
@@ -398,14 +330,31 @@ class JobStore:
             )
             db.execute("UPDATE jobs SET metrics = ? WHERE id = ?", (json.dumps(latest), job_id))
 
-    def forget_metrics_after(self, job_id: str, step: int) -> None:
+    def forget_metrics_after(self, job_id: str, attempt: int, step: int) -> None:
         """Drop rows past `step`: a resumed run redoes those steps from its checkpoint."""
-        with self._transaction() as db:
-            db.execute("DELETE FROM metrics WHERE job_id = ? AND step > ?", (job_id, step))
+        with self._db.transaction() as db:
+            if is_current(db, job_id, attempt):
+                db.execute("DELETE FROM metrics WHERE job_id = ? AND step > ?", (job_id, step))
+
+    @contextlib.contextmanager
+    def fence(self, job_id: str, attempt: int) -> Iterator[None]:
+        """Hold the store's write lock while a job attempt writes to its run folder.
+
+        Raises TrainingCancelled if a newer attempt owns the job (or it is no longer running).
+        While the lock is held nobody can claim, resume or settle the job, so the check cannot go
+        stale before the write. Keep the body short and free of other store calls (they would wait).
+        """
+        with self._db.transaction() as db:
+            if not is_current(db, job_id, attempt):
+                raise TrainingCancelled(
+                    f"job {job_id} attempt {attempt} was superseded by a newer attempt; "
+                    "it writes nothing more to the run folder"
+                )
+            yield
 
     def stop_reason(self, job_id: str, attempt: int) -> str | None:
         """Why a running attempt should stop now: 'cancelled', 'superseded' or None (keep going)."""
-        with self._connect() as db:
+        with self._db.connect() as db:
             row = db.execute(
                 "SELECT attempt, state, cancel_requested FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
@@ -424,7 +373,7 @@ class JobStore:
         metrics: dict[str, Any] | None = None,
     ) -> bool:
         """Record how an attempt ended; False if a newer attempt owns the job now."""
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             row = db.execute(
                 "SELECT metrics FROM jobs WHERE id = ? AND attempt = ? AND state IN "
                 "('running', 'interrupted')",
@@ -459,7 +408,7 @@ class JobStore:
     # --- internals ----------------------------------------------------------------------------------
     def _end_attempt(self, job_id: str, attempt: int, why: str) -> bool:
         """A running attempt died: interrupted (resumable), or cancelled if that was asked for."""
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             return bool(
                 db.execute(
                     "UPDATE jobs SET state = CASE cancel_requested WHEN 1 THEN 'cancelled' ELSE 'interrupted' END, "
@@ -470,7 +419,7 @@ class JobStore:
 
     def _update(self, job_id: str, attempt: int, **values: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in values)
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             db.execute(
                 f"UPDATE jobs SET {sets} WHERE id = ? AND attempt = ? AND state = 'running'",
                 (*values.values(), job_id, attempt),
@@ -488,28 +437,6 @@ class JobStore:
             what = "matches several jobs; give more of it" if found else "is not a job in this store"
             raise JobError(f"{job_id!r} {what} ({self.path}); `lora-studio jobs list` shows the ids")
         return found[0]
-
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        # A connection per call: callers may be threads (the web UI) or separate processes.
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        try:
-            db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes
-            yield db
-        finally:
-            db.close()
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")  # take the write lock up front: no upgrade deadlocks
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -539,43 +466,19 @@ def _pin_paths(recipe: Recipe, default_run_dir: Path) -> Recipe:
 
 def _check_data(recipe: Recipe) -> None:
     """Parse the data files now, so a job never waits in the queue only to fail on a typo."""
+    from .classify_data import load_labeled
     from .data import load_examples
 
     for path in (recipe.data.train_file, recipe.data.val_file):
-        if path:
+        if path and recipe.task == "classify":
+            load_labeled(path, recipe.data.text_column, recipe.data.label_column)
+        elif path:
             load_examples(path, recipe.data.format, recipe.data.system_prompt)
-
-
-def _has_checkpoint(run_dir: Path) -> bool:
-    folder = run_dir / "checkpoints"
-    return folder.is_dir() and any(p.name.startswith("checkpoint-") for p in folder.iterdir())
 
 
 def _first_save_step(recipe: dict[str, Any]) -> int:
     train = recipe["train"]
     return train["save_every_steps"] or train["eval_every_steps"]
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether `pid` is a live LoRA Studio process (on Linux its command line says so: pids get reused)."""
-    if Path("/proc/self/cmdline").exists():
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()  # empty for a zombie
-        except OSError:
-            return False
-        return b"lora_studio" in cmdline or b"lora-studio" in cmdline
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _queue_positions(db: sqlite3.Connection) -> dict[str, int]:
-    rows = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY queued_at, seq").fetchall()
-    return {r[0]: i + 1 for i, r in enumerate(rows)}
 
 
 def _to_job(row: sqlite3.Row, queue: dict[str, int]) -> Job:

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ import torch
 
 from .config import DEFAULT_BASE_MODEL, ModelSettings
 from .errors import ModelError
-from .files import file_sha256
+from .files import atomic_write_text, file_sha256
 from .home import studio_home
+from .remote_code import check_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +151,16 @@ def model_fingerprint(folder: Path) -> str:
     stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     key = hashlib.sha256(json.dumps([str(Path(folder).resolve()), stats]).encode()).hexdigest()
     cache = studio_home() / "fingerprints" / key
-    if cache.is_file():
-        return cache.read_text()
+    cached = cache.read_text(errors="replace").strip() if cache.is_file() else ""
+    if re.fullmatch(r"[0-9a-f]{64}", cached):
+        return cached
+    if cached:  # a damaged cache entry (torn write, edited by hand): hash again and replace it
+        log.warning("fingerprint cache %s is damaged; hashing %s again", cache, folder)
     h = hashlib.sha256()
     for f in files:
         h.update(file_sha256(f).encode())
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(h.hexdigest())
+    atomic_write_text(cache, h.hexdigest())
     return h.hexdigest()
 
 
@@ -200,17 +205,21 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load_base(settings: ModelSettings) -> tuple[Any, Any, BaseModelRef]:
-    """Load the frozen base model and its tokenizer as the settings say."""
+def load_base(settings: ModelSettings, asked_by: str = "the recipe") -> tuple[Any, Any, BaseModelRef]:
+    """Load the frozen base model and its tokenizer as the settings say.
+
+    `asked_by` names where the settings came from, for the remote-code refusal (see check_remote_code).
+    """
     from transformers import AutoModelForCausalLM
 
+    trust_remote_code = check_remote_code(settings, asked_by)
     ref = resolve_base(settings.base_model, settings.revision)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "use_safetensors": True,
-        "trust_remote_code": settings.trust_remote_code,
+        "trust_remote_code": trust_remote_code,
     }
     if settings.quantization != "none":
         kwargs["quantization_config"] = quantization_config(settings.quantization, dtype)
@@ -223,7 +232,7 @@ def load_base(settings: ModelSettings) -> tuple[Any, Any, BaseModelRef]:
     if settings.quantization == "none":
         model.to(device)
     model.requires_grad_(False)
-    return model, load_tokenizer(ref.folder, settings.trust_remote_code), ref
+    return model, load_tokenizer(ref.folder, trust_remote_code), ref
 
 
 def quantization_config(mode: str, compute_dtype: torch.dtype) -> Any:

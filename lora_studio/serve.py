@@ -4,7 +4,7 @@
     POST /v1/chat/completions   `model` picks an adapter or the base; `stream: true` for SSE
     GET  /health                liveness, no key needed
 
-    app = build_app(engine, api_key="secret")   # a FastAPI app, no side effects beyond the engine
+    app = build_app(engine, api_key="secret", max_body_mb=4, max_queue=16)  # no side effects
     run_server(engine, host="127.0.0.1", port=8000, api_key=None)
 
 Works with the official `openai` client (`OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...)`).
@@ -14,63 +14,170 @@ reproducible), top_p, seed, stream, stream_options.include_usage, n (1 only). A 
 is refused rather than silently ignored.
 
 Every failure is a JSON error in OpenAI's shape, {"error": {"message", "type", "param", "code"}}:
-400 for bad requests, 401 for a missing or wrong key, 404 for an unknown model or path. The body is
-parsed and checked before any generation starts, so a bad request never hangs.
+400 for bad requests, 401 for a missing or wrong key, 404 for an unknown model or path, 413 for a
+body over `max_body_mb`, 429 (with Retry-After) when `max_queue` requests already wait. The body is
+read under its size limit, then parsed, templated and tokenised in a worker thread, so the event
+loop (and /health) never waits on a big request. A client that goes away, streaming or not, stops
+its generation. Binding beyond loopback without a key is refused (see `access`).
 """
 
 from __future__ import annotations
 
-import hmac
+import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
+
+import anyio.to_thread
 
 # Imported here, not inside build_app: FastAPI resolves the handlers' annotations (`request: Request`)
 # from this module's globals, and would otherwise take `request` for a query parameter.
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from .access import require_auth_beyond_loopback
 from .errors import RequestError
-from .inference import DEFAULT_MAX_NEW_TOKENS, Generation, InferenceEngine
+from .inference import Generation, InferenceEngine
+from .serve_requests import (
+    BASE_ALIAS,
+    APIError,
+    ChatRequest,
+    api_key_check,
+    engine_error_message,
+    max_prompt_chars,
+    model_ids,
+    parse_body,
+    parse_chat_request,
+    read_body,
+    resolve_model,
+)
+
+__all__ = ["API_KEY_ENV", "BASE_ALIAS", "APIError", "build_app", "model_ids", "run_server"]
 
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "LORA_STUDIO_API_KEY"
-BASE_ALIAS = "base"
+DEFAULT_MAX_BODY_MB = 4.0
+DEFAULT_MAX_QUEUE = 16
+RETRY_AFTER_S = 1
 
 
-class APIError(Exception):
-    """An error answered to the client in OpenAI's error shape."""
+class Admission:
+    """Bounds the chat requests the server holds: one generating and up to `max_queue` waiting.
 
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+    A request holds its place from admission until its generation has ended, not merely until
+    its response was sent: a cancelled generation still holds the engine until its next token.
+    Used on the event loop only, so it needs no lock.
+    """
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def __init__(self, max_queue: int):
+        self.capacity = max_queue + 1
+        self._preparing = 0  # admitted, body being read or tokenised
+        self._replies: list[Generation] = []  # admitted and started, maybe finished by now
+
+    def held(self) -> int:
+        self._replies = [r for r in self._replies if not r.finished]
+        return self._preparing + len(self._replies)
+
+    @contextlib.contextmanager
+    def place(self) -> Iterator[Callable[[Generation], None]]:
+        """A place in the queue while the request is prepared; call the yielded function with its reply."""
+        if self.held() >= self.capacity:
+            raise APIError(
+                429,
+                f"the server is busy: {self.capacity - 1} requests are already waiting; retry shortly",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        self._preparing += 1
+        try:
+            yield self._keep
+        finally:
+            self._preparing -= 1
+
+    def _keep(self, reply: Generation) -> None:
+        self._replies.append(reply)  # not a bound `append`: held() replaces the list
 
 
-def build_app(engine: InferenceEngine, api_key: str | None = None) -> FastAPI:
+def build_app(
+    engine: InferenceEngine,
+    api_key: str | None = None,
+    *,
+    max_body_mb: float = DEFAULT_MAX_BODY_MB,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    classifiers: dict | None = None,
+) -> FastAPI:
     """The FastAPI app serving `engine`; with `api_key`, /v1 routes need `Authorization: Bearer <key>`."""
-    app = FastAPI(title="LoRA Studio", docs_url=None, redoc_url=None, openapi_url=None)
+    admission = Admission(max_queue)
+    max_bytes = int(max_body_mb * 2**20)
+    prompt_chars = max_prompt_chars(engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # every admitted request may hold a worker thread while it waits: leave room for them all
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, admission.capacity + 8)
+        yield
+
+    app = FastAPI(title="LoRA Studio", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     created = int(time.time())
+    add_error_handlers(app)
+
+    authorize = api_key_check(api_key)
+
+    # async handlers run on the event loop, so they never wait for a worker thread
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return {"object": "list", "data": [model_card(engine, m, created) for m in model_ids(engine)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+        authorize(request)
+        resolve_model(engine, model_id)
+        return model_card(engine, model_id, created)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        authorize(request)
+        with admission.place() as keep:
+            raw = await read_body(request, max_bytes)
+            chat, reply = await run_in_threadpool(start_chat, engine, raw, prompt_chars, classifiers)
+            keep(reply)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if chat.stream:
+            return StreamingResponse(
+                cancel_on_disconnect(sse_events(reply, completion_id, chat.model, chat.include_usage), reply),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        text = await reply_text(request, reply)
+        return completion(reply, text, completion_id, chat.model)
+
+    if classifiers:  # POST /v1/classify for task: classify adapters
+        from .serve_classify import add_classify_routes
+
+        add_classify_routes(app, classifiers, authorize, max_bytes)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error, expected or not, answered in OpenAI's shape."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -85,154 +192,22 @@ def build_app(engine: InferenceEngine, api_key: str | None = None) -> FastAPI:
         body = APIError(500, f"internal error: {type(exc).__name__}", type="server_error").body()
         return JSONResponse(body, status_code=500)
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            raise APIError(
-                401,
-                "missing or incorrect API key: send it as 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-            )
 
-    @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+def start_chat(
+    engine: InferenceEngine, raw: bytes, prompt_chars: int, classifiers: dict | None = None
+) -> tuple[ChatRequest, Generation]:
+    """Parse, check, template and tokenise a request, and start its generation (CPU work: call it
+    in a worker thread, never on the event loop)."""
+    if classifiers:  # a classifier's name gets a 400 naming /v1/classify, not "unknown model"
+        from .serve_classify import refuse_classifier
 
-    @app.get("/v1/models")
-    def list_models(request: Request) -> dict[str, Any]:
-        authorize(request)
-        return {"object": "list", "data": [model_card(engine, m, created) for m in model_ids(engine)]}
-
-    @app.get("/v1/models/{model_id:path}")
-    def get_model(model_id: str, request: Request) -> dict[str, Any]:
-        authorize(request)
-        resolve_model(engine, model_id)
-        return model_card(engine, model_id, created)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        authorize(request)
-        body = parse_body(await request.body())
-        model, adapter, kwargs, stream, include_usage = parse_chat_request(engine, body)
-        try:
-            reply = engine.start(kwargs.pop("messages"), adapter, **kwargs)
-        except RequestError as e:  # the engine's names, in the API's words
-            message = str(e).replace("max_new_tokens", "max_tokens")
-            raise APIError(400, message, param=_param_of(message)) from None
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if stream:
-            return StreamingResponse(
-                cancel_on_disconnect(sse_events(reply, completion_id, model, include_usage), reply),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        text = await run_in_threadpool(reply.wait)
-        return {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": reply.finish_reason,
-                }
-            ],
-            "usage": usage(reply),
-        }
-
-    return app
-
-
-# --- request parsing ---------------------------------------------------------------------------
-def parse_body(raw: bytes) -> dict[str, Any]:
+        refuse_classifier(classifiers, parse_body(raw))
+    chat = parse_chat_request(raw, engine, prompt_chars)
     try:
-        body = json.loads(raw or b"")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
-    if not isinstance(body, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-    return body
-
-
-def parse_chat_request(
-    engine: InferenceEngine, body: dict[str, Any]
-) -> tuple[str, str | None, dict, bool, bool]:
-    """Check a chat request: (model id, adapter or None for the base, engine kwargs, stream, usage)."""
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise APIError(
-            400, "model: required, the id of the base or an adapter (see GET /v1/models)", param="model"
-        )
-    adapter = resolve_model(engine, model)
-    if "messages" not in body:
-        raise APIError(400, "messages: required, a list of {'role', 'content'} objects", param="messages")
-    if body.get("n") not in (None, 1):
-        raise APIError(400, f"n: only 1 choice per request is supported, got {body.get('n')!r}", param="n")
-    if body.get("stop") not in (None, [], ""):
-        raise APIError(
-            400,
-            "stop: stop sequences are not supported; the reply ends at the model's end-of-turn",
-            param="stop",
-        )
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, f"stream: expected true or false, got {stream!r}", param="stream")
-    options = body.get("stream_options") or {}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    kwargs = {
-        "messages": _text_messages(body["messages"]),
-        "max_new_tokens": DEFAULT_MAX_NEW_TOKENS if max_tokens is None else max_tokens,
-        "temperature": 0.0 if body.get("temperature") is None else body["temperature"],
-        "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
-        "seed": body.get("seed"),
-    }
-    return model, adapter, kwargs, stream, bool(isinstance(options, dict) and options.get("include_usage"))
-
-
-def _text_messages(messages: Any) -> Any:
-    """OpenAI allows content as a list of parts; text parts are joined, anything else is refused."""
-    if not isinstance(messages, list):
-        return messages  # the engine names the problem
-    out = []
-    for i, m in enumerate(messages):
-        if isinstance(m, dict) and isinstance(m.get("content"), list):
-            parts = m["content"]
-            if not all(
-                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                for p in parts
-            ):
-                raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-            m = {**m, "content": "".join(p["text"] for p in parts)}
-        out.append(m)
-    return out
-
-
-def _param_of(message: str) -> str | None:
-    name = message.split(":", 1)[0].split("[", 1)[0]
-    return name if name in ("messages", "max_tokens", "temperature", "top_p", "seed") else None
-
-
-def model_ids(engine: InferenceEngine) -> list[str]:
-    return [engine.base_name, *engine.adapter_names()]
-
-
-def resolve_model(engine: InferenceEngine, model: str) -> str | None:
-    """The adapter a model id names, None for the base; unknown ids are a 404."""
-    if model in (engine.base_name, BASE_ALIAS):
-        return None
-    if model in engine.adapter_names():
-        return model
-    raise APIError(
-        404,
-        f"the model {model!r} does not exist here; available: {', '.join(model_ids(engine))}",
-        param="model",
-        code="model_not_found",
-    )
+        return chat, engine.start(chat.messages, chat.adapter, **chat.settings)
+    except RequestError as e:  # the engine's names, in the API's words
+        message, param = engine_error_message(str(e))
+        raise APIError(400, message, param=param) from None
 
 
 def model_card(engine: InferenceEngine, model: str, created: int) -> dict[str, Any]:
@@ -244,6 +219,24 @@ def model_card(engine: InferenceEngine, model: str, created: int) -> dict[str, A
 
 
 # --- responses ---------------------------------------------------------------------------------
+def completion(reply: Generation, text: str, completion_id: str, model: str) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": reply.finish_reason,
+            }
+        ],
+        "usage": usage(reply),
+    }
+
+
 def usage(reply: Generation) -> dict[str, int]:
     return {
         "prompt_tokens": reply.prompt_tokens,
@@ -291,9 +284,14 @@ def sse_events(reply: Generation, completion_id: str, model: str, include_usage:
 
 async def cancel_on_disconnect(events: Iterator[str], reply: Generation) -> AsyncIterator[str]:
     """Stream the events from a worker thread; a client that goes away stops the generation at once
-    (Starlette cancels this coroutine), instead of holding the engine until max_tokens."""
+    (Starlette cancels this coroutine), instead of holding the engine until max_tokens.
+
+    The wait for each event is abandoned on cancel: a request still queued for the engine has no
+    next event to wait for, and must be cancelled now, not when its generation starts."""
     try:
-        async for event in iterate_in_threadpool(events):
+        while (
+            event := await anyio.to_thread.run_sync(next, events, None, abandon_on_cancel=True)
+        ) is not None:
             yield event
     finally:
         if not reply.finished:
@@ -301,12 +299,54 @@ async def cancel_on_disconnect(events: Iterator[str], reply: Generation) -> Asyn
         reply.cancel()
 
 
+async def reply_text(request: Request, reply: Generation) -> str:
+    """Wait for a whole reply in a worker thread; a client that goes away meanwhile stops it."""
+    waiting = asyncio.ensure_future(run_in_threadpool(reply.wait))
+    gone = asyncio.ensure_future(client_gone(request))
+    try:
+        await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not waiting.done():  # the client left (or the server is stopping): no one will read it
+            reply.cancel()
+            log.info("a client left before its answer: its generation was stopped")
+    if not waiting.done():
+        raise APIError(400, "the client went away before the answer was ready")
+    return waiting.result()
+
+
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so only that can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)
+
+
 def run_server(
-    engine: InferenceEngine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
+    engine: InferenceEngine,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    *,
+    max_body_mb: float = DEFAULT_MAX_BODY_MB,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    insecure_no_auth: bool = False,
+    classifiers: dict | None = None,
 ) -> None:
-    """Serve until interrupted."""
+    """Serve until interrupted; beyond loopback only with an API key, or with `insecure_no_auth`."""
     import uvicorn
 
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        log.warning("serving on %s without an API key: anyone who can reach this address can use it", host)
-    uvicorn.run(build_app(engine, api_key), host=host, port=port, log_level="warning")
+    check_exposure(host, api_key, insecure_no_auth)
+    app = build_app(engine, api_key, max_body_mb=max_body_mb, max_queue=max_queue, classifiers=classifiers)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def check_exposure(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
+    """The server's rule: no API key, no address beyond this machine (unless the operator insists)."""
+    require_auth_beyond_loopback(
+        host,
+        has_auth=bool(api_key),
+        insecure=insecure_no_auth,
+        what="the model API",
+        secret="API key",
+        how=f"--api-key-file FILE or ${API_KEY_ENV}",
+    )

@@ -11,16 +11,21 @@ The run folder is self-describing, so anyone can rerun or resume a job from it a
     train.log          the log
     checkpoints/       periodic Trainer checkpoints (for --resume)
     adapter/           the final (best) adapter; appears only when complete
+
+Every file here is written atomically, and a run killed at any moment resumes from its last whole
+checkpoint (`run_folder` tells whole from broken). The job service passes a `fence`: a run whose
+job attempt was taken over by a newer one writes nothing more to the folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from pickle import UnpicklingError
@@ -34,8 +39,16 @@ from .adapters import attach_lora, save_adapter
 from .config import Recipe
 from .data import PreparedData, prepare
 from .errors import LoraStudioError, TrainingCancelled
-from .files import atomic_write_text
+from .files import atomic_write_text, settle_folder
 from .models import BaseModelRef, load_base, load_tokenizer, model_fingerprint, pick_device, resolve_base
+from .remote_code import check_remote_code
+from .run_folder import (
+    METRICS_FILE,
+    checkpoint_step,
+    last_complete_checkpoint,
+    read_metrics,
+    remove_incomplete_checkpoints,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,29 +60,43 @@ class RunResult:
     metrics: dict[str, Any]
 
 
-def train(recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> RunResult:
+Fence = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+def train(
+    recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = (), fence: Fence | None = None
+) -> RunResult:
     """Fine-tune a LoRA adapter as the recipe says and return where it was written.
 
     `callbacks` are extra transformers TrainerCallbacks (the job service uses them for progress
-    and cancellation). With `resume`, training continues from the run folder's last checkpoint.
+    and cancellation). With `resume`, training continues from the run folder's last whole checkpoint.
+    `fence()` is entered around every write to the run folder except the Trainer's checkpoints;
+    it raises TrainingCancelled when this run may no longer write (its job attempt was superseded).
     """
+    if recipe.task == "classify":  # a new label head on the body: its own data, model and trainer
+        from .classify_train import train_classifier
+
+        return train_classifier(recipe, resume=resume, callbacks=callbacks)
+    fence = fence or contextlib.nullcontext
     run_dir = recipe.output_dir
+    trust_remote_code = check_remote_code(recipe.model)  # refused before anything is read
     ref = resolve_base(recipe.model.base_model, recipe.model.revision)
-    tokenizer = load_tokenizer(ref.folder, recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(ref.folder, trust_remote_code)
     data = prepare(
         recipe.data, tokenizer, recipe.train.seed
     )  # bad data fails here, before anything is written
     checkpoint = _last_checkpoint(run_dir) if resume else None
 
-    _start_run_folder(run_dir, recipe, data, resume_step=_step_of(checkpoint))
+    with fence():
+        _start_run_folder(run_dir, recipe, data, resume_step=_step_of(checkpoint))
     handler = _log_to_file(run_dir / "train.log")
     try:
         model, tokenizer, ref = load_base(recipe.model)
-        set_seed(recipe.train.seed)  # the adapter's initial weights follow the recipe's seed
+        set_seed(recipe.train.seed)  # the LoRA weights' random init: the same for the same recipe
         model = attach_lora(model, recipe.lora, _use_gradient_checkpointing(recipe))
         fast = fast_path.prepare(recipe, model, tokenizer, data, ref.folder)  # None: the plain path
         trainer = build_trainer(
-            recipe, model, tokenizer, data, callbacks, resuming=checkpoint is not None, fast=fast
+            recipe, model, tokenizer, data, callbacks, resuming=checkpoint is not None, fence=fence, fast=fast
         )
         _log_start(recipe, model, data)
         try:
@@ -91,18 +118,22 @@ def train(recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = ()
         metrics = _final_metrics(trainer, output, data)
         adapter_dir = run_dir / "adapter"
         if _is_main_process():  # with several processes (accelerate launch), rank 0 writes the adapter
-            save_adapter(trainer.model, tokenizer, adapter_dir, _adapter_metadata(recipe, ref, data, metrics))
-            _write_status(run_dir, "succeeded", metrics=metrics, adapter=str(adapter_dir))
+            metadata = _adapter_metadata(recipe, ref, data, metrics)
+            with fence():
+                save_adapter(trainer.model, tokenizer, adapter_dir, metadata)
+                _write_status(run_dir, "succeeded", metrics=metrics, adapter=str(adapter_dir))
             log.info("adapter saved to %s", adapter_dir)
         trainer.accelerator.wait_for_everyone()
         return RunResult(run_dir, adapter_dir, metrics)
     except BaseException as e:
-        # TrainingCancelled comes from a callback (the job service) after it saved a checkpoint.
-        _write_status(
-            run_dir,
-            "cancelled" if isinstance(e, (KeyboardInterrupt, TrainingCancelled)) else "failed",
-            error=f"{type(e).__name__}: {e}",
-        )
+        # TrainingCancelled comes from a callback (the job service) after it saved a checkpoint,
+        # or from the fence: then a newer attempt owns the folder and this one must not write.
+        with contextlib.suppress(TrainingCancelled), fence():
+            _write_status(
+                run_dir,
+                "cancelled" if isinstance(e, (KeyboardInterrupt, TrainingCancelled)) else "failed",
+                error=f"{type(e).__name__}: {e}",
+            )
         raise
     finally:
         logging.getLogger().removeHandler(handler)
@@ -116,6 +147,7 @@ def build_trainer(
     data: PreparedData,
     callbacks: Sequence[Any] = (),
     resuming: bool = False,
+    fence: Fence | None = None,
     fast: fast_path.FastPath | None = None,
 ) -> Any:
     """TRL's SFTTrainer set up from the recipe: the one place training arguments are chosen.
@@ -151,7 +183,7 @@ def build_trainer(
         save_steps=t.save_every_steps or t.eval_every_steps,
         save_total_limit=2,
         load_best_model_at_end=has_val,
-        metric_for_best_model="eval_loss",
+        metric_for_best_model="eval_balanced" if t.select_best == "balanced" else "eval_loss",
         greater_is_better=False,
         # TRL defaults to bf16 autocast even on CPUs (~12x slower on AVX2-only ones): follow the model's dtype.
         bf16="bfloat16" in dtype and device != "cpu",
@@ -172,18 +204,35 @@ def build_trainer(
     extra = (
         [EarlyStoppingCallback(t.early_stopping_patience)] if has_val and t.early_stopping_patience else []
     )
+    if has_val:  # validation loss rising while training loss falls: say so (overfit.py)
+        from .overfit import overfit_callback
+
+        extra.append(overfit_callback(run_dir))
+    callbacks = [
+        *_balanced(recipe, tokenizer, has_val),
+        MetricsLog(run_dir / METRICS_FILE, skip_first_eval=resuming, fence=fence),
+        *extra,
+        *callbacks,
+    ]
     if fast is not None:
-        return fast.trainer(
-            args, tokenizer, [MetricsLog(run_dir / "metrics.jsonl", resuming), *extra, *callbacks]
-        )
+        return fast.trainer(args, tokenizer, callbacks)
     return SFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in data.train]),
         eval_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in data.val]) if has_val else None,
         processing_class=tokenizer,
-        callbacks=[MetricsLog(run_dir / "metrics.jsonl", skip_first_eval=resuming), *extra, *callbacks],
+        callbacks=callbacks,
     )
+
+
+def _balanced(recipe: Recipe, tokenizer: Any, has_val: bool) -> list[Any]:
+    """select_best: balanced scores general text at each validation (forgetting.py), before the log."""
+    if not has_val or recipe.train.select_best != "balanced":
+        return []
+    from .forgetting import balanced_callback
+
+    return [balanced_callback(tokenizer, recipe.data.max_length)]
 
 
 def _use_gradient_checkpointing(recipe: Recipe) -> bool:
@@ -203,6 +252,10 @@ class MetricRows:
         "learning_rate": "learning_rate",
         "grad_norm": "grad_norm",
         "train_loss": "train_loss",
+        "eval_general_loss": "general_loss",  # select_best: balanced
+        "eval_balanced": "balanced",
+        "eval_accuracy": "val_accuracy",  # task: classify
+        "eval_macro_f1": "val_macro_f1",
     }
 
     def __init__(self) -> None:
@@ -233,10 +286,11 @@ class MetricsLog(TrainerCallback):
     A resumed run's first validation repeats the one its checkpoint already logged: skip it.
     """
 
-    def __init__(self, path: Path, skip_first_eval: bool = False):
+    def __init__(self, path: Path, skip_first_eval: bool = False, fence: Fence | None = None):
         self.path = Path(path)
         self._rows = MetricRows()
         self._skip_eval = skip_first_eval
+        self._fence = fence or contextlib.nullcontext
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
@@ -246,8 +300,9 @@ class MetricsLog(TrainerCallback):
         if self._skip_eval and "eval_loss" in logs:
             self._skip_eval = False
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(self._rows.row(state, logs)) + "\n")
+        line = json.dumps(self._rows.row(state, logs)) + "\n"
+        with self._fence(), open(self.path, "a") as f:  # one write: a crash cuts at most this line
+            f.write(line)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self._rows.restart(state)
@@ -261,19 +316,25 @@ def _is_main_process() -> bool:
 
 
 def _start_run_folder(run_dir: Path, recipe: Recipe, data: PreparedData, resume_step: int | None) -> None:
-    """Write the resolved recipe and data report; a resumed run keeps its metrics up to its checkpoint."""
+    """Write the resolved recipe and data report; a resumed run keeps its metrics up to its checkpoint.
+
+    What an earlier run left broken by a crash is cleared first: half-written checkpoints, the
+    temporary folders of an adapter save, an adapter replacement cut short (rolled back).
+    """
     if not _is_main_process():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
+    settle_folder(run_dir / "adapter")
+    remove_incomplete_checkpoints(run_dir)
     # Every path pinned, so the run can be repeated or resumed from this file alone.
     atomic_write_text(run_dir / "config.yaml", recipe.replace(output_dir=str(run_dir.resolve())).to_yaml())
     atomic_write_text(run_dir / "data_report.json", json.dumps(dataclasses.asdict(data.report), indent=2))
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_FILE
     if resume_step is None:
         metrics.unlink(missing_ok=True)
-    elif metrics.is_file():  # steps after the checkpoint are redone: drop their old rows
-        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-        atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+    elif metrics.is_file():  # steps after the checkpoint are redone: drop their old rows (and a torn line)
+        kept = [row for row in read_metrics(metrics) if row["step"] <= resume_step]
+        atomic_write_text(metrics, "".join(json.dumps(row) + "\n" for row in kept))
     _write_status(run_dir, "running", resumed=resume_step is not None)
 
 
@@ -281,7 +342,10 @@ def _write_status(run_dir: Path, state: str, **fields: Any) -> None:
     if not _is_main_process():
         return
     path = run_dir / "status.json"
-    status = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet (or one from before writes were atomic, cut short)
+        status = {}
     status.update(state=state, updated_at=time.time(), **fields)
     if state == "running":
         status.pop("error", None)
@@ -290,19 +354,17 @@ def _write_status(run_dir: Path, state: str, **fields: Any) -> None:
 
 
 def _step_of(checkpoint: str | None) -> int | None:
-    return int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else None
+    return checkpoint_step(checkpoint) if checkpoint else None
 
 
 def _last_checkpoint(run_dir: Path) -> str:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    folder = run_dir / "checkpoints"
-    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    last = last_complete_checkpoint(run_dir)
     if last is None:
         raise LoraStudioError(
-            f"nothing to resume: {folder} has no checkpoint yet; start the run without --resume"
+            f"nothing to resume: {run_dir / 'checkpoints'} has no complete checkpoint yet; "
+            "start the run without --resume"
         )
-    return last
+    return str(last)
 
 
 def _log_to_file(path: Path) -> logging.Handler:

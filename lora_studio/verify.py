@@ -126,6 +126,18 @@ def verify(
     """
     adapter_dir = Path(adapter_dir).expanduser().resolve()
     meta = read_metadata(adapter_dir)
+    if meta.get("task") == "classify":  # label probabilities, not generated text, are compared
+        from .classify_export import verify_classifier
+
+        return verify_classifier(
+            adapter_dir,
+            merged_dir=merged_dir,
+            server_url=server_url,
+            server_model=server_model,
+            api_key=api_key,
+            targets=targets,
+            texts=[p[-1]["content"] for p in prompts] if prompts else None,
+        )
     name = adapter_name(adapter_dir)
     engine = InferenceEngine.from_adapters([adapter_dir], [name])
     chosen = (

@@ -61,3 +61,48 @@ def test_save_then_read_metadata(base, tmp_path):
         read_metadata(folder)
     with pytest.raises(ModelError, match="adapter folder not found"):
         read_metadata(tmp_path / "missing")
+
+
+@pytest.fixture
+def adapter(base, tmp_path):
+    model = attach_lora(base[0], LoraSettings(r=2))
+    return save_adapter(model, base[1], tmp_path / "adapter", {"base_model": "x", "recipe": {"model": {}}})
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: (f / "lora_studio.json").write_text('{"base_model": "x"'), "lora_studio.json is damaged"),
+        (lambda f: (f / "lora_studio.json").write_bytes(b"\xff\xfe{}"), "lora_studio.json is damaged"),
+        (lambda f: (f / "lora_studio.json").write_text("[1, 2]"), "expected a JSON object, got list"),
+        (lambda f: (f / "lora_studio.json").write_text("[" * 100_000), "lora_studio.json is damaged"),
+        (lambda f: (f / "lora_studio.json").write_text('{"recipe": {"model": 3}}'), "recipe.model should be"),
+        (lambda f: (f / "lora_studio.json").write_text('{"base_model": 7}'), "base_model should be str"),
+        (lambda f: (f / "adapter_config.json").write_text("{"), "adapter_config.json is damaged"),
+        (lambda f: (f / "adapter_config.json").unlink(), "has no adapter_config.json"),
+        (lambda f: _cut(f / "adapter_model.safetensors", -100), "truncated or damaged"),
+        (lambda f: _cut(f / "adapter_model.safetensors", 4), "not a readable safetensors file"),
+    ],
+)
+def test_a_damaged_adapter_gets_one_line_saying_what_and_how_to_recover(adapter, damage, message):
+    damage(adapter)
+    with pytest.raises(ModelError, match=message) as caught:
+        read_metadata(adapter)
+    assert "\n" not in str(caught.value) and "retrain" in str(caught.value)
+
+
+def _cut(path, end):
+    """Keep the file's bytes up to `end` (negative: drop that many from the end), as a torn copy would."""
+    path.write_bytes(path.read_bytes()[:end])
+
+
+def test_a_damaged_fingerprint_cache_is_hashed_again(tiny_model_dir):
+    from lora_studio.home import studio_home
+    from lora_studio.models import model_fingerprint
+
+    good = model_fingerprint(tiny_model_dir)
+    (cache,) = (studio_home() / "fingerprints").iterdir()
+    for damaged in ["", "not a hash", good[:20], "\x00" * 64]:
+        cache.write_text(damaged)
+        assert model_fingerprint(tiny_model_dir) == good
+        assert cache.read_text() == good

@@ -1,4 +1,4 @@
-"""Evaluation: the JSON metric on hand-made cases, batched generation and base_fit on the tiny model."""
+"""Evaluation on a model: batched generation, base_fit and base vs adapter on the tiny model."""
 
 from __future__ import annotations
 
@@ -13,55 +13,14 @@ import torch
 from lora_studio.data import Example, encode, load_examples
 from lora_studio.errors import DataError
 from lora_studio.evaluate import (
+    answer_budget,
     base_fit,
     compare_with_base,
     generate_answers,
     load_adapted,
-    parse_json_object,
-    score_json,
     split_prompt,
 )
 from lora_studio.models import load_tokenizer
-
-
-# --- the metric --------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ('{"a": 1}', {"a": 1}),
-        ('```json\n{"a": 1, "b": "x"}\n```', {"a": 1, "b": "x"}),
-        ('Sure! Here it is: {"a": 1} Hope that helps.', {"a": 1}),
-        ('{broken {"a": 2}', {"a": 2}),  # the first brace that starts a valid object wins
-        ('{"a": 1', None),  # cut off by max_new_tokens
-        ("[1, 2]", None),
-        ("no json here", None),
-    ],
-)
-def test_parse_json_object(text, expected):
-    assert parse_json_object(text) == expected
-
-
-def test_score_json_counts_fields_and_whole_records():
-    refs = [json.dumps({"name": "Ana Silva", "quantity": 3, "city": "Porto"})] * 4
-    answers = [
-        '{"name": "Ana Silva", "quantity": 3, "city": "Porto"}',  # all right
-        '{"name": " ana silva", "quantity": "3", "city": "Porto", "extra": 1}',  # right up to case/space/type
-        '{"name": "Ana Silva", "quantity": 4, "town": "Porto"}',  # wrong number, wrong key
-        "I cannot do that.",  # no JSON: wrong everywhere
-    ]
-    score = score_json(answers, refs)
-    assert score.rows == 4 and score.parse_errors == 1
-    assert score.field_accuracy == {"name": 0.75, "quantity": 0.5, "city": 0.5}
-    assert score.record_accuracy == 0.5
-    assert score.mean_field_accuracy == pytest.approx((0.75 + 0.5 + 0.5) / 3)
-    assert "whole-record accuracy: 50.0%" in score.lines()
-
-
-def test_score_json_refuses_mismatched_or_non_json_references():
-    with pytest.raises(ValueError, match="one answer per reference"):
-        score_json(["{}"], [])
-    with pytest.raises(DataError, match="reference 2"):
-        score_json(["{}", "{}"], ['{"a": 1}', "plain text"])
 
 
 # --- generation on the tiny model --------------------------------------------------------------
@@ -169,6 +128,7 @@ def test_base_fit_scores_only_answer_tokens_and_ranks_easy_data_first(tiny):
     expected = sum(hit if t == x else miss for t in targets) / len(targets)
     assert easy_fit.tokens == len(targets)
     assert easy_fit.loss == pytest.approx(expected, rel=1e-4)
+    assert easy_fit.perplexity == pytest.approx(math.exp(expected), rel=1e-4)  # perplexity = e^loss
 
 
 def test_base_fit_equals_the_models_own_loss_example_by_example(tiny):
@@ -214,14 +174,33 @@ def test_compare_with_base_uses_the_same_weights_with_the_adapter_off(tiny_recip
     examples = examples[:4]
     model, tokenizer = load_adapted(result.adapter_dir)
     comparison = compare_with_base(model, tokenizer, examples, max_new_tokens=5, batch_size=4)
+    assert comparison.metric == "json"  # chosen from the references
 
     base, base_tokenizer = tiny_model_dir, load_tokenizer(tiny_model_dir)
     from transformers import AutoModelForCausalLM
 
     plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     prompts = [split_prompt(e)[0] for e in examples]
-    assert comparison.base_answers == generate_answers(plain, base_tokenizer, prompts, 5, 4)
-    assert comparison.adapted_answers != comparison.base_answers
-    assert comparison.base.rows == comparison.adapted.rows == 4
-    assert comparison.adapted_fit.loss < comparison.base_fit.loss  # it learned something of this data
+    base, adapter = comparison.base, comparison.adapter
+    assert base.answers == generate_answers(plain, base_tokenizer, prompts, 5, 4)
+    assert adapter.answers != base.answers
+    assert base.score.rows == adapter.score.rows == 4
+    assert adapter.fit.loss < base.fit.loss  # it learned something of this data
     assert comparison.references[0] == json.dumps({"w": "word0"})
+    # The fit on the test rows is base_fit of the same model, adapter on or off.
+    assert adapter.fit.loss == pytest.approx(base_fit(model, tokenizer, examples, sample=4).loss)
+    with model.disable_adapter():
+        assert base.fit.loss == pytest.approx(base_fit(model, tokenizer, examples, sample=4).loss)
+
+
+def test_split_prompt_refuses_plain_text_rows():
+    with pytest.raises(DataError, match="line 7: a plain-text row has no prompt"):
+        split_prompt(Example("t.jsonl, line 7", text="just text"))
+
+
+def test_answer_budget_is_the_longest_reference_plus_room(tiny):
+    _, tokenizer = tiny
+    refs = ["Paris", "word1 word2 word3"]
+    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs)
+    assert answer_budget(tokenizer, refs) == longest + 16
+    assert answer_budget(tokenizer, ["x" * 2000], cap=100) == 100

@@ -161,25 +161,37 @@ def test_concurrent_submissions_from_several_processes_lose_no_job(tiny_model_di
     assert sorted(j.queue_position for j in jobs) == list(range(1, 41))
 
 
-def test_a_dead_or_silent_job_process_is_marked_interrupted(tiny_model_dir, chat_file):
+def test_a_dead_job_process_is_marked_interrupted_and_a_live_silent_one_is_not(tiny_model_dir, chat_file):
     store = JobStore(heartbeat_timeout=30)
     gone = subprocess.Popen(["true"])
     gone.wait()
-    lost, silent, cancelled = (
-        store.submit(make_recipe(tiny_model_dir, chat_file, name=n)) for n in ("lost", "silent", "cancelled")
+    lost, silent, reused, cancelled = (
+        store.submit(make_recipe(tiny_model_dir, chat_file, name=n))
+        for n in ("lost", "silent", "reused", "cancelled")
     )
     assert store.claim_next(gone.pid).id == lost
     job = store.get(lost)  # every read settles jobs whose process is gone
     assert job.state == "interrupted" and "process is gone" in job.error and job.attempts == 1
 
-    # A live process that stopped beating (hung); its command line names lora_studio, like a job process.
+    # A live process that stopped beating (stopped, suspended, starved); its command line names
+    # lora_studio, like a job process. On this host the OS says it is alive: it stays running.
     hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "lora_studio"])
     try:
         assert store.claim_next(hung.pid).id == silent and store.get(silent).state == "running"
+        time.sleep(2)
+        impatient = JobStore(store.path, heartbeat_timeout=0.5)
+        assert impatient.get(silent).state == "running"  # silent for 2 s, alive
+        # On another host the store cannot ask the OS: there a silent job counts as lost.
         with sqlite3.connect(store.path) as db:
-            db.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ?", (time.time() - 60, silent))
-        job = store.get(silent)
-        assert job.state == "interrupted" and "no heartbeat for 60 s" in job.error
+            db.execute("UPDATE jobs SET host = 'gpu-box-2' WHERE id = ?", (silent,))
+        job = impatient.get(silent)
+        assert job.state == "interrupted" and "no heartbeat from host gpu-box-2 for 2 s" in job.error
+
+        # A pid the job wrote before this process started (its last heartbeat is older): reused, not its.
+        assert store.claim_next(hung.pid).id == reused
+        with sqlite3.connect(store.path) as db:
+            db.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ?", (time.time() - 3600, reused))
+        assert store.get(reused).state == "interrupted"
 
         assert store.claim_next(hung.pid).id == cancelled
         assert store.cancel(cancelled).state == "running"  # asked to stop at its next step...
@@ -195,6 +207,55 @@ def test_a_dead_or_silent_job_process_is_marked_interrupted(tiny_model_dir, chat
     with pytest.raises(JobError, match=f"job {lost} reached step 5 but its checkpoints are missing"):
         store.resume(lost)
     assert not store.resume(lost, restart=True).resumes_from_checkpoint
+
+    # Killed while saving its first checkpoint (step 3): a half-written one is none; it starts over.
+    half = store.get(lost).run_dir / "checkpoints" / "checkpoint-3"
+    half.mkdir(parents=True)
+    (half / "adapter_model.safetensors").write_bytes(b"")
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE jobs SET step = 3, state = 'interrupted' WHERE id = ?", (lost,))
+    assert not store.resume(lost).resumes_from_checkpoint
+    (half / "trainer_state.json").write_text('{"global_step": 3}')  # the Trainer writes it last
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE jobs SET state = 'interrupted' WHERE id = ?", (lost,))
+    assert store.resume(lost).resumes_from_checkpoint
+
+
+def test_a_damaged_job_store_is_one_clear_line_in_the_cli_and_the_ui(studio_home, capsys):
+    import gradio as gr
+
+    from ui.common import shows_errors
+    from ui.train_tab import on_page_load
+
+    path = studio_home / "jobs.sqlite"
+    path.write_bytes(b"not an SQLite database\n" * 100)
+    for command in (["jobs", "list"], ["jobs", "show", "abc"], ["worker", "--store", str(path)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: the job store {path} is damaged (file is not a database); move it")
+        assert err.count("\n") == 1 and f"mv {path}* " in err and "run folders under" in err
+    with pytest.raises(gr.Error, match="is damaged .*move it aside"):
+        shows_errors(on_page_load)()
+
+    # Damaged inside (a valid header, garbage pages): the same, found by the first query.
+    (studio_home / "damaged").mkdir()
+    path.rename(studio_home / "damaged" / path.name)  # what the message says to do
+    store = JobStore()
+    assert store.list() == []  # a fresh store
+    with sqlite3.connect(store.path) as db:
+        for i in range(100):
+            db.execute(
+                "INSERT INTO jobs (id, name, state, recipe, run_dir, created_at, queued_at) "
+                "VALUES (?, 'x', 'queued', ?, 'runs/x', 0, 0)",
+                (f"job{i}", "{}" + " " * 2000),
+            )
+    with sqlite3.connect(store.path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # into the main file, which is then damaged
+    with open(path, "r+b") as f:
+        f.seek(3 * 4096)
+        f.write(b"\xff" * 5 * 4096)
+    assert main(["jobs", "list"]) == 2
+    assert "is damaged (database disk image is malformed)" in capsys.readouterr().err
 
 
 def test_cli_submit_prints_the_id_last_and_manages_the_job(tiny_model_dir, chat_file, tmp_path, capsys):
@@ -322,6 +383,30 @@ def test_a_killed_job_is_seen_at_once_and_resume_continues_its_run(service, tiny
         assert abs(after[s]["loss"] - before[s]["loss"]) < abs(
             after[s]["loss"] - before[s - checkpoint]["loss"]
         )
+
+
+def test_a_stopped_job_process_is_never_taken_for_dead_and_finishes_when_continued(
+    service, tiny_model_dir, chat_file
+):
+    """SIGSTOP (as a debugger, a suspended laptop or a starved machine does): heartbeats stop, the
+    process lives. The store asks the OS, not the clock, and the job goes on when continued."""
+    store = service.store
+    job_id = store.submit(make_recipe(tiny_model_dir, chat_file, max_steps=12, eval_every_steps=4))
+    wait_for(lambda: store.get(job_id).step >= 2, 180, "the job to start training")
+    pid = store.get(job_id).pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        impatient = JobStore(store.path, heartbeat_timeout=1)
+        time.sleep(3 * 2.0)  # three heartbeats missed
+        job = impatient.get(job_id)
+        assert time.time() - job.heartbeat_at > 3
+        assert job.state == "running" and job.attempts == 1, job.error
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: store.get(job_id).finished, 240, "the continued job to finish")
+    done = store.get(job_id)
+    assert done.state == "succeeded" and done.attempts == 1 and done.metrics["global_step"] == 12
+    assert sorted(loss_rows(store, job_id)) == list(range(1, 13))
 
 
 def test_sigkill_of_the_worker_interrupts_its_job_at_a_checkpoint_and_resume_finishes_it(

@@ -1,6 +1,9 @@
 """The keystone: the real training path end to end on the tiny model."""
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,7 +106,7 @@ def test_early_stopping_keeps_the_best_adapter(tiny_model_dir, tmp_path):
     assert result.metrics["val_loss"] == pytest.approx(best)
 
 
-def test_resume_continues_from_the_last_checkpoint(tiny_recipe, tmp_path):
+def test_resume_continues_from_the_last_whole_checkpoint(tiny_recipe, tmp_path):
     from transformers import TrainerCallback
 
     class Crash(TrainerCallback):
@@ -112,13 +115,26 @@ def test_resume_continues_from_the_last_checkpoint(tiny_recipe, tmp_path):
                 raise RuntimeError("simulated crash")
 
     recipe = tiny_recipe.replace(output_dir=str(tmp_path / "crashed"), save_every_steps=3)
+    straight = train(recipe.replace(output_dir=str(tmp_path / "straight")))
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(recipe, callbacks=[Crash()])
-    assert not (tmp_path / "crashed/adapter").exists()
-    assert json.loads((tmp_path / "crashed/status.json").read_text())["state"] == "failed"
+    run = tmp_path / "crashed"
+    assert not (run / "adapter").exists()
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"
+
+    # What a SIGKILL can leave besides: a checkpoint cut short mid-save, half a metrics line.
+    whole = run / "checkpoints" / "checkpoint-3"
+    shutil.copytree(
+        whole, run / "checkpoints" / "checkpoint-4", ignore=shutil.ignore_patterns("trainer_state.json")
+    )
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 5.8')
     resumed = train(recipe, resume=True)
-    straight = train(recipe.replace(output_dir=str(tmp_path / "straight")))
     assert resumed.metrics["global_step"] == straight.metrics["global_step"] == 6
+    assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-3",
+        "checkpoint-6",
+    ]
 
     def losses(run):
         return {m["step"]: m["loss"] for m in read_metrics(run) if "loss" in m}
@@ -134,8 +150,53 @@ def test_resume_continues_from_the_last_checkpoint(tiny_recipe, tmp_path):
     assert losses(resumed.run_dir)[1] - losses(resumed.run_dir)[4] > 0.03
 
 
+def test_a_superseded_job_attempt_writes_neither_the_adapter_nor_status(tiny_recipe, tmp_path):
+    """The job service judged the attempt lost and started a newer one while this one was finishing."""
+    from transformers import TrainerCallback
+
+    from lora_studio.errors import TrainingCancelled
+    from lora_studio.files import atomic_write_text
+    from lora_studio.jobs import JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job_id = store.submit(tiny_recipe)
+    # The store checks a running job's pid: give it a live process that looks like a job process.
+    job_process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "lora_studio"])
+    attempt = store.claim_next(job_process.pid).attempts
+    run = tiny_recipe.output_dir
+
+    class TakenOver(TrainerCallback):
+        def on_train_end(self, args, state, control, **kw):  # after the last step, before the adapter
+            store.process_exited(job_id, attempt, -9)
+            store.resume(job_id)
+            assert store.claim_next(job_process.pid).attempts == attempt + 1
+            atomic_write_text(run / "status.json", '{"state": "running", "attempt": 2}')  # the newer one's
+
+    try:
+        with pytest.raises(TrainingCancelled, match=f"attempt {attempt} was superseded"):
+            train(tiny_recipe, callbacks=[TakenOver()], fence=lambda: store.fence(job_id, attempt))
+    finally:
+        job_process.kill()
+        job_process.wait()
+    assert (run / "status.json").read_text() == '{"state": "running", "attempt": 2}'
+    assert not [p.name for p in run.iterdir() if "adapter" in p.name]
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tiny_recipe):
     from lora_studio import LoraStudioError
 
     with pytest.raises(LoraStudioError, match="nothing to resume"):
         train(tiny_recipe, resume=True)
+
+
+def test_the_adapters_random_init_follows_the_recipe_seed_not_the_process(tiny_recipe, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    weights = []
+    for i, process_seed in enumerate([1, 2]):  # what ran before in the process moved its RNG
+        torch.manual_seed(process_seed)
+        result = train(tiny_recipe.replace(output_dir=str(tmp_path / f"run{i}"), max_steps=1))
+        weights.append(load_file(result.adapter_dir / "adapter_model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

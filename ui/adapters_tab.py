@@ -1,4 +1,8 @@
-"""The Adapters tab: every trained adapter with its base, recipe, data and final metrics; downloads.
+"""The Adapters tab: every trained adapter with its base, recipe, data and final metrics; evaluation; downloads.
+
+"Evaluate" runs `lora-studio eval` on a test file (the same library call): the base and the
+adapter answer the same prompts, the table and the plots appear here and the report is written
+beside the adapter.
 
 A download is the adapter folder zipped, or the adapter merged into its base (a standalone
 transformers model, checked against the unmerged adapter's logits) and zipped. Archives are
@@ -17,8 +21,10 @@ import pandas as pd
 import yaml
 
 from lora_studio.downloads import adapter_archive, merged_archive
+from lora_studio.eval_report import EvalOptions, run_eval
 
-from .common import TrainedAdapter, shows_errors, trained_adapters
+from .common import TrainedAdapter, dataset_choices, shows_errors, trained_adapters
+from .eval_views import eval_frame, warnings_banner
 
 COLUMNS = [
     "adapter",
@@ -110,6 +116,43 @@ def download_merged(folder: str | None) -> tuple[str, str]:
     return str(path), f"Merged model archive ready: {path.name} ({path.stat().st_size / 1e6:.1f} MB)\n{note}"
 
 
+def evaluate(
+    folder: str | None, test_file: str | None, limit: float | None, with_base: bool, forgetting: bool = False
+) -> tuple:
+    """(table, summary markdown, loss curves image, confusion matrix image) of an adapter on a test file."""
+    from PIL import Image
+
+    adapter = _find(folder)
+    if not (test_file or "").strip():
+        raise gr.Error("Pick a test file first: rows the adapter never saw in training.")
+    report = run_eval(
+        EvalOptions(
+            str(adapter.folder),
+            test_file.strip(),
+            with_base=bool(with_base),
+            limit=int(limit) if limit else None,
+            forgetting=bool(forgetting),
+        )
+    )
+    gain = report.gain()
+    headline = next(iter(report.sides.values())).score.headline_name
+    lines = [f"Metric: **{report.comparison.metric}** ({headline})."]
+    if gain is not None:
+        lines.append(f"Adapter gain over base: **{gain:+.1%}** {headline}.")
+    if report.forgetting is not None:
+        lines += [
+            "**General ability (forgetting)**",
+            "\n".join(report.forgetting.markdown()),
+            report.trade_off(),
+        ]
+    lines.append(f"Report and per-example answers: `{report.out_dir}`")
+    summary = "\n\n".join(lines) + warnings_banner(report.run_dir)
+    images = [
+        Image.open(report.files[k]) if k in report.files else None for k in ("loss_curves", "confusion")
+    ]
+    return eval_frame(report), summary, *images
+
+
 def _find(folder: str | None) -> TrainedAdapter:
     """Only adapters the studio lists may be packed: a typed-in path is never read or served."""
     if not folder:
@@ -164,6 +207,25 @@ def build() -> AdaptersTab:
             )
             archive = gr.File(label="Download", interactive=False, elem_id="adapters-file")
             note = gr.Markdown(elem_id="adapters-note")
+    with gr.Accordion("Evaluate on a test file", open=False):
+        with gr.Row():
+            test_file = gr.Dropdown(
+                label="Test file (rows never used in training)",
+                choices=dataset_choices(),
+                value=None,
+                allow_custom_value=True,
+                scale=4,
+                elem_id="adapters-eval-data",
+            )
+            limit = gr.Number(label="First N rows (empty: all)", value=50, precision=0, minimum=1, scale=1)
+            with_base = gr.Checkbox(label="Also score the base", value=True, scale=1)
+            forgetting = gr.Checkbox(label="Check forgetting (general probes)", value=False, scale=1)
+        run = gr.Button("Evaluate", variant="primary", elem_id="adapters-evaluate")
+        scores = gr.Dataframe(label="Base vs adapter", interactive=False, elem_id="adapters-eval-table")
+        verdict = gr.Markdown(elem_id="adapters-eval-summary")
+        with gr.Row():
+            curves = gr.Image(label="Loss curves", type="pil", interactive=False)
+            confusion = gr.Image(label="Confusion matrices", type="pil", interactive=False)
 
     reload.click(shows_errors(refresh), inputs=adapter, outputs=[adapter, table], api_visibility="private")
     adapter.change(
@@ -174,5 +236,11 @@ def build() -> AdaptersTab:
     )
     get_merged.click(
         shows_errors(download_merged), inputs=adapter, outputs=[archive, note], api_name="download_merged"
+    )
+    run.click(
+        shows_errors(evaluate),
+        inputs=[adapter, test_file, limit, with_base, forgetting],
+        outputs=[scores, verdict, curves, confusion],
+        api_name="evaluate_adapter",
     )
     return AdaptersTab(adapter=adapter, table=table)

@@ -15,8 +15,8 @@ import gradio as gr
 from lora_studio.engine_pool import EnginePool
 from lora_studio.home import studio_home
 
-from . import adapters_tab, chat_tab, data_tab, train_tab
-from .common import shows_errors
+from . import adapters_tab, chat_tab, classify_tab, data_tab, train_tab
+from .common import is_loopback, shows_errors
 from .uploads import DEFAULT_MAX_UPLOAD_MB
 
 CSS = """
@@ -33,8 +33,10 @@ mark.ls-learn { background: #c8f7c5; color: #111; border-radius: 3px; }
 """
 
 
-def build_app(max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> gr.Blocks:
+def build_app(max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, host: str = "127.0.0.1") -> gr.Blocks:
+    """The app; `host` is the address it will be bound to: beyond loopback, typed paths are limited."""
     max_upload_bytes = int(max_upload_mb * 2**20)
+    public = not is_loopback(host)
     with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as app:
         gr.Markdown(
             "# LoRA Studio\nFine-tune a language model on your own data, watch it train, "
@@ -42,13 +44,15 @@ def build_app(max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> gr.Blocks:
         )
         with gr.Tabs():
             with gr.Tab("Data", id="data"):
-                data = data_tab.build(max_upload_bytes)
+                data = data_tab.build(max_upload_bytes, public)
             with gr.Tab("Train", id="train"):
-                train = train_tab.build()
+                train = train_tab.build(public)
             with gr.Tab("Chat", id="chat") as chat_page:
                 chat = chat_tab.build(EnginePool(max_bases=2))
             with gr.Tab("Adapters", id="adapters") as adapters_page:
                 adapters = adapters_tab.build()
+            with gr.Tab("Classify", id="classify") as classify_page:
+                classify = classify_tab.build()
         # The Train tab follows the dataset chosen on the Data tab.
         data.dataset.change(
             data_tab.refresh_datasets, inputs=data.dataset, outputs=train.dataset, api_visibility="private"
@@ -70,6 +74,13 @@ def build_app(max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> gr.Blocks:
                 shows_errors(adapters_tab.refresh),
                 inputs=adapters.adapter,
                 outputs=[adapters.adapter, adapters.table],
+                api_visibility="private",
+            )
+        for trigger in (app.load, classify_page.select):
+            trigger(
+                shows_errors(classify_tab.refresh),
+                inputs=classify.adapter,
+                outputs=classify.adapter,
                 api_visibility="private",
             )
     return app

@@ -3,6 +3,11 @@
 The UI's rule for errors: a `LoraStudioError` is the user's to fix, so its message is shown as
 is; anything else is a bug, so the page gets one line naming it and the server log gets the
 traceback. A Python traceback never reaches the page.
+
+The rule for typed paths: bound to this machine (loopback), the UI reads any path its user types,
+as the CLI does. Reachable from other machines, it reads data and model files only from uploads,
+the bundled examples and the studio folder (LORA_STUDIO_HOME), so a visitor cannot make it read
+other files of the machine.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import functools
 import html
 import inspect
+import ipaddress
 import logging
 import typing
 from collections.abc import Callable
@@ -20,7 +26,8 @@ from typing import Any
 import gradio as gr
 
 from lora_studio.config import DEFAULT_BASE_MODEL, field_help
-from lora_studio.errors import LoraStudioError
+from lora_studio.errors import DataError, LoraStudioError, ModelError
+from lora_studio.home import studio_home
 
 log = logging.getLogger("lora_studio.ui")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +73,61 @@ def shows_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def say_skipped(problems: list[str]) -> None:
+    """Tell the page (a warning toast; outside an event, a Python warning) what a list left out."""
+    if problems:
+        log.warning("not listed: %s", "; ".join(problems))
+        gr.Warning("<br>".join(html.escape(f"Not listed: {p}") for p in problems))
+
+
+# --- typed paths -----------------------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    """Whether a bind address serves this machine only."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def readable_roots() -> list[Path]:
+    """Where a UI reachable from other machines reads typed paths: uploads and all the studio's
+    own files (LORA_STUDIO_HOME), and the bundled examples."""
+    return [studio_home().resolve(), (REPO_ROOT / "examples").resolve()]
+
+
+def check_data_path(path: str, public: bool) -> None:
+    """Refuse, on a public UI, a typed dataset path outside `readable_roots`; never reads it."""
+    if public and not _inside_roots(path):
+        raise DataError(f"the dataset {path!r} is {_OUTSIDE}; upload the file or pick one from the list")
+
+
+def check_model_path(name: str, public: bool) -> None:
+    """Refuse, on a public UI, a base model given as a local path outside `readable_roots`.
+
+    Built-in names and hub ids pass; a name counts as local exactly when `resolve_base` would
+    read it from disk (a .gguf, a path-like name, or an existing folder).
+    """
+    from lora_studio.models import BUILTIN_MODELS
+
+    if not public or name in BUILTIN_MODELS:
+        return
+    path = Path(name).expanduser()
+    local = path.suffix == ".gguf" or name.startswith((".", "/", "~")) or path.exists()
+    if local and not _inside_roots(name):
+        raise ModelError(f"the base model {name!r} is {_OUTSIDE}; use a listed model or a hub id")
+
+
+_OUTSIDE = (
+    "outside the folders this UI reads (uploads, bundled examples, the studio folder): "
+    "it is reachable from other machines"
+)
+
+
+def _inside_roots(path: str) -> bool:
+    resolved = Path(path).expanduser().resolve()  # symlinks and '..' followed before the check
+    return any(resolved.is_relative_to(root) for root in readable_roots())
+
+
 def literal_choices(tp: Any) -> list[str]:
     """The choices of a config `Literal` type, for a dropdown."""
     return list(typing.get_args(tp))
@@ -78,8 +140,8 @@ def base_model_choices() -> list[str]:
     names = [DEFAULT_BASE_MODEL]
     try:
         names += [row["name"] for row in list_models() if row["kind"] != "built-in"]
-    except LoraStudioError:  # a broken cache must not break the page
-        log.warning("could not list cached models", exc_info=True)
+    except LoraStudioError as e:  # a broken cache must not break the page
+        say_skipped([f"the cached models ({e})"])
     return list(dict.fromkeys(names))
 
 
@@ -110,14 +172,21 @@ class TrainedAdapter:
 
 
 def trained_adapters() -> list[TrainedAdapter]:
-    """Finished adapters, newest first: those of succeeded jobs, then any under ./runs (CLI runs)."""
+    """Finished adapters, newest first: those of succeeded jobs, then any under ./runs (CLI runs).
+
+    A damaged entry (unreadable job store, adapter folder with missing or broken files) is left
+    out and named in a warning; the rest are still listed. A deleted adapter is left out quietly.
+    """
     from lora_studio.adapters import read_metadata
     from lora_studio.jobs import JobStore
 
     found: dict[Path, TrainedAdapter] = {}
-    candidates = [
-        (j.adapter_dir, j.name, j.id) for j in JobStore().list(states=["succeeded"]) if j.adapter_dir
-    ]
+    skipped: list[str] = []
+    try:
+        jobs = JobStore().list(states=["succeeded"])
+    except LoraStudioError as e:
+        jobs, skipped = [], [f"the adapters of finished jobs ({e})"]
+    candidates = [(j.adapter_dir, j.name, j.id) for j in jobs if j.adapter_dir]
     candidates += [(p, p.parent.name, None) for p in sorted(Path("runs").glob("*/adapter"))]
     for folder, name, job_id in candidates:
         folder = Path(folder).resolve()
@@ -125,11 +194,14 @@ def trained_adapters() -> list[TrainedAdapter]:
             continue
         try:
             meta = read_metadata(folder)
-        except LoraStudioError:  # deleted or incomplete: not offered
+        except LoraStudioError as e:
+            if folder.exists():
+                skipped.append(f"a damaged adapter ({e})")
             continue
         when = str(meta.get("created_at", ""))[:16].replace("T", " ")
         label = f"{name} ({job_id}, {when})" if job_id else f"{name} (runs/{folder.parent.name}, {when})"
         found[folder] = TrainedAdapter(folder, label, str(meta.get("base_model", "?")), job_id, meta)
+    say_skipped(skipped)
     return sorted(found.values(), key=lambda a: str(a.metadata.get("created_at", "")), reverse=True)
 
 

@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import functools
 import html
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 
 from lora_studio.config import DEFAULT_BASE_MODEL, DataFormat, DataSettings
-from lora_studio.data import SUFFIXES, FileCheck, check_file
+from lora_studio.data import SUFFIXES, FileCheck, check_file, check_options
 from lora_studio.errors import DataError, LoraStudioError
 
-from .common import base_model_choices, dataset_choices, hint, literal_choices, shows_errors
+from .common import (
+    base_model_choices,
+    check_data_path,
+    check_model_path,
+    dataset_choices,
+    hint,
+    literal_choices,
+    shows_errors,
+)
 from .uploads import store_upload
 
 SAMPLES = 3
@@ -37,16 +46,23 @@ def _tokenizer(base_model: str):
     return load_tokenizer(resolve_base(base_model).folder)
 
 
-def check_dataset(path: str | None, base_model: str, fmt: str, max_length: float | None) -> tuple[str, str]:
-    """(summary markdown, rendered examples html) for one data file; problems go in the summary."""
+def check_dataset(
+    path: str | None, base_model: str, fmt: str, max_length: float | None, public: bool = False
+) -> tuple[str, str]:
+    """(summary markdown, rendered examples html) for one data file; problems go in the summary.
+
+    `public`: the UI is reachable from other machines, so typed paths are limited (common.py).
+    """
     if not path:
         return "Upload a data file or pick one above.", ""
-    if not max_length or max_length < 1:
-        return _problem(f"max_length: expected a positive number of tokens, got {max_length}"), ""
+    base_model = base_model or DEFAULT_BASE_MODEL
     try:
-        checked = check_file(
-            path, _tokenizer(base_model or DEFAULT_BASE_MODEL), fmt, int(max_length), samples=SAMPLES
-        )
+        if max_length is None or not math.isfinite(max_length):
+            raise DataError(f"max_length: expected a whole number of tokens, got {max_length}")
+        check_options(fmt, int(max_length))
+        check_data_path(path, public)
+        check_model_path(base_model, public)
+        checked = check_file(path, _tokenizer(base_model), fmt, int(max_length), samples=SAMPLES)
     except LoraStudioError as e:
         return _problem(str(e)), ""
     return summary_markdown(checked), samples_html(checked)
@@ -115,7 +131,7 @@ def _md(text: str) -> str:
 
 
 # --- layout ---------------------------------------------------------------------------------------
-def build(max_upload_bytes: int) -> DataTab:
+def build(max_upload_bytes: int, public: bool = False) -> DataTab:
     gr.Markdown(
         "Upload a data file (one row per example) or pick a bundled example, and see it the way "
         f"training will. Accepted: {', '.join(SUFFIXES)}, up to {max_upload_bytes / 2**20:.0f} MB."
@@ -130,7 +146,8 @@ def build(max_upload_bytes: int) -> DataTab:
                 choices=dataset_choices(),
                 value=None,
                 allow_custom_value=True,
-                info="An uploaded file, a bundled example, or a path on this machine.",
+                info="An uploaded file or a bundled example"
+                + ("." if public else ", or a path on this machine."),
                 elem_id="data-dataset",
             )
             base_model = gr.Dropdown(
@@ -166,11 +183,12 @@ def build(max_upload_bytes: int) -> DataTab:
         on_upload, inputs=upload, outputs=dataset, api_name="upload_dataset", preprocess=False
     ).success(refresh_datasets, inputs=dataset, outputs=dataset, api_visibility="private")
     dataset.focus(refresh_datasets, inputs=dataset, outputs=dataset, api_visibility="private")
+
+    @shows_errors
+    def on_check(path: str | None, base_model: str, fmt: str, max_length: float | None) -> tuple[str, str]:
+        return check_dataset(path, base_model, fmt, max_length, public=public)
+
     inputs = [dataset, base_model, fmt, max_length]
-    check.click(
-        shows_errors(check_dataset), inputs=inputs, outputs=[summary, samples], api_name="check_dataset"
-    )
-    dataset.change(
-        shows_errors(check_dataset), inputs=inputs, outputs=[summary, samples], api_visibility="private"
-    )
+    check.click(on_check, inputs=inputs, outputs=[summary, samples], api_name="check_dataset")
+    dataset.change(on_check, inputs=inputs, outputs=[summary, samples], api_visibility="private")
     return DataTab(dataset=dataset)

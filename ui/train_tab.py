@@ -7,6 +7,7 @@ from the store, so it survives a page reload and a UI restart.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,12 +21,22 @@ from lora_studio.config import (
     LoraSettings,
     Quantization,
     Recipe,
+    Task,
     TrainSettings,
 )
 from lora_studio.home import studio_home
 from lora_studio.jobs import Job, JobStore
 
-from .common import base_model_choices, dataset_choices, hint, literal_choices, shows_errors
+from .common import (
+    base_model_choices,
+    check_data_path,
+    check_model_path,
+    dataset_choices,
+    hint,
+    literal_choices,
+    shows_errors,
+)
+from .eval_views import warnings_banner
 from .job_views import jobs_table, loss_frame, progress_html
 from .uploads import safe_name
 
@@ -53,11 +64,13 @@ def recipe_from_form(
     batch_size: float = 8,
     eval_every: float = 50,
     log_every: float = 5,
+    task: str = "chat",
 ) -> Recipe:
     """The form's values as a validated Recipe (every problem reported at once, as the CLI does)."""
     return Recipe.from_dict(
         {
             "name": (name or "").strip() or "adapter",
+            "task": task,
             "model": {
                 "base_model": (base_model or "").strip() or DEFAULT_BASE_MODEL,
                 "quantization": quantization,
@@ -78,10 +91,16 @@ def recipe_from_form(
     )
 
 
-def start_training(*form: Any) -> tuple[str, str]:
-    """Submit the form as a job and make sure a worker runs it; returns (job id, CLI command)."""
+def start_training(*form: Any, public: bool = False) -> tuple[str, str]:
+    """Submit the form as a job and make sure a worker runs it; returns (job id, CLI command).
+
+    `public`: the UI is reachable from other machines, so typed paths are limited (common.py).
+    """
+    recipe = recipe_from_form(*form)
+    check_data_path(recipe.data.train_file, public)
+    check_model_path(recipe.model.base_model, public)
     store = JobStore()
-    job_id = store.submit(recipe_from_form(*form))
+    job_id = store.submit(recipe)
     store.ensure_worker()
     return job_id, reproduce_command(store.get(job_id))
 
@@ -115,7 +134,7 @@ def watch_job(job_id: str | None) -> tuple[str, pd.DataFrame | None, pd.DataFram
     if not job_id:
         return progress_html(None), loss_frame([]), table
     job = store.get(job_id)
-    return progress_html(job), loss_frame(store.metrics(job.id)), table
+    return progress_html(job) + warnings_banner(job.run_dir), loss_frame(store.metrics(job.id)), table
 
 
 def job_choices(store: JobStore | None = None) -> list[tuple[str, str]]:
@@ -153,9 +172,10 @@ def reproduce_command(job: Job) -> str:
     )
 
 
-def _int(value: float | None) -> int | None:
-    """A whole number from a number box; an empty box stays None, for the recipe check to name."""
-    return None if value is None else int(round(value))
+def _int(value: float | None) -> int | float | None:
+    """A whole number from a number box; an empty box (None) or nan/inf stays as it is, for the
+    recipe check to name."""
+    return int(round(value)) if value is not None and math.isfinite(value) else value
 
 
 def _float(value: float | None) -> float | None:
@@ -163,10 +183,17 @@ def _float(value: float | None) -> float | None:
 
 
 # --- layout ---------------------------------------------------------------------------------------
-def build() -> TrainTab:
+def build(public: bool = False) -> TrainTab:
     with gr.Row():
         with gr.Column(scale=2, elem_id="train-form"):
             name = gr.Textbox(label="Run name", value="my-adapter", info="Names the job and its adapter.")
+            task = gr.Dropdown(
+                label="Task",
+                choices=literal_choices(Task),
+                value="chat",
+                info=hint("task"),
+                elem_id="train-task",
+            )
             base_model = gr.Dropdown(
                 label="Base model",
                 choices=base_model_choices(),
@@ -300,10 +327,16 @@ def build() -> TrainTab:
         batch_size,
         eval_every,
         log_every,
+        task,
     ]
-    start.click(
-        shows_errors(start_training), inputs=form, outputs=[job, command], api_name="start_training"
-    ).success(refresh_jobs, inputs=job, outputs=job, api_visibility="private")
+
+    @shows_errors
+    def on_start(*values: Any) -> tuple[str, str]:
+        return start_training(*values, public=public)
+
+    start.click(on_start, inputs=form, outputs=[job, command], api_name="start_training").success(
+        refresh_jobs, inputs=job, outputs=job, api_visibility="private"
+    )
     cancel.click(shows_errors(cancel_job), inputs=job, outputs=notice, api_name="cancel_job")
     resume.click(shows_errors(resume_job), inputs=job, outputs=notice, api_name="resume_job")
     watch = shows_errors(watch_job)

@@ -5,8 +5,10 @@
 
 1. Trains the default recipe (recipes/smollm2-lora-cpu.yaml) on train.jsonl: 320 sentences like
    "Order for Ben Kowalski: eight glass jars, deliver to Ghent." with their JSON record.
-2. Answers the 60 held-out sentences of test.jsonl greedily with the base model (adapter off) and
-   with the adapter, and scores both by exact field match. Prints the table and three samples.
+2. Evaluates it as `lora-studio eval RUN --data test.jsonl` does: the 60 held-out sentences are
+   answered greedily by the base model (adapter off) and by the adapter, both are scored by exact
+   field match, and the report (table, per-example answers, loss curves) is written to RUN/eval/.
+   Prints the table and three samples.
 Exits 1 when the adapter does not beat the base by MIN_GAIN whole-record accuracy.
 """
 
@@ -20,8 +22,7 @@ from pathlib import Path
 
 from lora_studio import Recipe, RunResult, train
 from lora_studio.cli import add_overrides
-from lora_studio.data import load_examples
-from lora_studio.evaluate import Comparison, compare_with_base, load_adapted
+from lora_studio.eval_report import EvalOptions, EvalReport, run_eval
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parents[1] / "recipes" / "smollm2-lora-cpu.yaml"
@@ -60,12 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     log.info("step 2/2: answering the %s held-out orders with the base and the adapted model", TEST_FILE.name)
-    _, examples = load_examples(TEST_FILE)
-    model, tokenizer = load_adapted(result.adapter_dir)
-    comparison = compare_with_base(model, tokenizer, examples)
+    evaluation = run_eval(EvalOptions(str(result.run_dir), str(TEST_FILE)))
 
-    print("\n".join(report(comparison, result, time.perf_counter() - started)))
-    gain = comparison.adapted.record_accuracy - comparison.base.record_accuracy
+    print("\n".join(report(evaluation, result, time.perf_counter() - started)))
+    gain = evaluation.gain()
     if gain < MIN_GAIN:
         print(
             f"\nFAILED: the adapter gained only {gain:+.1%} whole-record accuracy (needed {MIN_GAIN:+.0%})."
@@ -74,35 +73,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(c: Comparison, result: RunResult, seconds: float) -> list[str]:
-    """The side-by-side table and a few sample answers, as printed lines."""
-    b, a = c.base, c.adapted
-    rows = [("whole record exactly right", b.record_accuracy, a.record_accuracy)]
-    rows += [(f"  field {name}", b.field_accuracy[name], a.field_accuracy[name]) for name in b.field_accuracy]
-    out = [
-        "",
-        f"Held-out test set: {b.rows} orders never seen in training ({TEST_FILE.name})",
-        f"{'':30}{'base':>10}{'adapted':>10}",
-    ]
-    out += [f"{label:30}{x:>10.1%}{y:>10.1%}" for label, x, y in rows]
-    out += [
-        f"{'answers with no JSON object':30}{b.parse_errors:>10}{a.parse_errors:>10}",
-        f"{'answer-token loss (task fit)':30}{c.base_fit.loss:>10.3f}{c.adapted_fit.loss:>10.3f}",
-        f"{'seconds to answer all':30}{c.seconds['base']:>10.0f}{c.seconds['adapted']:>10.0f}",
-    ]
-    for i in range(min(SAMPLES, b.rows)):
+def report(evaluation: EvalReport, result: RunResult, seconds: float) -> list[str]:
+    """The side-by-side table (the one `lora-studio eval` prints) and a few sample answers."""
+    c = evaluation.comparison
+    out = ["", *evaluation.table()]
+    for i in range(min(SAMPLES, len(c.prompts))):
         out += [
             "",
             f"sample {i + 1}: {c.prompts[i][-1]['content']}",
             f"  expected: {c.references[i]}",
-            f"  base:     {_one_line(c.base_answers[i])}",
-            f"  adapted:  {_one_line(c.adapted_answers[i])}",
+            f"  base:     {_one_line(c.base.answers[i])}",
+            f"  adapted:  {_one_line(c.adapter.answers[i])}",
         ]
     m = result.metrics
     out += [
         "",
         f"training: {m['global_step']} steps in {(m['train_runtime_s'] or 0) / 60:.1f} min at "
         f"{m['tokens_per_second']} tokens/s; adapter in {result.adapter_dir}",
+        f"report: {evaluation.out_dir / 'report.md'}",
         f"demo finished in {seconds / 60:.1f} min",
     ]
     return out

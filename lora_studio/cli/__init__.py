@@ -13,9 +13,10 @@ import logging
 import sys
 
 from ..errors import LoraStudioError
+from ..remote_code import REMOTE_CODE_FLAG, allow_remote_code
 
 # Command groups, in the order `--help` lists them.
-GROUPS = ["train", "jobs", "ui", "use", "bench"]
+GROUPS = ["train", "eval", "jobs", "ui", "use", "classify", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if getattr(args, "trust_remote_code", False):
+        allow_remote_code()
     try:
         return args.run(args) or 0
     except LoraStudioError as e:
@@ -50,6 +53,16 @@ def add_overrides(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a recipe setting, e.g. --set max_steps=10 (repeatable)",
+    )
+
+
+def add_remote_code_flag(parser: argparse.ArgumentParser) -> None:
+    """The operator's permission for base models to run their own code (never taken from files)."""
+    parser.add_argument(
+        REMOTE_CODE_FLAG,
+        action="store_true",
+        help="let base models run the Python code they ship (trust_remote_code); only for models you "
+        "trust. Adapters, recipes and requests can ask for it but never turn it on.",
     )
 
 

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from ..jobs import JOB_STATES, Job, JobStore
-from . import add_overrides
+from ..overfit import warning_lines
+from . import add_overrides, add_remote_code_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="a YAML recipe, e.g. recipes/smollm2-lora-cpu.yaml")
     add_overrides(p)
     p.add_argument("--no-worker", action="store_true", help="only queue it; do not start a worker")
+    add_remote_code_flag(p)
     p.set_defaults(run=run_submit)
 
     p = cmds.add_parser("list", help="jobs, newest first")
@@ -61,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--restart", action="store_true", help="start over from step 0 if its checkpoints are gone"
     )
     p.add_argument("--no-worker", action="store_true", help="only queue it; do not start a worker")
+    add_remote_code_flag(p)
     p.set_defaults(run=run_resume)
 
     p = sub.add_parser("worker", help="run queued training jobs (long-running; one worker per studio home)")
@@ -86,6 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="the job store file (default: <LORA_STUDIO_HOME>/jobs.sqlite)",
     )
+    add_remote_code_flag(p)
     p.set_defaults(run=run_worker_command)
 
 
@@ -145,6 +149,7 @@ def run_show(args: argparse.Namespace) -> int:
         "log": str(job.log_path),
         "adapter": job.adapter_dir and str(job.adapter_dir),
         "error": job.error,
+        "warnings": "\n              ".join(warning_lines(job.run_dir)) or None,  # overfit.py's alarms
         "metrics": "  ".join(f"{k}={_num(v)}" for k, v in job.metrics.items()) or None,
     }
     for key, value in details.items():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..config import SECTIONS, DataSettings, Recipe
-from . import add_overrides
+from ..data import FORMAT_FIELDS
+from . import add_overrides, add_remote_code_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="a YAML recipe, e.g. recipes/smollm2-lora-cpu.yaml")
     add_overrides(p)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    add_remote_code_flag(p)
     p.set_defaults(run=run_train)
 
     p = sub.add_parser("models", help="list the base models available without a download")
@@ -29,14 +31,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p = data.add_parser("check", help="parse a data file, detect its format and report problems")
     p.add_argument("file", help="a .jsonl, .json, .csv or .parquet file, or a saved datasets folder")
-    p.add_argument("--format", default="auto", help="the row format, if not detected (default: auto)")
+    p.add_argument(
+        "--format",
+        default="auto",
+        help="the row format, if not detected: auto (default), " + ", ".join(FORMAT_FIELDS),
+    )
     p.add_argument("--base-model", default=None, help="render examples with this model's chat template")
     p.add_argument("--max-length", type=int, default=DataSettings.max_length, help="token limit per example")
     p.add_argument(
         "--fit",
         action="store_true",
-        help="also score how well the base model already predicts the answers (task fit; loads the model)",
+        help="also check how well the base fits: zero-shot score and answer loss, with a verdict (loads the model)",
     )
+    add_remote_code_flag(p)
     p.set_defaults(run=run_data_check)
 
 
@@ -76,9 +83,10 @@ def run_models(args: argparse.Namespace) -> int:
 
 def run_data_check(args: argparse.Namespace) -> int:
     from ..config import DEFAULT_BASE_MODEL
-    from ..data import check_file
+    from ..data import check_file, check_options
     from ..models import load_tokenizer, resolve_base
 
+    check_options(args.format, args.max_length)  # before the (slow) tokenizer load
     tokenizer = load_tokenizer(resolve_base(args.base_model or DEFAULT_BASE_MODEL).folder)
     print("\n".join(check_file(args.file, tokenizer, args.format, args.max_length).lines()))
     if args.fit:
@@ -87,11 +95,7 @@ def run_data_check(args: argparse.Namespace) -> int:
 
 
 def task_fit(path: str, fmt: str, base_model: str, max_length: int) -> str:
-    from ..config import ModelSettings
-    from ..data import load_examples
-    from ..evaluate import base_fit, fit_advice
-    from ..models import load_base
+    from ..fit import fit_models
 
-    model, tokenizer, _ = load_base(ModelSettings(base_model=base_model))
-    fit = base_fit(model, tokenizer, load_examples(path, fmt)[1], max_length=max_length)
-    return f"task fit of {base_model}: {fit.line()}\n  {fit_advice(fit)}"
+    reports, _ = fit_models([base_model], path, fmt, max_length=max_length)
+    return "\n".join(reports[0].lines())

@@ -7,8 +7,11 @@ import logging
 import os
 
 from ..errors import ConfigError
+from . import add_remote_code_flag
 
 log = logging.getLogger(__name__)
+
+UI_AUTH_ENV = "LORA_STUDIO_UI_AUTH"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,19 +19,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ui",
         help="start the web UI (train, watch, chat, compare, export in a browser)",
         description="Start the LoRA Studio web UI. It binds 127.0.0.1 unless --host is given; "
-        "use --auth when it is reachable from other machines.",
+        "another --host needs a login (--auth-file, $LORA_STUDIO_UI_AUTH or --auth).",
     )
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
     )
     p.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
-    p.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login for every page")
+    p.add_argument(
+        "--auth",
+        default=None,
+        metavar="USER:PASSWORD",
+        help=f"require this login for every page (visible in ps: prefer --auth-file or ${UI_AUTH_ENV}, "
+        "used when neither option is given)",
+    )
+    p.add_argument("--auth-file", default=None, metavar="FILE", help="read USER:PASSWORD from this file")
+    p.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow a --host beyond this machine without a login (anyone who connects can train and download)",
+    )
     p.add_argument(
         "--max-upload-mb",
         type=float,
         default=None,
         help="largest data file a user may upload, in MB (default: 200)",
     )
+    add_remote_code_flag(p)
     p.set_defaults(run=run_ui)
 
 
@@ -36,17 +52,27 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     if value is None:
         return None
     user, sep, password = value.partition(":")
-    if not sep or not user or not password:
-        raise ConfigError(f"--auth: expected USER:PASSWORD with both parts non-empty, got {value!r}")
+    if not sep or not user or not password:  # the value is a secret: never echo it
+        raise ConfigError("the UI login: expected USER:PASSWORD with both parts non-empty")
     return user, password
 
 
 def run_ui(args: argparse.Namespace) -> int:
-    auth = parse_auth(args.auth)
+    from ..access import read_secret, require_auth_beyond_loopback
+
+    auth = parse_auth(read_secret(args.auth, args.auth_file, UI_AUTH_ENV, "--auth"))
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port: expected a port number from 1 to 65535, got {args.port}")
     if args.max_upload_mb is not None and args.max_upload_mb <= 0:
         raise ConfigError(f"--max-upload-mb: expected a positive size, got {args.max_upload_mb}")
+    require_auth_beyond_loopback(
+        args.host,
+        has_auth=auth is not None,
+        insecure=args.insecure_no_auth,
+        what="the web UI (training, files, downloads)",
+        secret="login",
+        how=f"--auth-file FILE (USER:PASSWORD) or ${UI_AUTH_ENV}",
+    )
     from ..home import studio_home
 
     # Before gradio is imported: its uploads go under the studio's folder, and it phones no one.
@@ -55,11 +81,7 @@ def run_ui(args: argparse.Namespace) -> int:
     from ui.app import build_app, launch
     from ui.uploads import DEFAULT_MAX_UPLOAD_MB
 
-    if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
-        log.warning(
-            "serving on %s without --auth: anyone who can reach this address can train and download models",
-            args.host,
-        )
     max_mb = args.max_upload_mb or DEFAULT_MAX_UPLOAD_MB
-    launch(build_app(max_upload_mb=max_mb), host=args.host, port=args.port, auth=auth, max_upload_mb=max_mb)
+    app = build_app(max_upload_mb=max_mb, host=args.host)
+    launch(app, host=args.host, port=args.port, auth=auth, max_upload_mb=max_mb)
     return 0

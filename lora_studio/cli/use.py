@@ -10,6 +10,7 @@ from typing import Any
 
 from ..config import DEFAULT_BASE_MODEL
 from ..errors import ConfigError
+from . import add_remote_code_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", help="answer this one prompt and exit (no interactive session)")
     p.add_argument("--system", help="a system message for the conversation")
     _generation_args(p)
+    add_remote_code_flag(p)
     p.set_defaults(run=run_chat)
 
     p = sub.add_parser("merge", help="merge an adapter into its base: a standalone model folder, verified")
@@ -42,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="saved weight dtype (auto: the base checkpoint's)",
     )
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_remote_code_flag(p)
     p.set_defaults(run=run_merge)
 
     p = sub.add_parser("export", help="export the merged model as a GGUF file (llama.cpp, Ollama), verified")
@@ -50,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="weight format in the file")
     p.add_argument("--out", required=True, help="the .gguf file to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_remote_code_flag(p)
     p.set_defaults(run=run_export)
 
     p = sub.add_parser(
@@ -67,8 +71,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer KEY' (default: $LORA_STUDIO_API_KEY if set)",
+        help="require 'Authorization: Bearer KEY' (visible in ps: prefer --api-key-file or "
+        "$LORA_STUDIO_API_KEY, used when neither option is given)",
     )
+    p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the API key from this file")
+    p.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow a --host beyond this machine without an API key (anyone who connects can use it)",
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=4.0,
+        help="largest request body, in MB; more gets 413 (default 4)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=16,
+        help="requests that may wait for the model; more get 429 with Retry-After (default 16)",
+    )
+    add_remote_code_flag(p)
     p.set_defaults(run=run_serve)
 
     p = sub.add_parser(
@@ -101,6 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a prompt to check (repeatable; default: the adapter's first training chats)",
     )
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length compared (default 32)")
+    add_remote_code_flag(p)
     p.set_defaults(run=run_verify)
 
 
@@ -191,9 +216,17 @@ def run_export(args: argparse.Namespace) -> int:
 
 # --- serve -------------------------------------------------------------------------------------
 def run_serve(args: argparse.Namespace) -> int:
+    from ..access import read_secret
     from ..inference import InferenceEngine, adapter_name
-    from ..serve import API_KEY_ENV, model_ids, run_server
+    from ..serve import API_KEY_ENV, check_exposure, model_ids, run_server
+    from ..serve_classify import load_classifiers, run_classify_server, split_adapters
 
+    if not args.max_body_mb > 0:
+        raise ConfigError(f"--max-body-mb: expected a positive size in MB, got {args.max_body_mb}")
+    if args.max_queue < 0:
+        raise ConfigError(f"--max-queue: expected 0 or more waiting requests, got {args.max_queue}")
+    api_key = read_secret(args.api_key, args.api_key_file, API_KEY_ENV, "--api-key")
+    check_exposure(args.host, api_key, args.insecure_no_auth)  # before the model loads: fail fast
     names, paths = [], []
     for spec in args.adapters:
         name, sep, path = spec.partition("=")
@@ -201,18 +234,35 @@ def run_serve(args: argparse.Namespace) -> int:
             name, path = adapter_name(spec), spec
         names.append(name)
         paths.append(path)
+    names, paths, classifier_paths = split_adapters(names, paths)  # task: classify -> POST /v1/classify
+    classifiers = load_classifiers(classifier_paths)
+    if classifiers and not paths and args.base is None:
+        print(
+            f"serving classifiers {', '.join(classifiers)} at http://{args.host}:{args.port}/v1/classify",
+            flush=True,
+        )
+        run_classify_server(classifiers, host=args.host, port=args.port, api_key=api_key)
+        return 0
     if not paths and args.base is None:
         raise ConfigError(
             "nothing to serve: give adapter folders, or --base MODEL to serve a base model alone"
         )
     engine = InferenceEngine.from_adapters(paths, names, base=args.base)
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     print(
         f"serving {', '.join(model_ids(engine))} at http://{args.host}:{args.port}/v1"
         f"{' (API key required)' if api_key else ''}",
         flush=True,
     )
-    run_server(engine, host=args.host, port=args.port, api_key=api_key)
+    run_server(
+        engine,
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        max_body_mb=args.max_body_mb,
+        max_queue=args.max_queue,
+        insecure_no_auth=args.insecure_no_auth,
+        classifiers=classifiers,
+    )
     return 0
 
 

@@ -1,0 +1,266 @@
+"""The classification model: a pretrained body with a new label head, and a `Classifier` to use it.
+
+    model, ref = load_classification_base(settings, labels, pad_token_id)  # *ForSequenceClassification
+    model = attach_classification_lora(model, lora_settings)   # LoRA on the body, the head trained in full
+    clf = Classifier.from_adapter("runs/tickets/adapter")       # or Classifier.from_merged("merged/tickets")
+    clf.predict(["my parcel never came"])   # -> [Prediction(label="shipping", probabilities={...})]
+
+transformers' `AutoModelForSequenceClassification` puts a linear `score` head (hidden size x labels,
+randomly initialised) on the base's transformer body and reads it at the last token that is not
+padding, so the config needs `pad_token_id` and batches are padded on the right (a causal body
+sees only what came before, so padding after the text changes nothing). The head is PEFT's
+`modules_to_save`: trained in full and saved in the adapter file next to the LoRA weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters import read_metadata
+from .config import LoraSettings, ModelSettings
+from .errors import ConfigError, ModelError
+from .models import BaseModelRef, load_tokenizer, model_fingerprint, pick_device, pick_dtype, resolve_base
+from .models import quantization_config as bnb_config
+from .remote_code import check_remote_code
+
+log = logging.getLogger(__name__)
+
+HEAD_NAMES = ("score", "classifier")  # transformers' names for the label head of decoder models
+LABELS_FILE = "labels.json"
+
+
+def head_name(model: torch.nn.Module) -> str:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in HEAD_NAMES:
+        if isinstance(getattr(inner, name, None), torch.nn.Module):
+            return name
+    raise ModelError(f"{type(inner).__name__} has no classification head named {' or '.join(HEAD_NAMES)}")
+
+
+def load_classification_base(
+    settings: ModelSettings, labels: Sequence[str], pad_token_id: int
+) -> tuple[Any, BaseModelRef]:
+    """The frozen base as a sequence classifier with a fresh head for `labels` (id i = labels[i])."""
+    from transformers import AutoModelForSequenceClassification
+
+    ref = resolve_base(settings.base_model, settings.revision)
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "use_safetensors": True,
+        "trust_remote_code": check_remote_code(settings),  # the operator's flag alone decides
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+        "pad_token_id": pad_token_id,
+        "problem_type": "single_label_classification",
+    }
+    if settings.quantization != "none":
+        quantization = bnb_config(settings.quantization, dtype)
+        quantization.llm_int8_skip_modules = list(
+            HEAD_NAMES
+        )  # the new head stays full precision and trainable
+        kwargs["quantization_config"] = quantization
+        if device == "cuda":
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        with _quiet_load_report():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                ref.folder, output_loading_info=True, **kwargs
+            )
+    except (OSError, ValueError, ImportError, KeyError) as e:
+        raise ModelError(
+            f"could not load {settings.base_model!r} as a sequence classifier from {ref.folder}: {e}"
+        ) from None
+    # Only the head may start from scratch: a body weight missing here would train on noise.
+    body_missing = [k for k in info["missing_keys"] if k.split(".")[0] not in HEAD_NAMES]
+    if body_missing:
+        raise ModelError(
+            f"{settings.base_model!r} loaded as a sequence classifier lacks body weights "
+            f"({', '.join(sorted(body_missing)[:3])}, ...): its checkpoint does not fit "
+            f"{type(model).__name__}; choose another base model"
+        )
+    log.debug("%s loaded as a sequence classifier for %d labels", ref.name, len(labels))
+    if settings.quantization == "none":
+        model.to(device)
+    model.requires_grad_(False)
+    return model, ref
+
+
+@contextlib.contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    """transformers reports the new head as MISSING and lm_head as UNEXPECTED, as if something were
+    wrong; both are expected here, and the caller checks the missing keys itself."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop = logging.Filter()
+    drop.filter = lambda record: "LOAD REPORT" not in str(record.msg)  # type: ignore[method-assign]
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def attach_classification_lora(
+    model: Any, settings: LoraSettings, gradient_checkpointing: bool = False
+) -> Any:
+    """LoRA on the body (the top `layers` blocks if set) and the head trained in full."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from .adapters import peft_config
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    config = peft_config(settings, model)
+    config.task_type = "SEQ_CLS"
+    head_name(model)  # a clear error for a model without a head PEFT knows
+    # PEFT's SEQ_CLS task adds the head ("score" or "classifier") to modules_to_save itself.
+    config.modules_to_save = [m for m in settings.modules_to_save or [] if m not in HEAD_NAMES] or None
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise ConfigError(f"cannot attach LoRA with these settings: {e}") from None
+
+
+# --- adapter metadata -------------------------------------------------------------------------------
+def is_classifier(metadata: dict[str, Any]) -> bool:
+    return metadata.get("task") == "classify"
+
+
+def labels_of(metadata: dict[str, Any], where: str | Path) -> list[str]:
+    labels = (metadata.get("classification") or {}).get("labels")
+    if not labels:
+        raise ModelError(f"{where}: lora_studio.json has no classification labels; retrain the adapter")
+    return list(labels)
+
+
+def require_classifier(adapter_dir: str | Path) -> dict[str, Any]:
+    """The metadata of a classification adapter folder, or a ModelError that says what it is instead."""
+    meta = read_metadata(adapter_dir)
+    if not is_classifier(meta):
+        raise ModelError(
+            f"{adapter_dir} is a chat adapter (task: {meta.get('task', 'chat')}), not a classifier: "
+            "use `lora-studio chat` with it, or train one with task: classify"
+        )
+    return meta
+
+
+# --- using a trained classifier ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    probabilities: dict[str, float]  # every label, in id order
+
+    @property
+    def confidence(self) -> float:
+        return self.probabilities[self.label]
+
+
+class Classifier:
+    """A sequence classifier ready for texts: adapter on its base, or a merged model folder."""
+
+    def __init__(self, model: Any, tokenizer: Any, labels: Sequence[str], max_length: int, source: str):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "right"  # the head reads the last real token; see the module doc
+        self.labels = list(labels)
+        self.max_length = max_length
+        self.source = source
+        self._lock = threading.Lock()  # one forward pass at a time (server threads share the model)
+
+    @classmethod
+    def from_adapter(cls, adapter_dir: str | Path, model_settings: ModelSettings | None = None) -> Classifier:
+        """The base an adapter was trained on, loaded as it was (or as `model_settings` say), with the adapter."""
+        from peft import PeftModel
+
+        from .inference import base_settings, check_adapter_base
+
+        folder = Path(adapter_dir).expanduser().resolve()
+        meta = require_classifier(folder)
+        labels = labels_of(meta, folder)
+        settings = model_settings or base_settings(meta, folder)
+        tokenizer = load_tokenizer(
+            folder
+            if (folder / "tokenizer_config.json").is_file()
+            else resolve_base(settings.base_model).folder
+        )
+        model, ref = load_classification_base(settings, labels, tokenizer.pad_token_id)
+        check_adapter_base(folder, meta, model_fingerprint(ref.folder), settings.base_model)
+        try:
+            peft = PeftModel.from_pretrained(model, str(folder))
+        except (ValueError, KeyError, RuntimeError, OSError) as e:
+            raise ModelError(f"cannot load adapter {folder}: {e}") from None
+        max_length = int(((meta.get("recipe") or {}).get("data") or {}).get("max_length") or 512)
+        return cls(peft, tokenizer, labels, max_length, str(folder))
+
+    @classmethod
+    def from_merged(cls, folder: str | Path) -> Classifier:
+        """A merged folder, loaded with plain transformers exactly as a user without PEFT would."""
+        from transformers import AutoModelForSequenceClassification
+
+        folder = Path(folder).expanduser()
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                folder, dtype=torch.float32, use_safetensors=True
+            )
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load {folder} as a sequence classifier: {e}") from None
+        tokenizer = load_tokenizer(folder)
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        return cls(model, tokenizer, labels, int(tokenizer.model_max_length), str(folder))
+
+    @torch.inference_mode()
+    def probabilities(
+        self, texts: Sequence[str], batch_size: int = 16, progress: bool = False
+    ) -> torch.Tensor:
+        """Label probabilities (rows x labels, float32 on the CPU), in the order of `texts`."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
+        out = torch.empty(len(texts), len(self.labels))
+        batches = range(0, len(order), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, unit="batch", desc="classifying")
+        device = next(self.model.parameters()).device
+        for start in batches:
+            chunk = order[start : start + batch_size]
+            inputs = self.tokenizer(
+                [texts[i] for i in chunk],
+                truncation=True,
+                max_length=self.max_length,
+                padding=True,
+                return_tensors="pt",
+            )
+            with self._lock:
+                logits = self.model(
+                    input_ids=inputs["input_ids"].to(device),
+                    attention_mask=inputs["attention_mask"].to(device),
+                ).logits
+            out[chunk] = torch.softmax(logits.float(), dim=-1).cpu()
+        return out
+
+    def predict(self, texts: Sequence[str], batch_size: int = 16, progress: bool = False) -> list[Prediction]:
+        probs = self.probabilities(texts, batch_size, progress)
+        return [
+            Prediction(
+                self.labels[int(row.argmax())],
+                {label: float(p) for label, p in zip(self.labels, row, strict=True)},
+            )
+            for row in probs
+        ]
+
+
+def float32_settings(metadata: dict[str, Any]) -> ModelSettings:
+    """The adapter's base settings, unquantized in float32: what merging and checking need."""
+    from .inference import base_settings
+
+    return replace(base_settings(metadata), quantization="none", dtype="float32")

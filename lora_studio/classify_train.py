@@ -1,0 +1,254 @@
+"""Training a classifier: `train(recipe)` comes here when the recipe says `task: classify`.
+
+The base is loaded as a sequence classifier with a new head sized to the labels in the data; LoRA
+goes on the body and the head is trained in full (see `classifier`). transformers' `Trainer` runs
+it (TRL's trainers are for text generation). The run folder is the chat run folder (config.yaml,
+data_report.json, metrics.jsonl with val_accuracy and val_macro_f1, status.json, train.log,
+checkpoints/, adapter/) plus
+    eval/scores.json     accuracy, macro F1, per-class precision/recall and the confusion matrix
+    eval/confusion.png   the confusion matrix, of the best model on the validation split
+and the adapter's `lora_studio.json` and `labels.json` hold the label map.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .adapters import save_adapter
+from .classifier import LABELS_FILE, attach_classification_lora, load_classification_base
+from .classify_data import ClassifyData, LabelMap, class_weights, prepare_classification
+from .classify_metrics import ClassScores, score_predictions, write_scores
+from .config import Recipe
+from .errors import TrainingCancelled
+from .models import load_tokenizer, pick_device, resolve_base
+from .remote_code import check_remote_code
+from .training import (
+    MetricsLog,
+    RunResult,
+    _adapter_metadata,
+    _is_main_process,
+    _last_checkpoint,
+    _log_start,
+    _log_to_file,
+    _start_run_folder,
+    _step_of,
+    _tokens_per_second,
+    _use_gradient_checkpointing,
+    _write_status,
+)
+
+log = logging.getLogger(__name__)
+
+# recipe name -> (Trainer metric, greater is better)
+BEST_METRIC = {
+    "val_loss": ("eval_loss", False),
+    "macro_f1": ("eval_macro_f1", True),
+    "accuracy": ("eval_accuracy", True),
+}
+
+
+def train_classifier(recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> RunResult:
+    """Fine-tune a classification adapter as the recipe says; same contract as `training.train`."""
+    from transformers import set_seed
+
+    run_dir = recipe.output_dir
+    ref = resolve_base(recipe.model.base_model, recipe.model.revision)
+    tokenizer = load_tokenizer(ref.folder, check_remote_code(recipe.model))
+    data = prepare_classification(
+        recipe.data, tokenizer, recipe.train.seed
+    )  # bad data fails before any write
+    tokenizer.padding_side = "right"
+    tokenizer.model_max_length = (
+        recipe.data.max_length
+    )  # saved with it: a merged model truncates the same way
+    checkpoint = _last_checkpoint(run_dir) if resume else None
+
+    _start_run_folder(run_dir, recipe, data, resume_step=_step_of(checkpoint))
+    handler = _log_to_file(run_dir / "train.log")
+    try:
+        set_seed(recipe.train.seed)  # the new head's first weights
+        model, ref = load_classification_base(recipe.model, data.label_map.labels, tokenizer.pad_token_id)
+        model.config.use_cache = False  # no key/value cache in the outputs: only logits are compared
+        model = attach_classification_lora(model, recipe.lora, _use_gradient_checkpointing(recipe))
+        trainer = build_classifier_trainer(
+            recipe, model, tokenizer, data, callbacks, resuming=checkpoint is not None
+        )
+        _log_start(recipe, model, data)
+        output = trainer.train(resume_from_checkpoint=checkpoint)
+        metrics, scores = _final_metrics(trainer, output, data, recipe)
+        adapter_dir = run_dir / "adapter"
+        if _is_main_process():  # with several processes (accelerate launch), rank 0 writes the results
+            if scores is not None:
+                write_scores(scores, run_dir / "eval", f"{recipe.name}: validation, {scores.rows} rows")
+                log.info("validation scores:\n%s", "\n".join(scores.lines()))
+            metadata = _adapter_metadata(recipe, ref, data, metrics) | classification_metadata(
+                recipe, data.label_map
+            )
+            labels = json.dumps(data.label_map.to_dict(), indent=2)
+            save_adapter(trainer.model, tokenizer, adapter_dir, metadata, extra_files={LABELS_FILE: labels})
+            _write_status(run_dir, "succeeded", metrics=metrics, adapter=str(adapter_dir))
+            log.info("adapter saved to %s", adapter_dir)
+        trainer.accelerator.wait_for_everyone()
+        return RunResult(run_dir, adapter_dir, metrics)
+    except BaseException as e:
+        cancelled = isinstance(e, (KeyboardInterrupt, TrainingCancelled))
+        _write_status(run_dir, "cancelled" if cancelled else "failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def build_classifier_trainer(
+    recipe: Recipe,
+    model: Any,
+    tokenizer: Any,
+    data: ClassifyData,
+    callbacks: Sequence[Any] = (),
+    resuming: bool = False,
+) -> Any:
+    """transformers' Trainer set up from the recipe, with validation accuracy and macro F1."""
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer
+
+    t, run_dir, has_val = recipe.train, recipe.output_dir, bool(data.val)
+    weights = None
+    if t.class_weight == "balanced":
+        weights = torch.tensor(class_weights(data.train_rows, data.label_map))
+        log.info("class weights: %s", dict(zip(data.label_map.labels, weights.tolist(), strict=True)))
+
+    def rows(encoded: list[dict[str, Any]]) -> Dataset:
+        return Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in encoded])
+
+    early = (
+        [EarlyStoppingCallback(t.early_stopping_patience)] if has_val and t.early_stopping_patience else []
+    )
+    return Trainer(
+        model=model,
+        args=training_arguments(recipe, model, has_val),
+        train_dataset=rows(data.train),
+        eval_dataset=rows(data.val) if has_val else None,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        compute_loss_func=cross_entropy_loss(weights),
+        compute_metrics=lambda prediction: eval_scores(prediction, data.label_map),
+        callbacks=[MetricsLog(run_dir / "metrics.jsonl", skip_first_eval=resuming), *early, *callbacks],
+    )
+
+
+def training_arguments(recipe: Recipe, model: Any, has_val: bool) -> Any:
+    """The one place the Trainer's settings are chosen for a classifier (the chat twin is in training)."""
+    from transformers import TrainingArguments
+
+    t, run_dir = recipe.train, recipe.output_dir
+    device = pick_device(recipe.model.device)
+    dtype = str(next(p for p in model.parameters()).dtype)
+    best, greater = BEST_METRIC[t.metric_for_best_model]
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a share of all steps
+        weight_decay=t.weight_decay,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if has_val else "no",
+        eval_on_start=has_val,  # the untrained head's scores: the floor training starts from
+        eval_steps=t.eval_every_steps,
+        save_strategy="steps",
+        save_steps=t.save_every_steps or t.eval_every_steps,
+        save_total_limit=2,
+        load_best_model_at_end=has_val,
+        metric_for_best_model=best,
+        greater_is_better=greater,
+        bf16="bfloat16" in dtype and device != "cpu",
+        fp16="float16" in dtype and "bfloat16" not in dtype,
+        use_cpu=device == "cpu",
+        gradient_checkpointing=_use_gradient_checkpointing(recipe),
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        train_sampling_strategy="group_by_length",  # less padding per batch
+        include_num_input_tokens_seen="non_padding",
+        label_names=["labels"],
+        report_to="none",
+        seed=t.seed,
+        data_seed=t.seed,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def cross_entropy_loss(weights: torch.Tensor | None) -> Any:
+    """The Trainer's loss: cross-entropy, optionally class-weighted, normalised over the whole
+    accumulated batch (`num_items_in_batch`) so gradient accumulation gives the same update."""
+
+    def loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        logits = outputs["logits"].float()
+        weight = weights.to(logits.device) if weights is not None else None
+        total = torch.nn.functional.cross_entropy(
+            logits, labels.to(logits.device), weight=weight, reduction="sum"
+        )
+        return total / (num_items_in_batch if num_items_in_batch is not None else labels.numel())
+
+    return loss
+
+
+def eval_scores(prediction: Any, label_map: LabelMap) -> dict[str, float]:
+    scores = _scores(prediction.predictions, prediction.label_ids, label_map)
+    return {"accuracy": scores.accuracy, "macro_f1": scores.macro_f1}
+
+
+def _scores(predictions: Any, label_ids: Any, label_map: LabelMap) -> ClassScores:
+    logits = predictions[0] if isinstance(predictions, tuple) else predictions
+    return score_predictions(list(label_ids), list(logits.argmax(-1)), label_map.labels)
+
+
+def _final_metrics(
+    trainer: Any, output: Any, data: ClassifyData, recipe: Recipe
+) -> tuple[dict[str, Any], ClassScores | None]:
+    state = trainer.state
+    metrics: dict[str, Any] = {
+        "global_step": state.global_step,
+        "world_size": trainer.args.world_size,
+        "train_loss": output.training_loss,
+        "train_runtime_s": output.metrics.get("train_runtime"),
+        "tokens_per_second": _tokens_per_second(state, output),
+        "classes": len(data.label_map.labels),
+    }
+    if not data.val:
+        return metrics, None
+    result = trainer.predict(trainer.eval_dataset)  # the best model (loaded at the end)
+    scores = _scores(result.predictions, result.label_ids, data.label_map)
+    start = next((row for row in state.log_history if "eval_loss" in row and row.get("step") == 0), {})
+    metrics.update(
+        val_loss=result.metrics.get("test_loss"),
+        val_accuracy=scores.accuracy,
+        val_macro_f1=scores.macro_f1,
+        metric_for_best_model=recipe.train.metric_for_best_model,
+        best_metric=state.best_metric,
+        best_checkpoint=state.best_model_checkpoint and state.best_model_checkpoint.rsplit("/", 1)[-1],
+        base_val_loss=start.get("eval_loss"),  # the untrained head: chance level
+        base_val_accuracy=start.get("eval_accuracy"),
+    )
+    return metrics, scores
+
+
+def classification_metadata(recipe: Recipe, label_map: LabelMap) -> dict[str, Any]:
+    """What `lora_studio.json` adds for a classifier: the task and the label map."""
+    return {
+        "task": "classify",
+        "classification": {
+            **label_map.to_dict(),
+            "text_column": recipe.data.text_column,
+            "label_column": recipe.data.label_column,
+            "max_length": recipe.data.max_length,
+        },
+    }

@@ -1,0 +1,80 @@
+"""`lora-studio classify`: label texts with a classification adapter (task: classify)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..classifier import Classifier
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "classify",
+        help="label texts with a classification adapter: the label and every label's probability",
+        description="Classify the given texts, or a whole --file (CSV, JSONL, JSON, Parquet) in batches "
+        "into --out (.csv or .jsonl). When the file has a label column, accuracy, macro F1 and "
+        "per-class scores are printed (and written with a confusion matrix to --scores-dir).",
+    )
+    p.add_argument("adapter", help="a classification adapter folder (e.g. runs/NAME/adapter)")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
+    p.add_argument("--file", help="a data file to classify row by row")
+    p.add_argument("--out", help="where to write the file's predictions (.csv or .jsonl)")
+    p.add_argument("--text-column", help="the file's text field (default: the one the adapter trained on)")
+    p.add_argument("--label-column", help="the file's label field, for scoring (default: as trained)")
+    p.add_argument("--scores-dir", help="write scores.json and confusion.png here (needs labels)")
+    p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default 16)")
+    p.set_defaults(run=run_classify)
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    from ..classifier import Classifier, require_classifier
+
+    if bool(args.texts) == bool(args.file):
+        raise ConfigError(
+            'give texts to classify, or --file IN --out OUT (not both), e.g. lora-studio classify ADAPTER "text"'
+        )
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size: expected a positive number, got {args.batch_size}")
+    columns = require_classifier(args.adapter).get("classification") or {}
+    classifier = Classifier.from_adapter(args.adapter)
+    if args.texts:
+        for text, prediction in zip(args.texts, classifier.predict(args.texts, args.batch_size), strict=True):
+            print(f"{prediction.label}\t{prediction.confidence:.3f}\t{text}")
+            for label, p in sorted(prediction.probabilities.items(), key=lambda kv: -kv[1]):
+                print(f"  {label:<24} {p:6.3f}  {'█' * round(p * 30)}")
+        return 0
+    return _classify_file(args, classifier, columns)
+
+
+def _classify_file(args: argparse.Namespace, classifier: Classifier, columns: dict) -> int:
+    from ..classify_eval import classify_file
+    from ..classify_metrics import write_scores
+
+    if not args.out and not args.scores_dir:
+        raise ConfigError("--file needs --out (predictions) or --scores-dir (scores of a labelled file)")
+    result = classify_file(
+        classifier,
+        args.file,
+        args.out,
+        text_column=args.text_column or columns.get("text_column", "text"),
+        label_column=args.label_column or columns.get("label_column", "label"),
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    if result.out:
+        print(f"{result.rows} rows classified: {result.out}")
+    if result.scores is not None:
+        print("\n".join(result.scores.lines()))
+        if args.scores_dir:
+            paths = write_scores(
+                result.scores, args.scores_dir, f"{Path(args.file).name}: {result.scores.rows} rows"
+            )
+            print("scores: " + ", ".join(str(p) for p in paths))
+    elif args.scores_dir:
+        raise ConfigError(f"--scores-dir: {args.file} has no label column to score against")
+    return 0

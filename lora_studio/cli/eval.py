@@ -1,0 +1,120 @@
+"""`lora-studio eval` and `lora-studio fit`: did the fine-tune work, and does a base fit the data?
+
+lora-studio eval runs/smollm2-lora-cpu --data examples/json_extraction/test.jsonl
+lora-studio eval ADAPTER --data TEST --limit 20 --metric labels --baseline scratch --forgetting
+lora-studio fit examples/json_extraction/train.jsonl --models smollm2-135m-instruct,./my-model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..metrics import METRICS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="score an adapter against its base on a test file and write a report beside it",
+        description="Answer a test file's prompts with the base and the adapter, score both, and write "
+        "eval/report.md, report.json, examples.jsonl and plots beside the adapter.",
+    )
+    p.add_argument("adapter", help="an adapter folder, or a run folder with adapter/ inside")
+    p.add_argument("--data", required=True, help="the test file: rows never used in training")
+    p.add_argument(
+        "--base",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also score the base with the adapter off (default: yes; --no-base halves the time)",
+    )
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N rows")
+    p.add_argument(
+        "--metric",
+        choices=METRICS,
+        default="auto",
+        help="how answers are scored (default: from the references)",
+    )
+    p.add_argument(
+        "--baseline",
+        choices=["scratch"],
+        default=None,
+        help="also train the same recipe on a randomly initialised base and score it "
+        "(what the pretrained weights brought; costs one more training run)",
+    )
+    p.add_argument(
+        "--forgetting", action="store_true", help="also score general ability on the built-in probe set"
+    )
+    p.add_argument(
+        "--checkpoints", action="store_true", help="with --forgetting: score each saved checkpoint too"
+    )
+    p.add_argument("--out", default=None, help="the report folder (default: <run>/eval)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts answered at once (default 16)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="answer length limit (default: from the references)"
+    )
+    p.add_argument("--json", action="store_true", help="print report.json instead of the table")
+    p.set_defaults(run=run_eval_command)
+
+    p = sub.add_parser(
+        "fit",
+        help="check how well base models fit a data file before training (zero-shot score and answer loss)",
+        description="Answer a seeded sample of the data zero-shot and measure the answer loss, for one "
+        "or several base models; give a verdict (format, task or language mismatch) and rank them.",
+    )
+    p.add_argument("file", help="a data file (.jsonl, .json, .csv, .parquet or a datasets folder)")
+    p.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated base models to compare (built-in, cached, local folders, hub ids); "
+        "default: the built-in model",
+    )
+    p.add_argument("--format", default="auto", help="the row format, if not detected (default: auto)")
+    p.add_argument("--sample", type=int, default=32, help="rows in the seeded sample (default 32)")
+    p.add_argument("--max-length", type=int, default=512, help="token limit per example (default 512)")
+    p.add_argument("--json", action="store_true", help="print the reports as JSON")
+    p.set_defaults(run=run_fit_command)
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    from ..eval_report import EvalOptions, run_eval
+
+    if args.checkpoints and not args.forgetting:
+        args.forgetting = True  # checkpoints are scored for forgetting: asking for them asks for it
+    report = run_eval(
+        EvalOptions(
+            adapter=args.adapter,
+            data=args.data,
+            with_base=args.base,
+            limit=args.limit,
+            metric=args.metric,
+            baseline=args.baseline,
+            forgetting=args.forgetting,
+            checkpoints=args.checkpoints,
+            out_dir=args.out,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+        )
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    print("\n".join(report.table()))
+    print(f"report: {report.out_dir / 'report.md'}")
+    return 0
+
+
+def run_fit_command(args: argparse.Namespace) -> int:
+    from ..config import DEFAULT_BASE_MODEL
+    from ..fit import fit_models, ranking_lines
+
+    names = [n.strip() for n in (args.models or DEFAULT_BASE_MODEL).split(",") if n.strip()]
+    reports, failed = fit_models(names, args.file, args.format, args.sample, args.max_length)
+    if args.json:
+        print(json.dumps({"reports": [r.to_dict() for r in reports], "failed": failed}, indent=2))
+        return 0
+    for r in reports:
+        print("\n".join(r.lines()) + "\n")
+    if len(names) > 1:
+        print("\n".join(ranking_lines(reports, failed)))
+    return 0 if reports else 2

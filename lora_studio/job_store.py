@@ -1,0 +1,112 @@
+"""The job store's SQLite file: its schema, connections and transactions.
+
+A damaged file (not a database, pages overwritten, truncated) becomes one JobError that says what
+is wrong and how to start afresh, never a sqlite3 traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import JobError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,     -- submission order
+    id TEXT UNIQUE NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    recipe TEXT NOT NULL,                      -- the resolved recipe as JSON, paths absolute
+    run_dir TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    queued_at REAL NOT NULL,                   -- first in, first out by this (resume re-queues)
+    started_at REAL,
+    finished_at REAL,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER,
+    seconds_per_step REAL,
+    progress_at REAL,
+    metrics TEXT NOT NULL DEFAULT '{}',        -- the latest value of each metric
+    adapter_dir TEXT,
+    error TEXT,
+    resume INTEGER NOT NULL DEFAULT 0,         -- the next run continues from the last checkpoint
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    attempt INTEGER NOT NULL DEFAULT 0,        -- bumped by every claim
+    pid INTEGER,
+    host TEXT,
+    heartbeat_at REAL
+);
+CREATE TABLE IF NOT EXISTS metrics (job_id TEXT NOT NULL, step INTEGER NOT NULL, row TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS metrics_by_job ON metrics (job_id, step);
+"""
+
+
+class Database:
+    """One SQLite file in WAL mode, shared by threads and processes: a connection per call."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with self.connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        # A connection per call: callers may be threads (the web UI) or separate processes.
+        try:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            try:
+                db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes
+                yield db
+            finally:
+                db.close()
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
+                raise  # a bug in this module, not a problem with the file
+            raise _store_error(self.path, e) from None
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self.connect() as db:
+            db.execute("BEGIN IMMEDIATE")  # take the write lock up front: no upgrade deadlocks
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+
+def is_current(db: sqlite3.Connection, job_id: str, attempt: int) -> bool:
+    """Whether `attempt` is the job's latest attempt and still running."""
+    row = db.execute(
+        "SELECT 1 FROM jobs WHERE id = ? AND attempt = ? AND state = 'running'", (job_id, attempt)
+    ).fetchone()
+    return row is not None
+
+
+def queue_positions(db: sqlite3.Connection) -> dict[str, int]:
+    """Job id -> place in the queue (1 = next to start), for queued jobs."""
+    rows = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY queued_at, seq").fetchall()
+    return {r[0]: i + 1 for i, r in enumerate(rows)}
+
+
+def _store_error(path: Path, e: sqlite3.Error) -> JobError:
+    """One line for the person at the keyboard: what is wrong with jobs.sqlite and what to do."""
+    text = str(e)
+    if "locked" in text or "busy" in text:
+        return JobError(f"the job store {path} stayed busy for 30 s ({text}); try again in a moment")
+    if "unable to open" in text:
+        return JobError(
+            f"cannot open the job store {path} ({text}); check that its folder exists and is "
+            "writable, or point LORA_STUDIO_HOME elsewhere"
+        )
+    return JobError(
+        f"the job store {path} is damaged ({text}); move it aside together with its -wal and -shm "
+        f"files (e.g. `mkdir {path.parent}/damaged && mv {path}* {path.parent}/damaged/`) and a fresh, "
+        f"empty store is made on the next start; run folders under {path.parent / 'runs'} are kept"
+    )

@@ -1,0 +1,69 @@
+"""A real uvicorn server on a free loopback port in a background thread, for the server tests.
+
+    with running_server(build_app(engine, max_queue=2)) as url:   # "http://127.0.0.1:PORT"
+        httpx.get(f"{url}/health")
+
+`Started` records every Generation the engine starts, so a test can watch what happens to a request
+after its client went away (cancelled? how many tokens?). It wraps the real `start`; nothing is faked.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from lora_studio.inference import Generation, InferenceEngine
+from lora_studio.verify import free_port
+
+
+@contextmanager
+def running_server(app: FastAPI) -> Iterator[str]:
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True, name="test-server")
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "the test server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+class Started:
+    """Records the Generations `engine.start` returns, while it is installed (a context manager)."""
+
+    def __init__(self, engine: InferenceEngine):
+        self.engine = engine
+        self.replies: list[Generation] = []
+
+    def __enter__(self) -> Started:
+        real = type(self.engine).start
+
+        def start(*args: Any, **kwargs: Any) -> Generation:
+            reply = real(self.engine, *args, **kwargs)
+            self.replies.append(reply)
+            return reply
+
+        self.engine.start = start  # an instance attribute: shadows the method for this engine only
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.engine.start
+
+    def wait_for(self, count: int, timeout: float = 30) -> list[Generation]:
+        deadline = time.time() + timeout
+        while len(self.replies) < count:
+            assert time.time() < deadline, f"{len(self.replies)} of {count} requests reached the engine"
+            time.sleep(0.02)
+        return self.replies

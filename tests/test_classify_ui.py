@@ -1,0 +1,61 @@
+"""The Classify tab's handlers and the Train tab's task choice, called in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from classify_helpers import build_classifier_adapter
+
+from ui.classify_tab import ClassifierCache, classifier_choices, classify, refresh
+from ui.train_tab import recipe_from_form
+
+
+@pytest.fixture
+def listed_classifier(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A classification adapter under ./runs, where the UI finds CLI runs."""
+    monkeypatch.chdir(tmp_path)
+    return build_classifier_adapter(
+        tiny_model_dir, tmp_path / "runs" / "tickets" / "adapter", ["bug", "ok", "spam"]
+    )
+
+
+def test_app_has_a_classify_tab(studio_home: Path):
+    from ui.app import build_app
+
+    app = build_app()
+    assert "classify" in {d.api_name for d in app.fns.values() if d.api_name}
+    assert not (studio_home / "models").exists()  # building loads no model
+
+
+def test_classify_shows_every_label_probability(listed_classifier: Path, tiny_adapters: dict):
+    (Path("runs") / "chatty").mkdir()
+    (Path("runs") / "chatty" / "adapter").symlink_to(tiny_adapters["alpha"])  # a chat adapter: not offered
+    assert [value for _, value in classifier_choices()] == [str(listed_classifier.resolve())]
+    assert refresh(None).value == str(listed_classifier.resolve())
+    probabilities, verdict = classify(ClassifierCache(), str(listed_classifier.resolve()), "hello world")
+    assert list(probabilities) == ["bug", "ok", "spam"] and sum(probabilities.values()) == pytest.approx(1.0)
+    best = max(probabilities, key=probabilities.__getitem__)
+    assert verdict.startswith(f"**{best}**")
+
+
+@pytest.mark.parametrize(
+    "adapter, text, message",
+    [
+        (None, "hi", "Pick a classification adapter"),
+        ("/etc", "hi", "is not one of the classification adapters listed"),
+        ("LISTED", "   ", "Type a text"),
+    ],
+)
+def test_classify_refuses_what_it_cannot_do(listed_classifier: Path, adapter, text: str, message: str):
+    adapter = str(listed_classifier.resolve()) if adapter == "LISTED" else adapter
+    with pytest.raises(gr.Error, match=message):
+        classify(ClassifierCache(), adapter, text)
+
+
+def test_train_form_offers_the_task(tmp_path: Path):
+    values = ["t", "base", str(tmp_path / "d.csv"), 4, None, "none", 1.0, 5e-3, 64, 4, 4, 2, 1]
+    assert recipe_from_form(*values).task == "chat"
+    recipe = recipe_from_form(*values, task="classify")
+    assert recipe.task == "classify" and recipe.data.label_column == "label"
