@@ -136,18 +136,22 @@ def start(recipe: Recipe, data_report: dict[str, Any], resume_step: int | None) 
     remove_incomplete_checkpoints(run_dir)
     old = read_status(run_dir)
     run_id = old.get("id") or _id_in_name(run_dir, recipe.name) or new_id()
+    resumed = resume_step is not None
     atomic_write_text(run_dir / CONFIG_FILE, recipe.to_yaml())
     atomic_write_text(run_dir / "data_report.json", json.dumps(data_report, indent=2))
     trim_metrics(run_dir, resume_step)
     now = time.time()
+    # A resumed run keeps its record (created_at, warnings, ...); an ended attempt's outcome goes.
+    kept = {k: v for k, v in old.items() if k not in ("error", "metrics", "adapter", "ended_at")}
     status = {
+        **(kept if resumed else {}),
         "id": run_id,
         "name": recipe.name,
         "state": "running",
-        "resumed": resume_step is not None,
+        "resumed": resumed,
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "created_at": old.get("created_at", now) if resume_step is not None else now,
+        "created_at": old.get("created_at", now) if resumed else now,
         "started_at": now,
         "updated_at": now,
         "progress": {"step": resume_step or 0, "max_steps": (old.get("progress") or {}).get("max_steps")},
@@ -172,14 +176,16 @@ def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def write_status(run_dir: Path, state: str, **fields: Any) -> None:
-    """Update status.json: a new state (one of STATES) and any fields, e.g. error=..., metrics=..."""
+def write_status(run_dir: Path, state: str | None = None, **fields: Any) -> None:
+    """Update status.json: a new state (one of STATES; None keeps it) and any fields, e.g. error=..."""
     if not is_main_process():
         return
-    assert state in STATES, state
+    assert state is None or state in STATES, state
     status = read_status(run_dir)
-    status.update(state=state, updated_at=time.time(), **fields)
-    if state != "running":
+    status.update(updated_at=time.time(), **fields)
+    if state is not None:
+        status["state"] = state
+    if state not in (None, "running"):
         status["ended_at"] = status["updated_at"]
     atomic_write_text(Path(run_dir) / STATUS_FILE, json.dumps(status, indent=2, default=str))
 

@@ -7,7 +7,8 @@ The run folder is self-describing, so anyone can rerun or resume a job from it a
     config.yaml        the resolved recipe, every default filled in
     data_report.json   duplicates, leakage, imbalance and truncation of the data
     metrics.jsonl      one line per log/validation: step, loss, val_loss, learning rate, tokens/s
-    status.json        running / succeeded / failed, with timestamps and the error
+    status.json        running / succeeded / failed / cancelled / interrupted (runs.STATES), with
+                       timestamps, progress, the final metrics or the error
     train.log          the log
     checkpoints/       periodic Trainer checkpoints (for --resume)
     adapter/           the final (best) adapter; appears only when complete
