@@ -176,7 +176,7 @@ def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def write_status(run_dir: Path, state: str | None = None, **fields: Any) -> None:
+def write_status(run_dir: Path, state: str | None = None, durable: bool = True, **fields: Any) -> None:
     """Update status.json: a new state (one of STATES; None keeps it) and any fields, e.g. error=..."""
     if not is_main_process():
         return
@@ -187,13 +187,16 @@ def write_status(run_dir: Path, state: str | None = None, **fields: Any) -> None
         status["state"] = state
     if state not in (None, "running"):
         status["ended_at"] = status["updated_at"]
-    atomic_write_text(Path(run_dir) / STATUS_FILE, json.dumps(status, indent=2, default=str))
+    atomic_write_text(Path(run_dir) / STATUS_FILE, json.dumps(status, indent=2, default=str), durable)
 
 
 def write_progress(run_dir: Path, step: int, max_steps: int | None, seconds_per_step: float | None) -> None:
-    """Record how far training got (for progress bars and ETAs: `jobs list`, the UI)."""
+    """Record how far training got (for progress bars and ETAs: `jobs list`, the UI).
+
+    Not fsynced: it is written often, inside the job's fence (which holds the job store's lock).
+    """
     progress = {"step": step, "max_steps": max_steps, "seconds_per_step": seconds_per_step, "at": time.time()}
-    write_status(run_dir, "running", progress=progress)
+    write_status(run_dir, "running", durable=False, progress=progress)
 
 
 def ended_state(error: BaseException) -> str:

@@ -62,8 +62,7 @@ def train(
 ) -> RunResult:
     """Fine-tune a LoRA adapter as the recipe says and return where it was written.
 
-    `callbacks` are extra transformers TrainerCallbacks (the job service uses them for progress
-    and cancellation). With `resume`, training continues from the run folder's last whole checkpoint.
+    `callbacks` are extra transformers TrainerCallbacks (the job service stops runs with one). With `resume`, training continues from the run folder's last whole checkpoint.
     `fence()` is entered around every write to the run folder except the Trainer's checkpoints;
     it raises TrainingCancelled when this run may no longer write (its job attempt was superseded).
     """
