@@ -146,3 +146,17 @@ def test_a_running_status_of_a_dead_process_reads_interrupted(tiny_recipe, tmp_p
     gone.wait()
     runs.write_status(recipe.output_dir, "running", pid=gone.pid)
     assert runs.read_run(recipe.output_dir).state == "interrupted"
+
+
+def test_every_process_of_a_launch_picks_the_same_default_folder(monkeypatch):
+    """Under `accelerate launch` the ranks share no memory: the id comes from what they share."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    same = runs.new_id()
+    monkeypatch.setenv("RANK", "1")
+    assert runs.new_id() == same and runs.default_folder("x", same).name == f"x-{same}"
+    monkeypatch.setenv("MASTER_PORT", "29501")  # another launch
+    assert runs.new_id() != same
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert runs.new_id() != runs.new_id()  # one process: a fresh id each time
