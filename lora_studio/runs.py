@@ -294,7 +294,7 @@ def read_run(run_dir: Path, entry: dict[str, Any] | None = None) -> Run:
     val = [r["val_loss"] for r in rows if isinstance(r.get("val_loss"), (int, float))]
     best = final.get("best_val_loss", min(val) if val else None)
     steps = [progress.get("step") or 0, *(r["step"] for r in rows)]
-    recipe = _config(run_dir)
+    recipe = {} if entry.get("base_model") and entry.get("task") else _config(run_dir)
     return Run(
         id=status.get("id") or entry.get("id") or "",
         name=status.get("name") or entry.get("name") or recipe.get("name") or run_dir.name,
