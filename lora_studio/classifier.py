@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from .adapters import read_metadata
+from .adapters import apply_adapter, base_settings, read_metadata
 from .config import LoraSettings, ModelSettings
 from .errors import ConfigError, ModelError
-from .models import BaseModelRef, load_tokenizer, model_fingerprint, pick_device, pick_dtype, resolve_base
+from .models import BaseModelRef, load_tokenizer, pick_device, pick_dtype, resolve_base
 from .models import quantization_config as bnb_config
 from .remote_code import check_remote_code
 
@@ -180,10 +180,6 @@ class Classifier:
     @classmethod
     def from_adapter(cls, adapter_dir: str | Path, model_settings: ModelSettings | None = None) -> Classifier:
         """The base an adapter was trained on, loaded as it was (or as `model_settings` say), with the adapter."""
-        from peft import PeftModel
-
-        from .inference import base_settings, check_adapter_base
-
         folder = Path(adapter_dir).expanduser().resolve()
         meta = require_classifier(folder)
         labels = labels_of(meta, folder)
@@ -194,11 +190,7 @@ class Classifier:
             else resolve_base(settings.base_model).folder
         )
         model, ref = load_classification_base(settings, labels, tokenizer.pad_token_id)
-        check_adapter_base(folder, meta, model_fingerprint(ref.folder), settings.base_model)
-        try:
-            peft = PeftModel.from_pretrained(model, str(folder))
-        except (ValueError, KeyError, RuntimeError, OSError) as e:
-            raise ModelError(f"cannot load adapter {folder}: {e}") from None
+        peft = apply_adapter(model, folder, meta, ref, settings.base_model)
         max_length = int(((meta.get("recipe") or {}).get("data") or {}).get("max_length") or 512)
         return cls(peft, tokenizer, labels, max_length, str(folder))
 
@@ -261,6 +253,4 @@ class Classifier:
 
 def float32_settings(metadata: dict[str, Any]) -> ModelSettings:
     """The adapter's base settings, unquantized in float32: what merging and checking need."""
-    from .inference import base_settings
-
     return replace(base_settings(metadata), quantization="none", dtype="float32")

@@ -10,8 +10,10 @@ import pytest
 import torch
 from adapter_helpers import build_constant_model, edit_json
 
+from lora_studio.adapters import adapter_name
 from lora_studio.errors import ModelError, RequestError
-from lora_studio.inference import InferenceEngine, adapter_name, stop_token_ids
+from lora_studio.generation import stop_token_ids
+from lora_studio.inference import InferenceEngine
 
 PROMPT = [{"role": "user", "content": "Repeat: word3"}]
 N = 12  # tokens per answer: enough to tell the random adapters apart
