@@ -45,17 +45,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def add_overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe setting, e.g. --set max_steps=10 (repeatable)",
-    )
-
-
 def add_remote_code_flag(parser: argparse.ArgumentParser) -> None:
     """The operator's permission for base models to run their own code (never taken from files)."""
     parser.add_argument(

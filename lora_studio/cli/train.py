@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import SECTIONS, DataSettings, Recipe
+from ..config import SECTIONS, DataSettings, Recipe, add_set_argument
 from ..data import FORMAT_FIELDS
-from . import add_overrides, add_remote_code_flag
+from . import add_remote_code_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("recipe", help="a YAML recipe, e.g. recipes/smollm2-lora-cpu.yaml")
-    add_overrides(p)
+    add_set_argument(p)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     add_remote_code_flag(p)
     p.set_defaults(run=run_train)
@@ -65,7 +65,7 @@ def settings_help() -> str:
 def run_train(args: argparse.Namespace) -> int:
     from ..training import train
 
-    recipe = Recipe.from_yaml(args.recipe, args.overrides)
+    recipe = Recipe.load(args.recipe, args.overrides)
     result = train(recipe, resume=args.resume)
     print(f"adapter: {result.adapter_dir}")
     for key, value in result.metrics.items():
