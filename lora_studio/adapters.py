@@ -15,6 +15,7 @@ import contextlib
 import json
 import re
 import shutil
+import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -85,9 +86,24 @@ def attach_lora(model: Any, settings: LoraSettings, gradient_checkpointing: bool
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     try:
-        return get_peft_model(model, peft_config(settings, model))
+        with peft_deprecations_hidden():
+            return get_peft_model(model, peft_config(settings, model))
     except ValueError as e:  # e.g. a target module name the model does not have
         raise ConfigError(f"cannot attach LoRA with these settings: {e}") from None
+
+
+@contextlib.contextmanager
+def peft_deprecations_hidden() -> Any:
+    """Around PEFT's wrapping of a model: PEFT reads `model.is_gradient_checkpointing`, which
+    transformers 5 deprecated, a warning nobody using LoRA Studio can act on. Only that one is hidden."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message="`is_gradient_checkpointing` is deprecated",
+            category=FutureWarning,
+            module="transformers.modeling_utils",
+        )
+        yield
 
 
 # --- adapter folders ---------------------------------------------------------------------------
@@ -231,7 +247,8 @@ def apply_adapter(base: Any, folder: Path, meta: dict[str, Any], ref: BaseModelR
 
     check_adapter_base(folder, meta, model_fingerprint(ref.folder), base_label)
     try:
-        return PeftModel.from_pretrained(base, str(folder))
+        with peft_deprecations_hidden():
+            return PeftModel.from_pretrained(base, str(folder))
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         raise ModelError(f"cannot load adapter {folder}: {e}") from None
 

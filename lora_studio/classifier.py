@@ -116,7 +116,7 @@ def attach_classification_lora(
     """LoRA on the body (the top `layers` blocks if set) and the head trained in full."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from .adapters import peft_config
+    from .adapters import peft_config, peft_deprecations_hidden
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
@@ -126,7 +126,8 @@ def attach_classification_lora(
     # PEFT's SEQ_CLS task adds the head ("score" or "classifier") to modules_to_save itself.
     config.modules_to_save = [m for m in settings.modules_to_save or [] if m not in HEAD_NAMES] or None
     try:
-        return get_peft_model(model, config)
+        with peft_deprecations_hidden():
+            return get_peft_model(model, config)
     except ValueError as e:
         raise ConfigError(f"cannot attach LoRA with these settings: {e}") from None
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from .adapters import adapter_name, base_settings, check_adapter_base, read_metadata
+from .adapters import adapter_name, base_settings, check_adapter_base, peft_deprecations_hidden, read_metadata
 from .config import DEFAULT_BASE_MODEL, ModelSettings
 from .errors import ModelError, RequestError
 from .generation import GenerationSettings, stop_token_ids
@@ -203,10 +203,11 @@ class InferenceEngine:
         self._check_base(folder, meta)
         with self._lock:
             try:
-                if self._peft is None:
-                    self._peft = PeftModel.from_pretrained(self._base, str(folder), adapter_name=name)
-                else:
-                    self._peft.load_adapter(str(folder), adapter_name=name)
+                with peft_deprecations_hidden():
+                    if self._peft is None:
+                        self._peft = PeftModel.from_pretrained(self._base, str(folder), adapter_name=name)
+                    else:
+                        self._peft.load_adapter(str(folder), adapter_name=name)
             except (ValueError, KeyError, RuntimeError, OSError) as e:
                 raise ModelError(f"cannot load adapter {folder}: {e}") from None
             self._peft.eval()

@@ -63,13 +63,25 @@ def settings_help() -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """Train with the progress display; `-v` shows everything instead (the Trainer's own output too)."""
+    recipe = Recipe.load(args.recipe, args.overrides)
+    if args.verbose:
+        from ..training import train
+
+        result = train(recipe, resume=args.resume)
+        print(f"adapter: {result.adapter_dir}")
+        for key, value in result.metrics.items():
+            print(f"  {key}: {value}")
+        return 0
+    from transformers.utils import logging as hf_logging
+
+    from ..progress import ProgressDisplay
     from ..training import train
 
-    recipe = Recipe.load(args.recipe, args.overrides)
-    result = train(recipe, resume=args.resume)
-    print(f"adapter: {result.adapter_dir}")
-    for key, value in result.metrics.items():
-        print(f"  {key}: {value}")
+    hf_logging.disable_progress_bar()  # weight loading and saving bars: the display is the one bar
+    display = ProgressDisplay()
+    result = train(recipe, resume=args.resume, callbacks=[display])
+    print("\n".join(display.summary(result)))
     return 0
 
 
