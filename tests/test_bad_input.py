@@ -137,6 +137,7 @@ def test_the_report_says_when_a_row_was_counted_only_up_to_its_cut(tmp_path, tok
     )
 
 
+@pytest.mark.subprocess
 def test_data_check_of_one_60_mb_line_stays_small(tmp_path, tiny_model_dir):
     """Tokenising the whole line took 8.7 GiB; cut first, the check peaks near 0.5 GiB (bound: 1.5 GiB)."""
     big = tmp_path / "big.jsonl"

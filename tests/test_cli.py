@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.subprocess  # every test runs the command as a real process
+
 CLI = [sys.executable, "-m", "lora_studio.cli"]
 
 
