@@ -231,9 +231,7 @@ def load_adapted(adapter: str | Path, *, full_precision: bool = False) -> Adapte
     """
     folder = Path(adapter).expanduser()
     meta = read_metadata(folder)
-    settings = base_settings(meta, adapter)
-    if full_precision:
-        settings = replace(settings, quantization="none", dtype="float32")
+    settings = base_settings(meta, adapter, full_precision=full_precision)
     base, base_tokenizer, ref = load_base(settings, f"adapter {adapter}")
     model = apply_adapter(base, folder, meta, ref, settings.base_model)
     has_tokenizer = (folder / "tokenizer_config.json").is_file()
@@ -265,8 +263,11 @@ def check_adapter_base(folder: Path, meta: dict[str, Any], base_hash: str, base_
         )
 
 
-def base_settings(metadata: dict[str, Any], adapter: str | Path = "this adapter") -> ModelSettings:
-    """The base model settings an adapter was trained with, read from its metadata.
+def base_settings(
+    metadata: dict[str, Any], adapter: str | Path = "this adapter", full_precision: bool = False
+) -> ModelSettings:
+    """The base model settings an adapter was trained with, read from its metadata; with
+    `full_precision`, unquantized in float32 (what merging and checking a merge need).
 
     An adapter is data: if it asks for the base's own code to run (`trust_remote_code`), it is
     refused here, before any loading, unless the operator allowed it (see remote_code).
@@ -277,7 +278,7 @@ def base_settings(metadata: dict[str, Any], adapter: str | Path = "this adapter"
     recorded["base_model"] = metadata.get("base_model") or recorded.get("base_model") or DEFAULT_BASE_MODEL
     settings = ModelSettings(**recorded)
     check_remote_code(settings, f"adapter {adapter}")
-    return settings
+    return replace(settings, quantization="none", dtype="float32") if full_precision else settings
 
 
 def adapter_name(folder: str | Path) -> str:

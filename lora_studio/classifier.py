@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -254,4 +254,4 @@ class Classifier:
 
 def float32_settings(metadata: dict[str, Any]) -> ModelSettings:
     """The adapter's base settings, unquantized in float32: what merging and checking need."""
-    return replace(base_settings(metadata), quantization="none", dtype="float32")
+    return base_settings(metadata, full_precision=True)
