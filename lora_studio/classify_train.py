@@ -179,9 +179,8 @@ def training_arguments(recipe: Recipe, model: Any, has_val: bool, quiet: bool = 
         bf16="bfloat16" in dtype and device != "cpu",
         fp16="float16" in dtype and "bfloat16" not in dtype,
         use_cpu=device == "cpu",
-        activation_checkpointing=_use_gradient_checkpointing(
-            recipe
-        ),  # `gradient_checkpointing*` are deprecated
+        # activation_*: transformers 5's names (gradient_checkpointing* are deprecated)
+        activation_checkpointing=_use_gradient_checkpointing(recipe),
         activation_checkpointing_kwargs={"use_reentrant": False},
         disable_tqdm=True if quiet else None,
         train_sampling_strategy="group_by_length",  # less padding per batch

@@ -69,7 +69,8 @@ def train(
     """Fine-tune a LoRA adapter as the recipe says and return where it was written.
 
     `callbacks` are extra transformers TrainerCallbacks (the job service uses them for progress
-    and cancellation; `progress.ProgressDisplay` draws the console and mutes the Trainer's own). With `resume`, training continues from the run folder's last whole checkpoint.
+    and cancellation; `progress.ProgressDisplay` draws the console in place of the Trainer's own).
+    With `resume`, training continues from the run folder's last whole checkpoint.
     `fence()` is entered around every write to the run folder except the Trainer's checkpoints;
     it raises TrainingCancelled when this run may no longer write (its job attempt was superseded).
     """
@@ -189,9 +190,8 @@ def build_trainer(
         bf16="bfloat16" in dtype and device != "cpu",
         fp16="float16" in dtype and "bfloat16" not in dtype,
         use_cpu=device == "cpu",
-        activation_checkpointing=_use_gradient_checkpointing(
-            recipe
-        ),  # `gradient_checkpointing` is deprecated
+        # transformers 5's name for gradient_checkpointing (the old one warns of its deprecation)
+        activation_checkpointing=_use_gradient_checkpointing(recipe),
         disable_tqdm=True if owns_console(callbacks) else None,  # None: the Trainer's default
         max_length=recipe.data.max_length,
         packing=False,
@@ -219,18 +219,15 @@ def build_trainer(
     ]
     if fast is not None:
         return mute_printed_logs(fast.trainer(args, tokenizer, callbacks))
-    return mute_printed_logs(
-        SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in data.train]),
-            eval_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in data.val])
-            if has_val
-            else None,
-            processing_class=tokenizer,
-            callbacks=callbacks,
-        )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in data.train]),
+        eval_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in data.val]) if has_val else None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
     )
+    return mute_printed_logs(trainer)
 
 
 def owns_console(callbacks: Sequence[Any]) -> bool:
