@@ -31,19 +31,18 @@ class ProgressDisplay(TrainerCallback):
         self.loss: float | None = None
         self.val_loss: float | None = None
         self.best_val_loss: float | None = None
-        self.base_val_loss: float | None = None
         self.tokens_per_second: float | None = None
         self._bar: Any = None
         self._ended = False  # the final evaluation after training is the summary's, not a new line
         self._exit = contextlib.ExitStack()
-        self._started = time.time()
+        self._started = (time.time(), 0)  # (time, step) when training (or its resumption) began
         self._last = (time.time(), 0)  # (time, tokens seen) at the last loss log
 
     # --- Trainer events -------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if not state.is_world_process_zero:
             return
-        self._started = time.time()
+        self._started = (time.time(), state.global_step)
         self._last = (time.time(), state.num_input_tokens_seen)
         if self.interactive:
             from tqdm.auto import tqdm
@@ -86,8 +85,8 @@ class ProgressDisplay(TrainerCallback):
     def step_line(self, state: Any) -> str:
         """The plain (non-terminal) progress line: step/total, ETA, loss, val loss, tokens/s."""
         done, total = state.global_step, state.max_steps
-        elapsed = time.time() - self._started
-        eta = elapsed / done * (total - done) if done else None
+        steps = done - self._started[1]  # this session's steps: a resumed run skipped the others
+        eta = (time.time() - self._started[0]) / steps * (total - done) if steps > 0 else None
         return f"step {done}/{total}  eta {_duration(eta)}  {self._postfix()}"
 
     def summary(self, result: Any) -> list[str]:
@@ -113,7 +112,6 @@ class ProgressDisplay(TrainerCallback):
     def _validated(self, state: Any, val_loss: float) -> None:
         self.val_loss = val_loss
         if state.global_step == 0:
-            self.base_val_loss = val_loss
             self._write(f"step 0/{state.max_steps}  val loss {val_loss:.4f} (the base, before training)")
             return
         improved = self.best_val_loss is None or val_loss < self.best_val_loss
