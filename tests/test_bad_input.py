@@ -209,6 +209,7 @@ def test_train_with_bad_data_exits_2_and_writes_no_run_folder(tmp_path, tiny_mod
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.subprocess
 def test_the_real_command_prints_no_traceback(tmp_path, tiny_model_dir):
     path = write(tmp_path, "d.csv", b"prompt,completion\ncaf\xe9,b\n")
     proc = subprocess.run(
