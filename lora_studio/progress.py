@@ -89,14 +89,14 @@ class ProgressDisplay(TrainerCallback):
         eta = (time.time() - self._started[0]) / steps * (total - done) if steps > 0 else None
         return f"step {done}/{total}  eta {_duration(eta)}  {self._postfix()}"
 
-    def summary(self, result: Any) -> list[str]:
+    def summary(self, result: Any, task: str = "chat") -> list[str]:
         """The closing lines: how it went, where the adapter is, and what to try next."""
         metrics = result.metrics
         lines = [
             f"trained {metrics.get('global_step')} steps in {_duration(metrics.get('train_runtime_s'))}"
             + (f", {metrics['tokens_per_second']:.0f} tokens/s" if metrics.get("tokens_per_second") else "")
         ]
-        best = metrics.get("best_val_loss")
+        best = metrics.get("best_val_loss", metrics.get("val_loss"))  # task: classify has the best's val_loss
         if best is not None:
             base = metrics.get("base_val_loss")
             checkpoint = metrics.get("best_checkpoint")
@@ -106,7 +106,11 @@ class ProgressDisplay(TrainerCallback):
                 + (f" at {checkpoint}" if checkpoint else "")
             )
         lines.append(f"adapter: {result.adapter_dir}")
-        lines.append(f"try it:  lora-studio chat {shlex.quote(str(result.adapter_dir))} --compare")
+        adapter = shlex.quote(str(result.adapter_dir))
+        if task == "classify":  # a classifier picks labels: it cannot chat
+            lines.append(f'try it:  lora-studio classify {adapter} "a text to label"')
+        else:
+            lines.append(f"try it:  lora-studio chat {adapter} --compare")
         return lines
 
     def _validated(self, state: Any, val_loss: float) -> None:

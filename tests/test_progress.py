@@ -46,3 +46,17 @@ def test_on_a_terminal_one_bar_redraws_and_validations_print_above_it(tiny_recip
     assert "6/6" in text and "tok/s" in text  # the bar's last state
     assert "\nstep 3/6  val loss " in text.replace("\r", "\n")
     assert " eta " not in text  # the bar shows the ETA itself, no plain step lines
+
+
+def test_a_classifier_is_pointed_at_classify_and_paths_are_quoted_for_the_shell(tmp_path):
+    from lora_studio.training import RunResult
+
+    adapter = tmp_path / "my run" / "adapter"
+    result = RunResult(tmp_path, adapter, {"global_step": 4, "train_runtime_s": 2.0, "val_loss": 0.5})
+    lines = ProgressDisplay(io.StringIO()).summary(result, task="classify")
+    assert lines == [
+        "trained 4 steps in 0:02",
+        "best val loss 0.5000",
+        f"adapter: {adapter}",
+        f"try it:  lora-studio classify '{adapter}' \"a text to label\"",
+    ]

@@ -81,7 +81,7 @@ def run_train(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()  # weight loading and saving bars: the display is the one bar
     display = ProgressDisplay()
     result = train(recipe, resume=args.resume, callbacks=[display])
-    print("\n".join(display.summary(result)))
+    print("\n".join(display.summary(result, recipe.task)))
     return 0
 
 
