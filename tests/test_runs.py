@@ -78,6 +78,12 @@ def test_a_cli_run_from_another_folder_is_indexed_listed_and_found_by_name(
         == runs.adapter_folder(str(folder))
         == adapter
     )
+    from lora_studio.cli.use import served_adapters
+
+    assert served_adapters(["tiny", f"other={run['id']}", str(folder)]) == (
+        ["tiny", "other", folder.name],  # `serve tiny` answers to model="tiny"
+        [str(adapter)] * 3,
+    )
     assert main(["chat", "tiny", "--prompt", "Repeat: word1", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.strip()
     # The Adapters tab lists it, though the UI runs in another folder than the training did.

@@ -7,6 +7,7 @@ import os
 import sys
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..config import DEFAULT_BASE_MODEL, DType, GgufQuant, VerifyTarget
@@ -224,11 +225,27 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 # --- serve -------------------------------------------------------------------------------------
+def served_adapters(specs: list[str]) -> tuple[list[str], list[str]]:
+    """(names, folders) for `serve`'s NAME=ADAPTER or ADAPTER arguments (a folder, run name or id).
+
+    A run given by name or id is served under what was typed; a folder under its run's name.
+    """
+    from ..adapters import adapter_name
+    from ..runs import adapter_folder
+
+    names, paths = [], []
+    for spec in specs:
+        name, sep, ref = spec.partition("=")
+        ref = ref if sep else spec
+        path = str(adapter_folder(ref))
+        names.append(name if sep else ref if not Path(ref).expanduser().exists() else adapter_name(path))
+        paths.append(path)
+    return names, paths
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from ..access import read_secret
-    from ..adapters import adapter_name
     from ..inference import InferenceEngine
-    from ..runs import adapter_folder
     from ..serve import API_KEY_ENV, check_exposure, model_ids, run_server
     from ..serve_classify import load_classifiers, run_classify_server, split_adapters
 
@@ -238,14 +255,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-queue: expected 0 or more waiting requests, got {args.max_queue}")
     api_key = read_secret(args.api_key, args.api_key_file, API_KEY_ENV, "--api-key")
     check_exposure(args.host, api_key, args.insecure_no_auth)  # before the model loads: fail fast
-    names, paths = [], []
-    for spec in args.adapters:
-        name, sep, path = spec.partition("=")
-        path = str(adapter_folder(path if sep else spec))  # a folder, or a run name or id
-        if not sep:
-            name = adapter_name(path)
-        names.append(name)
-        paths.append(path)
+    names, paths = served_adapters(args.adapters)
     names, paths, classifier_paths = split_adapters(names, paths)  # task: classify -> POST /v1/classify
     classifiers = load_classifiers(classifier_paths)
     if classifiers and not paths and args.base is None:
