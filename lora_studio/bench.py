@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_BASE_MODEL, Recipe
+from .config import DEFAULT_BASE_MODEL, DEFAULT_RECIPE, Recipe
 from .errors import ConfigError
 from .files import atomic_write_text
 
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "examples" / "json_extraction" / "train.jsonl"
-DEFAULT_RECIPE = ROOT / "recipes" / "smollm2-lora-cpu.yaml"
 MEMORY_GUARD = 0.6  # a run using more than this share of the machine's memory is stopped
 PROBE_STEPS = 8  # steps of each TRL setup that decide which one is the baseline
 EVALS_PER_RUN = 4  # held-out evaluations along each run: the curve for "time to the baseline's loss"
