@@ -12,6 +12,7 @@ and the adapter's `lora_studio.json` and `labels.json` hold the label map.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -19,27 +20,23 @@ from typing import Any
 
 import torch
 
+from . import runs
 from .adapters import save_adapter
 from .classifier import LABELS_FILE, attach_classification_lora, load_classification_base
 from .classify_data import ClassifyData, LabelMap, class_weights, prepare_classification
 from .classify_metrics import ClassScores, score_predictions, write_scores
 from .config import Recipe
-from .errors import TrainingCancelled
 from .models import load_tokenizer, pick_device, resolve_base
 from .remote_code import check_remote_code
 from .training import (
     MetricsLog,
     RunResult,
     _adapter_metadata,
-    _is_main_process,
     _last_checkpoint,
     _log_start,
-    _log_to_file,
-    _start_run_folder,
     _step_of,
     _tokens_per_second,
     _use_gradient_checkpointing,
-    _write_status,
 )
 
 log = logging.getLogger(__name__)
@@ -68,8 +65,8 @@ def train_classifier(recipe: Recipe, *, resume: bool = False, callbacks: Sequenc
     )  # saved with it: a merged model truncates the same way
     checkpoint = _last_checkpoint(run_dir) if resume else None
 
-    _start_run_folder(run_dir, recipe, data, resume_step=_step_of(checkpoint))
-    handler = _log_to_file(run_dir / "train.log")
+    runs.start(recipe, dataclasses.asdict(data.report), resume_step=_step_of(checkpoint))
+    handler = runs.log_to_file(run_dir)
     try:
         set_seed(recipe.train.seed)  # the new head's first weights
         model, ref = load_classification_base(recipe.model, data.label_map.labels, tokenizer.pad_token_id)
@@ -82,7 +79,7 @@ def train_classifier(recipe: Recipe, *, resume: bool = False, callbacks: Sequenc
         output = trainer.train(resume_from_checkpoint=checkpoint)
         metrics, scores = _final_metrics(trainer, output, data, recipe)
         adapter_dir = run_dir / "adapter"
-        if _is_main_process():  # with several processes (accelerate launch), rank 0 writes the results
+        if runs.is_main_process():  # with several processes (accelerate launch), rank 0 writes the results
             if scores is not None:
                 write_scores(scores, run_dir / "eval", f"{recipe.name}: validation, {scores.rows} rows")
                 log.info("validation scores:\n%s", "\n".join(scores.lines()))
@@ -91,13 +88,12 @@ def train_classifier(recipe: Recipe, *, resume: bool = False, callbacks: Sequenc
             )
             labels = json.dumps(data.label_map.to_dict(), indent=2)
             save_adapter(trainer.model, tokenizer, adapter_dir, metadata, extra_files={LABELS_FILE: labels})
-            _write_status(run_dir, "succeeded", metrics=metrics, adapter=str(adapter_dir))
+            runs.write_status(run_dir, "succeeded", metrics=metrics, adapter=str(adapter_dir))
             log.info("adapter saved to %s", adapter_dir)
         trainer.accelerator.wait_for_everyone()
         return RunResult(run_dir, adapter_dir, metrics)
     except BaseException as e:
-        cancelled = isinstance(e, (KeyboardInterrupt, TrainingCancelled))
-        _write_status(run_dir, "cancelled" if cancelled else "failed", error=f"{type(e).__name__}: {e}")
+        runs.write_status(run_dir, runs.ended_state(e), error=f"{type(e).__name__}: {e}")
         raise
     finally:
         logging.getLogger().removeHandler(handler)
@@ -137,7 +133,7 @@ def build_classifier_trainer(
         processing_class=tokenizer,
         compute_loss_func=cross_entropy_loss(weights),
         compute_metrics=lambda prediction: eval_scores(prediction, data.label_map),
-        callbacks=[MetricsLog(run_dir / "metrics.jsonl", skip_first_eval=resuming), *early, *callbacks],
+        callbacks=[MetricsLog(run_dir, skip_first_eval=resuming), *early, *callbacks],
     )
 
 

@@ -141,7 +141,7 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    output_dir: str = _f("", "The run folder; empty means runs/<recipe name>.")
+    output_dir: str = _f("", "The run folder; empty means a fresh $LORA_STUDIO_HOME/runs/<recipe name>-<id>.")
     num_train_epochs: float = _f(1.0, "Passes over the training data.", range=POSITIVE)
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: run num_train_epochs).")
     per_device_train_batch_size: int = _f(8, "Examples per step on each device.", range=COUNT)
@@ -274,7 +274,10 @@ class Recipe:
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.train.output_dir or f"runs/{self.name}")
+        """The run folder; with output_dir empty, training picks a fresh one (runs.pin)."""
+        if not self.train.output_dir:
+            raise ValueError("this recipe's run folder is chosen when it is trained: see runs.pin")
+        return Path(self.train.output_dir)
 
     def _cross_checks(self) -> list[str]:
         problems = (

@@ -31,3 +31,7 @@ class JobError(LoraStudioError):
 
 class TrainingCancelled(LoraStudioError):
     """Training stopped on request at a step boundary, after saving a checkpoint it can resume from."""
+
+
+class TrainingInterrupted(TrainingCancelled):
+    """Training stopped to be resumed later (its worker stopping), not because the user cancelled it."""

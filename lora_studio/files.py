@@ -28,13 +28,17 @@ _UMASK = os.umask(0)  # read once (setting it is the only way to read it), then 
 os.umask(_UMASK)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_text(path: str | Path, text: str, durable: bool = True) -> None:
     """Write a UTF-8 text file under a temporary name, then rename it over the old one."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"), durable)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write a file durably: readers see the old content or the new one, never a part of it."""
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
+    """Write a file durably: readers see the old content or the new one, never a part of it.
+
+    `durable=False` skips the fsyncs (still atomic for readers, not across a power cut): for
+    frequent, disposable writes such as a progress step, which must not hold a lock for long.
+    """
     path = Path(path)
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_UMASK
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -42,14 +46,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)  # mkstemp makes it private; keep the mode a plain write would give
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_folder(path.parent)
+    if durable:
+        fsync_folder(path.parent)
 
 
 def fsync_folder(folder: Path) -> None:

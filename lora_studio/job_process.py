@@ -1,4 +1,7 @@
-"""One job's process: `training.train` with callbacks that report to the job store and stop on request.
+"""One job's process: `training.train` with a callback that stops it on request.
+
+Progress and metrics go to the run folder (training writes them through `runs`); the job store
+hears only how the attempt ended.
 
 The worker runs `python -m lora_studio.job_process --store PATH JOB_ID ATTEMPT`; without a job
 the process loads the training libraries first and then waits for "JOB_ID ATTEMPT" on stdin
@@ -27,41 +30,11 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .config import Recipe
-from .errors import LoraStudioError, TrainingCancelled
+from .errors import LoraStudioError, TrainingCancelled, TrainingInterrupted
 from .jobs import HEARTBEAT_SECONDS, JobStore
-from .training import MetricRows, train
+from .training import train
 
 log = logging.getLogger(__name__)
-
-
-# Trainer log keys -> ours (as in training.MetricsLog, whose metrics.jsonl rows these match).
-class StoreProgress(TrainerCallback):
-    """Writes step, seconds per step (for the ETA) and each logged metric row to the store."""
-
-    def __init__(self, store: JobStore, job_id: str, attempt: int):
-        self.store, self.job_id, self.attempt = store, job_id, attempt
-        self._begin = (time.time(), 0)  # (time, step) when this attempt's training loop began
-        self._rows = MetricRows()
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        now = time.time()
-        self._begin = (now, state.global_step)
-        self._rows.restart(state)
-        # A resumed run redoes the steps after its checkpoint: drop their old rows so the curve continues.
-        self.store.forget_metrics_after(self.job_id, self.attempt, state.global_step)
-        self.store.record_progress(self.job_id, self.attempt, state.global_step, state.max_steps, None)
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        began, first_step = self._begin
-        per_step = (time.time() - began) / max(state.global_step - first_step, 1)
-        self.store.record_progress(self.job_id, self.attempt, state.global_step, state.max_steps, per_step)
-
-    def on_log(
-        self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
-    ) -> None:
-        if not logs or not state.is_world_process_zero:
-            return
-        self.store.record_metrics(self.job_id, self.attempt, self._rows.row(state, logs))
 
 
 class StopOnRequest(TrainerCallback):
@@ -96,7 +69,8 @@ class StopOnRequest(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if self.reason:
-            raise TrainingCancelled(
+            stopped = TrainingInterrupted if self.reason == "interrupted" else TrainingCancelled
+            raise stopped(
                 f"{self.reason} at step {state.global_step} of {state.max_steps}; "
                 f"checkpoint-{state.global_step} saved, `resume` continues from it"
             )
@@ -111,7 +85,7 @@ def run_job(store: JobStore, job_id: str, attempt: int) -> None:
         if early == "cancelled":
             store.finish(job_id, attempt, "cancelled", error="cancelled before training began")
         return
-    progress, stopper = StoreProgress(store, job_id, attempt), StopOnRequest(store, job_id, attempt)
+    stopper = StopOnRequest(store, job_id, attempt)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopper.request("interrupted"))
     threading.Thread(target=_heartbeat, args=(store, job_id, attempt, stopper), daemon=True).start()
@@ -120,7 +94,7 @@ def run_job(store: JobStore, job_id: str, attempt: int) -> None:
         result = train(
             Recipe.from_dict(job.recipe),
             resume=job.resumes_from_checkpoint,
-            callbacks=[progress, stopper],
+            callbacks=[stopper],
             fence=lambda: store.fence(job_id, attempt),  # a superseded attempt writes nothing more
         )
     except TrainingCancelled as e:
@@ -136,7 +110,7 @@ def run_job(store: JobStore, job_id: str, attempt: int) -> None:
         log.exception("job %s failed", job_id)
         store.finish(job_id, attempt, "failed", error=f"{type(e).__name__}: {e}")
     else:
-        store.finish(job_id, attempt, "succeeded", adapter_dir=result.adapter_dir, metrics=result.metrics)
+        store.finish(job_id, attempt, "succeeded", adapter_dir=result.adapter_dir)
     log.info("job %s attempt %d ended: %s", job_id, attempt, store.get(job_id).state)
 
 

@@ -25,11 +25,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     queued_at REAL NOT NULL,                   -- first in, first out by this (resume re-queues)
     started_at REAL,
     finished_at REAL,
-    step INTEGER NOT NULL DEFAULT 0,
-    total_steps INTEGER,
-    seconds_per_step REAL,
-    progress_at REAL,
-    metrics TEXT NOT NULL DEFAULT '{}',        -- the latest value of each metric
     adapter_dir TEXT,
     error TEXT,
     resume INTEGER NOT NULL DEFAULT 0,         -- the next run continues from the last checkpoint
@@ -39,9 +34,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     host TEXT,
     heartbeat_at REAL
 );
-CREATE TABLE IF NOT EXISTS metrics (job_id TEXT NOT NULL, step INTEGER NOT NULL, row TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS metrics_by_job ON metrics (job_id, step);
 """
+# Queue facts only: a job's progress and metrics are in its run folder (runs.py). A store made
+# before that keeps its old progress columns and metrics table, unused.
 
 
 class Database:

@@ -4,7 +4,7 @@
     job_id = store.submit("recipes/smollm2-lora-cpu.yaml", ["max_steps=20"])  # validated, queued
     store.ensure_worker()                      # starts a detached `lora-studio worker` if none is alive
     job = store.get(job_id)                    # Job: state, step/total_steps, eta_seconds, metrics, ...
-    points = store.metrics(job_id)             # [{"step": 5, "loss": 2.1, ...}, {"step": 10, "val_loss": ...}]
+    points = store.metrics(job_id)             # its run folder's rows: [{"step": 5, "loss": 2.1, ...}, ...]
     text, offset = store.read_log(job_id)      # the job's log so far; pass offset back to get only what is new
     store.cancel(job_id)                       # queued: never runs; running: checkpoint at the next step, then stops
     store.resume(job_id)                       # interrupted/cancelled/failed: queued again, continues from its checkpoint
@@ -12,9 +12,14 @@
 Public API (stable; the CLI and the web UI use only this): `JobStore(path=None)` with `submit`,
 `list`, `get`, `metrics`, `read_log`, `cancel`, `resume`, `recover`, `ensure_worker`,
 `worker_pid`; the `Job` dataclass; `JOB_STATES`. The methods under "worker side" are for
-`lora_studio.worker` only.
+`lora_studio.worker` and `lora_studio.job_process` only.
 
-States: queued -> running -> succeeded | failed | cancelled | interrupted. A running job whose
+The store keeps queue facts only: state, attempt, pid, heartbeat and the run folder. A job's
+progress and metrics are its run folder's, read through `runs` (training writes them there), so
+a job, a CLI run and the UI show one record of a run.
+
+States (`runs.STATES`, shared with run folders): queued -> running -> succeeded | failed |
+cancelled | interrupted. A running job whose
 process died (killed, out of memory, machine restart) is marked interrupted as soon as anyone
 reads the store (its pid is gone). A job process alive on this host is never judged by its
 heartbeat (it may be stopped with SIGSTOP, suspended or starved); only a job running on another
@@ -22,7 +27,7 @@ host is marked interrupted when its heartbeat is older than `heartbeat_timeout`.
 `resume` puts interrupted, cancelled and failed jobs back in the queue; they continue from
 their run folder's last whole checkpoint (at most one checkpoint interval of work is lost).
 
-Each job's run folder is `<home>/runs/<job id>` unless its recipe sets output_dir; it holds
+Each job's run folder is `<home>/runs/<name>-<job id>` unless its recipe sets output_dir; it holds
 what `training.train` writes, plus `job.log` (everything the job process printed). Every state
 change is one transaction (`BEGIN IMMEDIATE`), guarded by the job's attempt number, so a late
 write from a superseded process never overwrites a newer attempt. The job process writes its run
@@ -46,16 +51,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from . import worker
-from .config import DEFAULT_BASE_MODEL, Recipe
+from . import runs, worker
+from .config import Recipe
 from .errors import ConfigError, JobError, TrainingCancelled
 from .home import studio_home
 from .job_store import Database, is_current, queue_positions
 from .run_folder import last_complete_checkpoint
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
-JOB_STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
-FINISHED_STATES = ("succeeded", "failed", "cancelled")
+JOB_STATES: tuple[str, ...] = runs.STATES
+FINISHED_STATES = runs.FINISHED_STATES
 RESUMABLE_STATES = ("interrupted", "cancelled", "failed")
 HEARTBEAT_SECONDS = 2.0  # how often a job process says it is alive
 LOG_FILE = "job.log"
@@ -73,12 +78,11 @@ class Job:
     created_at: float
     started_at: float | None
     finished_at: float | None
+    # From the run folder (runs.read_run):
     step: int
     total_steps: int | None
     eta_seconds: float | None  # running jobs only, from this attempt's seconds per step
-    metrics: dict[
-        str, Any
-    ]  # latest loss, val_loss, learning_rate, tokens_per_second; final metrics when done
+    metrics: dict[str, Any]  # latest loss, val_loss, learning_rate, tokens_per_second; final ones when done
     adapter_dir: Path | None  # set when succeeded
     error: str | None  # why it failed, or how it was interrupted
     log_path: Path
@@ -125,7 +129,8 @@ class JobStore:
         ConfigError/DataError here and never enter the queue.
         """
         job_id = uuid.uuid4().hex[:10]
-        recipe = _pin_paths(_as_recipe(recipe, overrides), self.home / "runs" / job_id)
+        recipe = _as_recipe(recipe, overrides)
+        recipe = runs.pin(recipe, run_dir=runs.default_folder(recipe.name, job_id, self.home))
         _check_data(recipe)
         now = time.time()
         with self._db.transaction() as db:
@@ -166,12 +171,8 @@ class JobStore:
             return _to_job(row, queue_positions(db))
 
     def metrics(self, job_id: str) -> list[dict[str, Any]]:
-        """Every logged metrics row of a job, in step order (what a loss plot needs)."""
-        with self._db.connect() as db:
-            rows = db.execute(
-                "SELECT row FROM metrics WHERE job_id = ? ORDER BY step, rowid", (self._full_id(db, job_id),)
-            ).fetchall()
-        return [json.loads(r[0]) for r in rows]
+        """Every logged metrics row of a job, in step order (what a loss plot needs): its run folder's."""
+        return runs.metrics_rows(self.get(job_id).run_dir)
 
     def read_log(self, job_id: str, offset: int = 0) -> tuple[str, int]:
         """The job's log from byte `offset` on, and the offset to pass next time."""
@@ -266,14 +267,6 @@ class JobStore:
         """The pid of the worker serving this store, or None when none is running."""
         return worker.worker_pid(self)
 
-    def worker_lock(self) -> contextlib.AbstractContextManager[bool]:
-        """Hold the one-worker-per-store lock while inside; yields False if another process holds it."""
-        return worker.worker_lock(self)
-
-    @property
-    def worker_lock_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".worker-lock")
-
     # --- worker side (lora_studio.worker) ---------------------------------------------------------
     def claim_next(self, worker_pid: int) -> Job | None:
         """Move the oldest queued job to running for a worker; None when the queue is empty."""
@@ -286,8 +279,7 @@ class JobStore:
             now = time.time()
             db.execute(
                 "UPDATE jobs SET state = 'running', attempt = attempt + 1, started_at = "
-                "COALESCE(started_at, ?), pid = ?, host = ?, heartbeat_at = ?, progress_at = NULL, "
-                "seconds_per_step = NULL, error = NULL WHERE id = ?",
+                "COALESCE(started_at, ?), pid = ?, host = ?, heartbeat_at = ?, error = NULL WHERE id = ?",
                 (now, worker_pid, socket.gethostname(), now, row[0]),
             )
         return self.get(row[0])
@@ -297,44 +289,6 @@ class JobStore:
 
     def heartbeat(self, job_id: str, attempt: int) -> None:
         self._update(job_id, attempt, heartbeat_at=time.time())
-
-    def record_progress(
-        self, job_id: str, attempt: int, step: int, total_steps: int | None, seconds_per_step: float | None
-    ) -> None:
-        now = time.time()
-        self._update(
-            job_id,
-            attempt,
-            step=step,
-            total_steps=total_steps,
-            seconds_per_step=seconds_per_step,
-            progress_at=now,
-            heartbeat_at=now,
-        )
-
-    def record_metrics(self, job_id: str, attempt: int, row: dict[str, Any]) -> None:
-        """Append a metrics row and fold it into the job's latest metrics."""
-        with self._db.transaction() as db:
-            found = db.execute(
-                "SELECT metrics FROM jobs WHERE id = ? AND attempt = ?", (job_id, attempt)
-            ).fetchone()
-            if found is None:
-                return
-            latest = {
-                **json.loads(found[0]),
-                **{k: v for k, v in row.items() if k not in ("time", "max_steps")},
-            }
-            db.execute(
-                "INSERT INTO metrics (job_id, step, row) VALUES (?, ?, ?)",
-                (job_id, row["step"], json.dumps(row)),
-            )
-            db.execute("UPDATE jobs SET metrics = ? WHERE id = ?", (json.dumps(latest), job_id))
-
-    def forget_metrics_after(self, job_id: str, attempt: int, step: int) -> None:
-        """Drop rows past `step`: a resumed run redoes those steps from its checkpoint."""
-        with self._db.transaction() as db:
-            if is_current(db, job_id, attempt):
-                db.execute("DELETE FROM metrics WHERE job_id = ? AND step > ?", (job_id, step))
 
     @contextlib.contextmanager
     def fence(self, job_id: str, attempt: int) -> Iterator[None]:
@@ -370,31 +324,16 @@ class JobStore:
         *,
         error: str | None = None,
         adapter_dir: Path | None = None,
-        metrics: dict[str, Any] | None = None,
     ) -> bool:
         """Record how an attempt ended; False if a newer attempt owns the job now."""
         with self._db.transaction() as db:
-            row = db.execute(
-                "SELECT metrics FROM jobs WHERE id = ? AND attempt = ? AND state IN "
-                "('running', 'interrupted')",
-                (job_id, attempt),
-            ).fetchone()
-            if row is None:
-                return False
-            latest = {**json.loads(row[0]), **(metrics or {})}
-            db.execute(
-                "UPDATE jobs SET state = ?, error = ?, adapter_dir = ?, metrics = ?, finished_at = ?, "
-                "cancel_requested = 0 WHERE id = ?",
-                (
-                    state,
-                    error,
-                    adapter_dir and str(adapter_dir),
-                    json.dumps(latest, default=str),
-                    time.time(),
-                    job_id,
-                ),
+            return bool(
+                db.execute(
+                    "UPDATE jobs SET state = ?, error = ?, adapter_dir = ?, finished_at = ?, cancel_requested = 0 "
+                    "WHERE id = ? AND attempt = ? AND state IN ('running', 'interrupted')",
+                    (state, error, adapter_dir and str(adapter_dir), time.time(), job_id, attempt),
+                ).rowcount
             )
-        return True
 
     def process_exited(self, job_id: str, attempt: int, returncode: int) -> None:
         """The worker saw a job process exit; if it left the job running, it died without a word."""
@@ -450,20 +389,6 @@ def _as_recipe(recipe: Recipe | dict[str, Any] | str | Path, overrides: Sequence
     return Recipe.from_yaml(recipe, list(overrides))
 
 
-def _pin_paths(recipe: Recipe, default_run_dir: Path) -> Recipe:
-    """Make every path absolute (the worker runs elsewhere) and give the job its run folder."""
-    raw = recipe.to_dict()
-    for key in ("train_file", "val_file"):
-        if raw["data"][key]:
-            raw["data"][key] = str(Path(raw["data"][key]).expanduser().resolve())
-    base = Path(raw["model"]["base_model"]).expanduser()
-    if raw["model"]["base_model"] != DEFAULT_BASE_MODEL and base.exists():
-        raw["model"]["base_model"] = str(base.resolve())
-    out = raw["train"]["output_dir"]
-    raw["train"]["output_dir"] = str(Path(out).expanduser().resolve() if out else default_run_dir)
-    return Recipe.from_dict(raw)
-
-
 def _check_data(recipe: Recipe) -> None:
     """Parse the data files now, so a job never waits in the queue only to fail on a typo."""
     from .classify_data import load_labeled
@@ -482,13 +407,10 @@ def _first_save_step(recipe: dict[str, Any]) -> int:
 
 
 def _to_job(row: sqlite3.Row, queue: dict[str, int]) -> Job:
+    """The store's queue facts joined with its run folder's progress and metrics."""
     r = dict(row)
-    eta = None
-    if r["state"] == "running" and r["seconds_per_step"] and r["total_steps"]:
-        eta = max(
-            0.0, (r["total_steps"] - r["step"]) * r["seconds_per_step"] - (time.time() - r["progress_at"])
-        )
     run_dir = Path(r["run_dir"])
+    run = runs.read_run(run_dir)
     return Job(
         id=r["id"],
         name=r["name"],
@@ -498,10 +420,10 @@ def _to_job(row: sqlite3.Row, queue: dict[str, int]) -> Job:
         created_at=r["created_at"],
         started_at=r["started_at"],
         finished_at=r["finished_at"],
-        step=r["step"],
-        total_steps=r["total_steps"],
-        eta_seconds=eta,
-        metrics=json.loads(r["metrics"]),
+        step=run.step,
+        total_steps=run.max_steps,
+        eta_seconds=run.eta_seconds() if r["state"] == "running" else None,
+        metrics=run.latest,
         adapter_dir=Path(r["adapter_dir"]) if r["adapter_dir"] else None,
         error=r["error"],
         log_path=run_dir / LOG_FILE,

@@ -11,14 +11,13 @@ the person why their run stopped improving and which checkpoint they got.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write_text
+from . import runs
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +163,7 @@ def overfit_callback(run_dir: Path, rises: int = RISES) -> Any:
 # --- the run folder's status.json --------------------------------------------------------------
 def run_warnings(run_dir: str | Path) -> list[dict[str, Any]]:
     """The warnings recorded in a run folder's status.json (empty when none or no file)."""
-    path = Path(run_dir) / "status.json"
-    try:
-        return list(json.loads(path.read_text()).get("warnings") or [])
-    except (OSError, ValueError):
-        return []
+    return list(runs.read_status(Path(run_dir)).get("warnings") or [])
 
 
 def warning_lines(run_dir: str | Path) -> list[str]:
@@ -177,10 +172,8 @@ def warning_lines(run_dir: str | Path) -> list[str]:
 
 def set_run_warning(run_dir: Path, kind: str, warning: dict[str, Any] | None) -> None:
     """Replace the warning of this kind in status.json (None removes it)."""
-    path = Path(run_dir) / "status.json"
-    if not path.is_file():
+    status = runs.read_status(Path(run_dir))
+    if not status:
         return
-    status = json.loads(path.read_text())
     kept = [w for w in status.get("warnings") or [] if w.get("kind") != kind]
-    status["warnings"] = kept + ([warning] if warning else [])
-    atomic_write_text(path, json.dumps(status, indent=2, default=str))
+    runs.write_status(Path(run_dir), warnings=kept + ([warning] if warning else []))

@@ -7,23 +7,24 @@ The run folder is self-describing, so anyone can rerun or resume a job from it a
     config.yaml        the resolved recipe, every default filled in
     data_report.json   duplicates, leakage, imbalance and truncation of the data
     metrics.jsonl      one line per log/validation: step, loss, val_loss, learning rate, tokens/s
-    status.json        running / succeeded / failed, with timestamps and the error
+    status.json        running / succeeded / failed / cancelled / interrupted (runs.STATES), with
+                       timestamps, progress, the final metrics or the error
     train.log          the log
     checkpoints/       periodic Trainer checkpoints (for --resume)
     adapter/           the final (best) adapter; appears only when complete
 
-Every file here is written atomically, and a run killed at any moment resumes from its last whole
-checkpoint (`run_folder` tells whole from broken). The job service passes a `fence`: a run whose
-job attempt was taken over by a newer one writes nothing more to the folder.
+The folder is $LORA_STUDIO_HOME/runs/<name>-<id> unless the recipe sets output_dir; `runs.py`
+writes it (and nothing else here does), indexes it, and reads it back. Every file is written
+atomically, and a run killed at any moment resumes from its last whole checkpoint (`run_folder`
+tells whole from broken). The job service passes a `fence`: a run whose job attempt was taken
+over by a newer one writes nothing more to the folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,21 +35,14 @@ from typing import Any
 from safetensors import SafetensorError
 from transformers import TrainerCallback, set_seed
 
-from . import fast_path
+from . import fast_path, runs
 from .adapters import attach_lora, save_adapter
 from .config import Recipe
 from .data import PreparedData, prepare
 from .errors import LoraStudioError, TrainingCancelled
-from .files import atomic_write_text, settle_folder
 from .models import BaseModelRef, load_base, load_tokenizer, model_fingerprint, pick_device, resolve_base
 from .remote_code import check_remote_code
-from .run_folder import (
-    METRICS_FILE,
-    checkpoint_step,
-    last_complete_checkpoint,
-    read_metrics,
-    remove_incomplete_checkpoints,
-)
+from .run_folder import checkpoint_step, last_complete_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +62,11 @@ def train(
 ) -> RunResult:
     """Fine-tune a LoRA adapter as the recipe says and return where it was written.
 
-    `callbacks` are extra transformers TrainerCallbacks (the job service uses them for progress
-    and cancellation). With `resume`, training continues from the run folder's last whole checkpoint.
+    `callbacks` are extra transformers TrainerCallbacks (the job service stops runs with one). With `resume`, training continues from the run folder's last whole checkpoint.
     `fence()` is entered around every write to the run folder except the Trainer's checkpoints;
     it raises TrainingCancelled when this run may no longer write (its job attempt was superseded).
     """
+    recipe = runs.pin(recipe, resume=resume)  # paths absolute, the run folder chosen
     if recipe.task == "classify":  # a new label head on the body: its own data, model and trainer
         from .classify_train import train_classifier
 
@@ -88,8 +82,8 @@ def train(
     checkpoint = _last_checkpoint(run_dir) if resume else None
 
     with fence():
-        _start_run_folder(run_dir, recipe, data, resume_step=_step_of(checkpoint))
-    handler = _log_to_file(run_dir / "train.log")
+        runs.start(recipe, dataclasses.asdict(data.report), resume_step=_step_of(checkpoint))
+    handler = runs.log_to_file(run_dir)
     try:
         model, tokenizer, ref = load_base(recipe.model)
         set_seed(recipe.train.seed)  # the LoRA weights' random init: the same for the same recipe
@@ -117,11 +111,11 @@ def train(
             ) from None
         metrics = _final_metrics(trainer, output, data)
         adapter_dir = run_dir / "adapter"
-        if _is_main_process():  # with several processes (accelerate launch), rank 0 writes the adapter
+        if runs.is_main_process():  # with several processes (accelerate launch), rank 0 writes the adapter
             metadata = _adapter_metadata(recipe, ref, data, metrics)
             with fence():
                 save_adapter(trainer.model, tokenizer, adapter_dir, metadata)
-                _write_status(run_dir, "succeeded", metrics=metrics, adapter=str(adapter_dir))
+                runs.write_status(run_dir, "succeeded", metrics=metrics, adapter=str(adapter_dir))
             log.info("adapter saved to %s", adapter_dir)
         trainer.accelerator.wait_for_everyone()
         return RunResult(run_dir, adapter_dir, metrics)
@@ -129,11 +123,7 @@ def train(
         # TrainingCancelled comes from a callback (the job service) after it saved a checkpoint,
         # or from the fence: then a newer attempt owns the folder and this one must not write.
         with contextlib.suppress(TrainingCancelled), fence():
-            _write_status(
-                run_dir,
-                "cancelled" if isinstance(e, (KeyboardInterrupt, TrainingCancelled)) else "failed",
-                error=f"{type(e).__name__}: {e}",
-            )
+            runs.write_status(run_dir, runs.ended_state(e), error=f"{type(e).__name__}: {e}")
         raise
     finally:
         logging.getLogger().removeHandler(handler)
@@ -210,7 +200,7 @@ def build_trainer(
         extra.append(overfit_callback(run_dir))
     callbacks = [
         *_balanced(recipe, tokenizer, has_val),
-        MetricsLog(run_dir / METRICS_FILE, skip_first_eval=resuming, fence=fence),
+        MetricsLog(run_dir, skip_first_eval=resuming, fence=fence),
         *extra,
         *callbacks,
     ]
@@ -241,10 +231,7 @@ def _use_gradient_checkpointing(recipe: Recipe) -> bool:
 
 
 class MetricRows:
-    """Turns Trainer log events into metrics rows (our names), with tokens/s since the last loss row.
-
-    Shared by MetricsLog (metrics.jsonl) and the job service's progress callback (the job store).
-    """
+    """Turns Trainer log events into metrics rows (our names), with tokens/s since the last loss row."""
 
     NAMES = {
         "loss": "loss",
@@ -281,16 +268,22 @@ class MetricRows:
 
 
 class MetricsLog(TrainerCallback):
-    """Appends one JSON line per log event to metrics.jsonl.
+    """Writes the run's metrics rows (metrics.jsonl) and its progress (status.json), through `runs`.
 
-    A resumed run's first validation repeats the one its checkpoint already logged: skip it.
+    Progress is written at most every PROGRESS_SECONDS, and at every checkpoint, validation and
+    the end, so a stopped run's status names the step of its last checkpoint. A resumed run's first
+    validation repeats the one its checkpoint already logged: skip it.
     """
 
-    def __init__(self, path: Path, skip_first_eval: bool = False, fence: Fence | None = None):
-        self.path = Path(path)
+    PROGRESS_SECONDS = 0.5
+
+    def __init__(self, run_dir: Path, skip_first_eval: bool = False, fence: Fence | None = None):
+        self.run_dir = Path(run_dir)
         self._rows = MetricRows()
         self._skip_eval = skip_first_eval
         self._fence = fence or contextlib.nullcontext
+        self._begin = (time.time(), 0)  # (time, step) when this attempt's training loop began
+        self._written = 0.0  # when progress was last written
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
@@ -300,59 +293,36 @@ class MetricsLog(TrainerCallback):
         if self._skip_eval and "eval_loss" in logs:
             self._skip_eval = False
             return
-        line = json.dumps(self._rows.row(state, logs)) + "\n"
-        with self._fence(), open(self.path, "a") as f:  # one write: a crash cuts at most this line
-            f.write(line)
+        with self._fence():
+            runs.append_metrics(self.run_dir, self._rows.row(state, logs))
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self._rows.restart(state)
+        self._begin = (time.time(), state.global_step)
+        self._progress(state, force=True)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._progress(state)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._progress(state, force=True)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._progress(state, force=True)
+
+    def _progress(self, state: Any, force: bool = False) -> None:
+        now = time.time()
+        if not state.is_world_process_zero or (not force and now - self._written < self.PROGRESS_SECONDS):
+            return
+        began, first_step = self._begin
+        done = state.global_step - first_step
+        per_step = (now - began) / done if done > 0 else None
+        with self._fence():
+            runs.write_progress(self.run_dir, state.global_step, state.max_steps, per_step)
+        self._written = now
 
 
-# --- run folder --------------------------------------------------------------------------------
-def _is_main_process() -> bool:
-    # torchrun / accelerate launch set RANK; asking accelerate's PartialState here instead would
-    # initialise it before the Trainer does, without the CPU flag, and lose the process group.
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _start_run_folder(run_dir: Path, recipe: Recipe, data: PreparedData, resume_step: int | None) -> None:
-    """Write the resolved recipe and data report; a resumed run keeps its metrics up to its checkpoint.
-
-    What an earlier run left broken by a crash is cleared first: half-written checkpoints, the
-    temporary folders of an adapter save, an adapter replacement cut short (rolled back).
-    """
-    if not _is_main_process():
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    settle_folder(run_dir / "adapter")
-    remove_incomplete_checkpoints(run_dir)
-    # Every path pinned, so the run can be repeated or resumed from this file alone.
-    atomic_write_text(run_dir / "config.yaml", recipe.replace(output_dir=str(run_dir.resolve())).to_yaml())
-    atomic_write_text(run_dir / "data_report.json", json.dumps(dataclasses.asdict(data.report), indent=2))
-    metrics = run_dir / METRICS_FILE
-    if resume_step is None:
-        metrics.unlink(missing_ok=True)
-    elif metrics.is_file():  # steps after the checkpoint are redone: drop their old rows (and a torn line)
-        kept = [row for row in read_metrics(metrics) if row["step"] <= resume_step]
-        atomic_write_text(metrics, "".join(json.dumps(row) + "\n" for row in kept))
-    _write_status(run_dir, "running", resumed=resume_step is not None)
-
-
-def _write_status(run_dir: Path, state: str, **fields: Any) -> None:
-    if not _is_main_process():
-        return
-    path = run_dir / "status.json"
-    try:
-        status = json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet (or one from before writes were atomic, cut short)
-        status = {}
-    status.update(state=state, updated_at=time.time(), **fields)
-    if state == "running":
-        status.pop("error", None)
-        status.setdefault("started_at", time.time())
-    atomic_write_text(path, json.dumps(status, indent=2, default=str))
-
-
+# --- run folder ---------------------------------------------------------------------------------
 def _step_of(checkpoint: str | None) -> int | None:
     return checkpoint_step(checkpoint) if checkpoint else None
 
@@ -365,17 +335,6 @@ def _last_checkpoint(run_dir: Path) -> str:
             "start the run without --resume"
         )
     return str(last)
-
-
-def _log_to_file(path: Path) -> logging.Handler:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path) if _is_main_process() else logging.NullHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    if root.level > logging.INFO or root.level == logging.NOTSET:
-        root.setLevel(logging.INFO)
-    return handler
 
 
 def _log_start(recipe: Recipe, model: Any, data: PreparedData) -> None:

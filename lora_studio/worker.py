@@ -63,7 +63,7 @@ def run_worker(
         raise ConfigError(f"concurrency: expected at least 1 job at a time, got {concurrency}")
     stop = _install_stop_handlers()
     while True:
-        with store.worker_lock() as held:
+        with worker_lock(store) as held:
             if not held:
                 log.info(
                     "a worker already serves %s (pid %s); not starting another",
@@ -71,7 +71,7 @@ def run_worker(
                     store.worker_pid(),
                 )
                 return 0
-            store.worker_lock_path.write_text(str(os.getpid()))
+            lock_path(store).write_text(str(os.getpid()))
             log.info("worker %d serving %s, %d job(s) at a time", os.getpid(), store.path, concurrency)
             _serve(store, stop, concurrency, poll_seconds, idle_exit_seconds, stop_timeout, prestart)
         # The lock is released. A job submitted a moment ago saw it held and started no worker,
@@ -237,9 +237,14 @@ def worker_pid(store: JobStore) -> int | None:
         if held:
             return None
     try:
-        return int(store.worker_lock_path.read_text().strip() or 0) or None
+        return int(lock_path(store).read_text().strip() or 0) or None
     except (OSError, ValueError):
         return None
+
+
+def lock_path(store: JobStore) -> Path:
+    """The lock file beside the store; it also holds the serving worker's pid."""
+    return store.path.with_name(store.path.name + ".worker-lock")
 
 
 @contextlib.contextmanager
@@ -248,7 +253,7 @@ def worker_lock(store: JobStore) -> Iterator[bool]:
 
     An OS file lock: it is released when its holder exits, even on SIGKILL.
     """
-    with open(store.worker_lock_path, "a+") as f:
+    with open(lock_path(store), "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

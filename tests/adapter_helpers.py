@@ -105,3 +105,15 @@ def edit_json(path: Path, **changes: Any) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
     path.write_text(json.dumps(data))
+
+
+def index_run(run_dir: Path, name: str, base_model: str = "base", task: str = "chat") -> str:
+    """Record a hand-made run folder (its adapter/ already built) in the run index, as training does."""
+    import time
+
+    from lora_studio import runs
+
+    run_id = runs.new_id()
+    runs.write_status(run_dir, "succeeded", id=run_id, name=name, created_at=time.time())
+    runs.register(run_dir, run_id, name, base_model, task, time.time())
+    return run_id

@@ -194,7 +194,7 @@ def test_data_check_refuses_bad_options_before_loading_a_model(tmp_path, capsys,
 
 
 def test_train_with_bad_data_exits_2_and_writes_no_run_folder(tmp_path, tiny_model_dir, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the default run folder is ./runs/<name>
+    monkeypatch.chdir(tmp_path)  # (run folders were once ./runs/<name>: none may appear here either)
     data = write(tmp_path, "d.jsonl", b'{"text": "caf\xe9"}\n')
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model:\n  base_model: {tiny_model_dir}\ndata:\n  train_file: {data}\n")

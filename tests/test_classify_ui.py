@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
+from adapter_helpers import index_run
 from classify_helpers import build_classifier_adapter
 
 from ui.classify_tab import ClassifierCache, classifier_choices, classify, refresh
@@ -14,11 +15,13 @@ from ui.train_tab import recipe_from_form
 
 @pytest.fixture
 def listed_classifier(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A classification adapter under ./runs, where the UI finds CLI runs."""
+    """A classification adapter of a run in the run index, where the UI finds every run."""
     monkeypatch.chdir(tmp_path)
-    return build_classifier_adapter(
+    adapter = build_classifier_adapter(
         tiny_model_dir, tmp_path / "runs" / "tickets" / "adapter", ["bug", "ok", "spam"]
     )
+    index_run(adapter.parent, "tickets", task="classify")
+    return adapter
 
 
 def test_app_has_a_classify_tab(studio_home: Path):
@@ -32,6 +35,7 @@ def test_app_has_a_classify_tab(studio_home: Path):
 def test_classify_shows_every_label_probability(listed_classifier: Path, tiny_adapters: dict):
     (Path("runs") / "chatty").mkdir()
     (Path("runs") / "chatty" / "adapter").symlink_to(tiny_adapters["alpha"])  # a chat adapter: not offered
+    index_run(Path("runs") / "chatty", "chatty")
     assert [value for _, value in classifier_choices()] == [str(listed_classifier.resolve())]
     assert refresh(None).value == str(listed_classifier.resolve())
     probabilities, verdict = classify(ClassifierCache(), str(listed_classifier.resolve()), "hello world")

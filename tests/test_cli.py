@@ -53,7 +53,7 @@ def test_train_with_plain_name_overrides(recipe_file, tmp_path):
         ),
         (
             ["train", "{recipe}", "--set", "train_file=nowhere.jsonl", "--set", "output_dir={tmp}/r"],
-            "data file not found: nowhere.jsonl",
+            "data file not found: {tmp}/nowhere.jsonl",  # where it looked: paths are pinned first
         ),
         (["data", "check", "{bad}"], "bad.jsonl, line 1: not valid JSON"),
     ],
@@ -64,7 +64,7 @@ def test_user_mistakes_are_one_line_errors(recipe_file, tmp_path, args, message)
     args = [a.format(recipe=recipe_file, bad=bad, tmp=tmp_path) for a in args]
     proc = run(*args, cwd=tmp_path)
     assert proc.returncode == 2
-    assert message in proc.stderr
+    assert message.format(tmp=tmp_path) in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_accelerate_launch_two_processes(tiny_model_dir, chat_file, tmp_path):
+def test_accelerate_launch_two_processes(tiny_model_dir, chat_file, tmp_path, studio_home, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         f"name: ddp\nmodel: {{base_model: {tiny_model_dir}}}\nlora: {{r: 4, lora_alpha: 8}}\n"
@@ -43,3 +43,12 @@ def test_accelerate_launch_two_processes(tiny_model_dir, chat_file, tmp_path):
     # so after 4 steps the data is 80% seen only if both processes took their shares.
     steps = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert max(s["epoch"] for s in steps) == 0.8
+    # The main process alone indexed the run: `runs list` and `adapters list` show it once.
+    from lora_studio.cli import main
+
+    assert len(list((studio_home / "index").glob("*.json"))) == 1
+    for command in (["runs", "list", "--json"], ["adapters", "list", "--json"]):
+        assert main(command) == 0
+        (run,) = json.loads(capsys.readouterr().out)
+        assert (run["name"], run["state"], run["step"]) == ("ddp", "succeeded", 4)
+        assert run["folder"] == str(tmp_path / "run")

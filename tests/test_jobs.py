@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_studio import runs
 from lora_studio.cli import main
 from lora_studio.errors import ConfigError, DataError, JobError
 from lora_studio.jobs import JobStore
@@ -127,7 +128,10 @@ def test_submit_pins_paths_and_gives_each_job_its_own_run_folder(
     first, second = store.submit(tmp_path / "r.yaml"), store.submit(tmp_path / "r.yaml", ["max_steps=3"])
     a, b = store.get(first), store.get(second)
     assert a.recipe["data"]["train_file"] == str(chat_file.resolve())
-    assert (a.run_dir, b.run_dir) == (studio_home / "runs" / first, studio_home / "runs" / second)
+    assert (a.run_dir, b.run_dir) == (
+        studio_home / "runs" / f"tiny-job-{first}",
+        studio_home / "runs" / f"tiny-job-{second}",
+    )
     assert (a.recipe["train"]["max_steps"], b.recipe["train"]["max_steps"]) == (6, 3)
     assert [j.id for j in store.list()] == [second, first]  # newest first
     assert (a.queue_position, b.queue_position) == (1, 2) and a.state == "queued"
@@ -202,18 +206,22 @@ def test_a_dead_job_process_is_marked_interrupted_and_a_live_silent_one_is_not(t
 
     # Resuming without a checkpoint starts over, unless checkpoints were written and are gone.
     assert store.resume(lost).state == "queued" and not store.get(lost).resumes_from_checkpoint
+    run_dir = store.get(lost).run_dir
+    run_dir.mkdir(parents=True)
+    runs.write_progress(run_dir, 5, 18, None)  # its run folder says it got to step 5
     with sqlite3.connect(store.path) as db:
-        db.execute("UPDATE jobs SET step = 5, state = 'interrupted' WHERE id = ?", (lost,))
+        db.execute("UPDATE jobs SET state = 'interrupted' WHERE id = ?", (lost,))
     with pytest.raises(JobError, match=f"job {lost} reached step 5 but its checkpoints are missing"):
         store.resume(lost)
     assert not store.resume(lost, restart=True).resumes_from_checkpoint
 
     # Killed while saving its first checkpoint (step 3): a half-written one is none; it starts over.
-    half = store.get(lost).run_dir / "checkpoints" / "checkpoint-3"
+    half = run_dir / "checkpoints" / "checkpoint-3"
     half.mkdir(parents=True)
     (half / "adapter_model.safetensors").write_bytes(b"")
+    runs.write_progress(run_dir, 3, 18, None)
     with sqlite3.connect(store.path) as db:
-        db.execute("UPDATE jobs SET step = 3, state = 'interrupted' WHERE id = ?", (lost,))
+        db.execute("UPDATE jobs SET state = 'interrupted' WHERE id = ?", (lost,))
     assert not store.resume(lost).resumes_from_checkpoint
     (half / "trainer_state.json").write_text('{"global_step": 3}')  # the Trainer writes it last
     with sqlite3.connect(store.path) as db:
@@ -282,7 +290,9 @@ def test_cli_submit_prints_the_id_last_and_manages_the_job(tiny_model_dir, chat_
 
 
 # --- real workers and training -----------------------------------------------------------------------
-def test_two_jobs_run_one_at_a_time_in_order_and_succeed(service, tiny_model_dir, chat_file):
+def test_two_jobs_run_one_at_a_time_in_order_and_succeed(
+    service, tiny_model_dir, chat_file, monkeypatch, capsys
+):
     store = service.store
     first = store.submit(make_recipe(tiny_model_dir, chat_file, name="first"))
     second = store.submit(make_recipe(tiny_model_dir, chat_file, name="second", max_steps=3))
@@ -308,6 +318,18 @@ def test_two_jobs_run_one_at_a_time_in_order_and_succeed(service, tiny_model_dir
     assert a.metrics["tokens_per_second"] > 0 and a.eta_seconds is None
     assert a.adapter_dir == a.run_dir / "adapter" and (a.adapter_dir / "lora_studio.json").is_file()
     assert "adapter saved to" in store.read_log(first)[0]
+    # The run index in the worker's studio home lists both jobs' runs, under their job ids.
+    monkeypatch.setenv("LORA_STUDIO_HOME", str(store.home))
+    assert main(["runs", "list", "--json"]) == 0
+    listed = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert {first, second} <= set(listed)
+    assert (listed[first]["name"], listed[first]["state"], listed[first]["step"]) == ("first", "succeeded", 6)
+    assert (
+        listed[first]["folder"] == str(a.run_dir)
+        and listed[first]["best_val_loss"] == a.metrics["best_val_loss"]
+    )
+    assert main(["adapters", "list", "--json"]) == 0
+    assert {first, second} <= {r["id"] for r in json.loads(capsys.readouterr().out)}
 
 
 def test_cancel_stops_a_running_job_at_a_checkpoint_and_a_queued_one_never_starts(

@@ -305,7 +305,7 @@ def test_train_chat_and_download_through_the_api(ui_server: dict, tmp_path: Path
     assert job_id in [row[0] for row in table["data"]]
     assert plot is not None  # the loss curve had points
 
-    adapter = ui_server["home"] / "runs" / job_id / "adapter"
+    adapter = ui_server["home"] / "runs" / f"api-run-{job_id}" / "adapter"
     summary, recipe = client.predict(str(adapter), api_name="/describe_adapter")
     assert str(adapter) in summary and "train_loss" in summary.replace(" ", "_") and "r: 4" in recipe
     reply = client.submit("Repeat: word3", [], [], f"adapter:{adapter}", True, "", 24, 0, api_name="/chat")

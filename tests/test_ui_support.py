@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapter_helpers import index_run
 from safetensors.torch import save_file
 
 from lora_studio.config import ModelSettings
@@ -120,12 +121,13 @@ def test_adapter_archive_refuses_an_incomplete_adapter(tmp_path: Path, studio_ho
 
 
 # --- lists that skip a damaged entry and say so ------------------------------------------------------
-def test_adapter_list_skips_a_damaged_adapter_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_adapter_list_skips_a_damaged_adapter_and_says_so(tmp_path: Path):
     from ui.common import trained_adapters
 
-    monkeypatch.chdir(tmp_path)
     good = adapter_folder(tmp_path / "runs", "good", "base-a")
     (adapter_folder(tmp_path / "runs", "broken", "base-a") / "lora_studio.json").unlink()
+    for name in ("good", "broken"):
+        index_run(tmp_path / "runs" / name, name)
     with pytest.warns(
         UserWarning, match=r"Not listed: a damaged adapter .*broken/adapter has no lora_studio.json"
     ):
@@ -133,33 +135,24 @@ def test_adapter_list_skips_a_damaged_adapter_and_says_so(tmp_path: Path, monkey
     assert [a.folder for a in listed] == [good.resolve()]
 
 
-def test_adapter_list_survives_an_unreadable_job_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from lora_studio.errors import JobError
-    from lora_studio.jobs import JobStore
+def test_adapter_list_survives_a_damaged_job_store_and_index_entry(tmp_path: Path, studio_home: Path):
     from ui.common import trained_adapters
 
-    def broken(self, *args, **kwargs):
-        raise JobError("the job store jobs.sqlite is damaged")
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(JobStore, "list", broken)
+    (studio_home / "jobs.sqlite").write_bytes(b"not an SQLite database\n" * 100)  # not read at all
     good = adapter_folder(tmp_path / "runs", "good", "base-a")
-    with pytest.warns(
-        UserWarning, match="Not listed: the adapters of finished jobs .*jobs.sqlite is damaged"
-    ):
-        assert [a.folder for a in trained_adapters()] == [good.resolve()]
+    index_run(good.parent, "good")
+    (studio_home / "index" / "torn.json").write_text('{"id": "torn", "fol')  # cut short by hand
+    assert [a.folder for a in trained_adapters()] == [good.resolve()]
 
 
-def test_a_deleted_adapter_is_left_out_quietly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_a_deleted_adapter_is_left_out_quietly(tmp_path: Path):
+    import shutil
     import warnings
-    from types import SimpleNamespace
 
-    from lora_studio.jobs import JobStore
     from ui.common import trained_adapters
 
-    gone = SimpleNamespace(adapter_dir=str(tmp_path / "deleted" / "adapter"), name="old", id="j1")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(JobStore, "list", lambda self, *a, **k: [gone])
+    index_run(adapter_folder(tmp_path / "runs", "old", "base-a").parent, "old")
+    shutil.rmtree(tmp_path / "runs" / "old" / "adapter")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert trained_adapters() == []

@@ -165,32 +165,27 @@ def dataset_choices() -> list[tuple[str, str]]:
 @dataclass(frozen=True)
 class TrainedAdapter:
     folder: Path
-    label: str  # what pickers show: run name, job id, when
+    label: str  # what pickers show: run name, run id (a job's id), when
     base_model: str
-    job_id: str | None
+    run_id: str
     metadata: dict[str, Any]
 
 
 def trained_adapters() -> list[TrainedAdapter]:
-    """Finished adapters, newest first: those of succeeded jobs, then any under ./runs (CLI runs).
+    """Finished adapters, newest first: every succeeded run in the run index, wherever its folder is
+    (a CLI run from any folder, `accelerate launch`, a job, this UI).
 
-    A damaged entry (unreadable job store, adapter folder with missing or broken files) is left
-    out and named in a warning; the rest are still listed. A deleted adapter is left out quietly.
+    A damaged adapter (missing or broken files) is left out and named in a warning; the rest are
+    still listed. A deleted adapter is left out quietly.
     """
+    from lora_studio import runs
     from lora_studio.adapters import read_metadata
-    from lora_studio.jobs import JobStore
 
     found: dict[Path, TrainedAdapter] = {}
     skipped: list[str] = []
-    try:
-        jobs = JobStore().list(states=["succeeded"])
-    except LoraStudioError as e:
-        jobs, skipped = [], [f"the adapters of finished jobs ({e})"]
-    candidates = [(j.adapter_dir, j.name, j.id) for j in jobs if j.adapter_dir]
-    candidates += [(p, p.parent.name, None) for p in sorted(Path("runs").glob("*/adapter"))]
-    for folder, name, job_id in candidates:
-        folder = Path(folder).resolve()
-        if folder in found:
+    for run in runs.list_runs():
+        folder = (run.folder / runs.ADAPTER).resolve()
+        if run.state != "succeeded" or folder in found:
             continue
         try:
             meta = read_metadata(folder)
@@ -199,8 +194,8 @@ def trained_adapters() -> list[TrainedAdapter]:
                 skipped.append(f"a damaged adapter ({e})")
             continue
         when = str(meta.get("created_at", ""))[:16].replace("T", " ")
-        label = f"{name} ({job_id}, {when})" if job_id else f"{name} (runs/{folder.parent.name}, {when})"
-        found[folder] = TrainedAdapter(folder, label, str(meta.get("base_model", "?")), job_id, meta)
+        label = f"{run.name} ({run.id}, {when})"
+        found[folder] = TrainedAdapter(folder, label, str(meta.get("base_model", "?")), run.id, meta)
     say_skipped(skipped)
     return sorted(found.values(), key=lambda a: str(a.metadata.get("created_at", "")), reverse=True)
 

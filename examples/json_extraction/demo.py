@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         "step 1/2: training %s on %s (run folder %s)",
         recipe.model.base_model,
         recipe.data.train_file,
-        recipe.output_dir,
+        recipe.train.output_dir or "a fresh one under $LORA_STUDIO_HOME/runs",
     )
     result = train(recipe)
     m = result.metrics

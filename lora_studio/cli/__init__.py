@@ -16,7 +16,7 @@ from ..errors import LoraStudioError
 from ..remote_code import REMOTE_CODE_FLAG, allow_remote_code
 
 # Command groups, in the order `--help` lists them.
-GROUPS = ["train", "eval", "jobs", "ui", "use", "classify", "bench"]
+GROUPS = ["train", "runs", "eval", "jobs", "ui", "use", "classify", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

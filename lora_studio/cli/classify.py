@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+from .runs import adapter_arg
 
 if TYPE_CHECKING:
     from ..classifier import Classifier
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "into --out (.csv or .jsonl). When the file has a label column, accuracy, macro F1 and "
         "per-class scores are printed (and written with a confusion matrix to --scores-dir).",
     )
-    p.add_argument("adapter", help="a classification adapter folder (e.g. runs/NAME/adapter)")
+    p.add_argument("adapter", type=adapter_arg, help="a classification adapter folder, or a run name or id")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
     p.add_argument("--file", help="a data file to classify row by row")
     p.add_argument("--out", help="where to write the file's predictions (.csv or .jsonl)")

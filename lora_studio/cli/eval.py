@@ -11,6 +11,7 @@ import argparse
 import json
 
 from ..metrics import METRICS
+from .runs import adapter_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Answer a test file's prompts with the base and the adapter, score both, and write "
         "eval/report.md, report.json, examples.jsonl and plots beside the adapter.",
     )
-    p.add_argument("adapter", help="an adapter folder, or a run folder with adapter/ inside")
+    p.add_argument(
+        "adapter",
+        type=adapter_arg,
+        help="an adapter folder, a run folder with adapter/ inside, or a run name or id",
+    )
     p.add_argument("--data", required=True, help="the test file: rows never used in training")
     p.add_argument(
         "--base",

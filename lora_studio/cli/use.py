@@ -11,6 +11,7 @@ from typing import Any
 from ..config import DEFAULT_BASE_MODEL
 from ..errors import ConfigError
 from . import add_remote_code_flag
+from .runs import adapter_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Chat in the terminal. Type /reset to start over, /exit (or Ctrl-D) to leave.",
     )
     p.add_argument(
-        "adapter", nargs="?", help="an adapter folder (e.g. runs/NAME/adapter); omit to chat with --base"
+        "adapter",
+        nargs="?",
+        type=adapter_arg,
+        help="an adapter folder, or a run name or id (`lora-studio adapters list`); omit to chat with --base",
     )
     p.add_argument(
         "--base", default=None, help=f"base model when no adapter is given (default {DEFAULT_BASE_MODEL})"
@@ -35,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_chat)
 
     p = sub.add_parser("merge", help="merge an adapter into its base: a standalone model folder, verified")
-    p.add_argument("adapter", help="an adapter folder")
+    p.add_argument("adapter", type=adapter_arg, help="an adapter folder, or a run name or id")
     p.add_argument("--out", required=True, help="the folder to write")
     p.add_argument(
         "--dtype",
@@ -48,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_merge)
 
     p = sub.add_parser("export", help="export the merged model as a GGUF file (llama.cpp, Ollama), verified")
-    p.add_argument("adapter", help="an adapter folder")
+    p.add_argument("adapter", type=adapter_arg, help="an adapter folder, or a run name or id")
     p.add_argument("--format", default="gguf", choices=["gguf"], help="the file format (gguf)")
     p.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="weight format in the file")
     p.add_argument("--out", required=True, help="the .gguf file to write")
@@ -62,7 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Serve the base model and adapters at /v1/models and /v1/chat/completions. "
         "Each adapter is PATH or NAME=PATH; `model` in a request picks one (or the base).",
     )
-    p.add_argument("adapters", nargs="*", metavar="ADAPTER", help="adapter folders, optionally as NAME=PATH")
+    p.add_argument(
+        "adapters", nargs="*", metavar="ADAPTER", help="adapter folders or run names, optionally as NAME=PATH"
+    )
     p.add_argument("--base", default=None, help="the base model (default: the first adapter's)")
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
@@ -102,7 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the GGUF export and the server, reports any divergence, and checks the adapter's answers "
         "differ from the base's. Targets not given are made in a temporary folder.",
     )
-    p.add_argument("adapter", help="an adapter folder")
+    p.add_argument("adapter", type=adapter_arg, help="an adapter folder, or a run name or id")
     p.add_argument("--merged", help="an existing merged folder to check (default: merge now)")
     p.add_argument("--gguf", help="an existing GGUF file to check (default: export now)")
     p.add_argument(
@@ -218,6 +224,7 @@ def run_export(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from ..access import read_secret
     from ..inference import InferenceEngine, adapter_name
+    from ..runs import adapter_folder
     from ..serve import API_KEY_ENV, check_exposure, model_ids, run_server
     from ..serve_classify import load_classifiers, run_classify_server, split_adapters
 
@@ -230,8 +237,9 @@ def run_serve(args: argparse.Namespace) -> int:
     names, paths = [], []
     for spec in args.adapters:
         name, sep, path = spec.partition("=")
+        path = str(adapter_folder(path if sep else spec))  # a folder, or a run name or id
         if not sep:
-            name, path = adapter_name(spec), spec
+            name = adapter_name(path)
         names.append(name)
         paths.append(path)
     names, paths, classifier_paths = split_adapters(names, paths)  # task: classify -> POST /v1/classify
