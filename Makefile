@@ -23,8 +23,9 @@ test: $(STAMP)
 	scripts/install-browser.sh $(PY)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Everything in-process: no real SmolLM2, browser, servers, workers or CLI processes.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not browser" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not browser and not subprocess" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -4,21 +4,29 @@ An adapter folder holds PEFT's `adapter_model.safetensors` and `adapter_config.j
 tokenizer, and `lora_studio.json` (base model and its content hash, the resolved recipe, data
 fingerprint, final metrics, library versions). It is written under a temporary name and renamed
 into place, so a folder with `lora_studio.json` is always complete.
+
+    adapted = load_adapted("runs/support/adapter")   # its base (as trained), hash-checked, PEFT-wrapped
+    adapted.model, adapted.tokenizer, adapted.metadata
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
+import warnings
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import LoraSettings
+from .config import DEFAULT_BASE_MODEL, LoraSettings, ModelSettings
 from .errors import ConfigError, ModelError
 from .files import move_into_place, settle_folder, temp_folder
+from .models import BaseModelRef, load_base, load_tokenizer, model_fingerprint
+from .remote_code import check_remote_code
 
 METADATA_FILE = "lora_studio.json"
 
@@ -78,9 +86,24 @@ def attach_lora(model: Any, settings: LoraSettings, gradient_checkpointing: bool
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     try:
-        return get_peft_model(model, peft_config(settings, model))
+        with peft_deprecations_hidden():
+            return get_peft_model(model, peft_config(settings, model))
     except ValueError as e:  # e.g. a target module name the model does not have
         raise ConfigError(f"cannot attach LoRA with these settings: {e}") from None
+
+
+@contextlib.contextmanager
+def peft_deprecations_hidden() -> Any:
+    """Around PEFT's wrapping of a model: PEFT reads `model.is_gradient_checkpointing`, which
+    transformers 5 deprecated, a warning nobody using LoRA Studio can act on. Only that one is hidden."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message="`is_gradient_checkpointing` is deprecated",
+            category=FutureWarning,
+            module="transformers.modeling_utils",
+        )
+        yield
 
 
 # --- adapter folders ---------------------------------------------------------------------------
@@ -184,3 +207,82 @@ def check_safetensors_complete(path: Path) -> None:
         raise ModelError(
             f"{path} is truncated or damaged ({size} bytes, its header describes {expected}). {_RECOVER}"
         )
+
+
+# --- an adapter on its base --------------------------------------------------------------------
+@dataclass
+class Adapted:
+    """An adapter folder put on the base it was trained on: a PEFT model and what came with it."""
+
+    model: Any  # peft.PeftModel; `model.disable_adapter()` gives the plain base
+    tokenizer: Any
+    ref: BaseModelRef
+    metadata: dict[str, Any]
+    folder: Path
+
+
+def load_adapted(adapter: str | Path, *, full_precision: bool = False) -> Adapted:
+    """The base an adapter was trained on, loaded as its recipe said, with the adapter applied.
+
+    `full_precision` loads the base unquantized in float32, whatever it was trained on (QLoRA
+    too): what merging needs. The tokenizer is the one saved with the adapter when there is one.
+    Refuses (ModelError) a base asking to run its own code, and base weights other than those the
+    adapter was trained on.
+    """
+    folder = Path(adapter).expanduser()
+    meta = read_metadata(folder)
+    settings = base_settings(meta, adapter, full_precision=full_precision)
+    base, base_tokenizer, ref = load_base(settings, f"adapter {adapter}")
+    model = apply_adapter(base, folder, meta, ref, settings.base_model)
+    has_tokenizer = (folder / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(folder) if has_tokenizer else base_tokenizer
+    return Adapted(model, tokenizer, ref, meta, folder)
+
+
+def apply_adapter(base: Any, folder: Path, meta: dict[str, Any], ref: BaseModelRef, base_label: str) -> Any:
+    """Wrap a loaded base in the adapter of `folder` (a PeftModel), once its base hash is checked."""
+    from peft import PeftModel
+
+    check_adapter_base(folder, meta, model_fingerprint(ref.folder), base_label)
+    try:
+        with peft_deprecations_hidden():
+            return PeftModel.from_pretrained(base, str(folder))
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise ModelError(f"cannot load adapter {folder}: {e}") from None
+
+
+def check_adapter_base(folder: Path, meta: dict[str, Any], base_hash: str, base_label: str) -> None:
+    """Refuse an adapter whose recorded base weights hash differs from the base it is put on."""
+    expected = meta.get("base_model_hash")
+    if expected != base_hash:
+        raise ModelError(
+            f"adapter {folder} was trained on base model {meta.get('base_model')!r} "
+            f"(weights hash {str(expected)[:12]}), but it is being put on {base_label!r} "
+            f"(hash {base_hash[:12]}). Use it with its own base model ({meta.get('base_model')!r}) "
+            "or retrain it on this one."
+        )
+
+
+def base_settings(
+    metadata: dict[str, Any], adapter: str | Path = "this adapter", full_precision: bool = False
+) -> ModelSettings:
+    """The base model settings an adapter was trained with, read from its metadata; with
+    `full_precision`, unquantized in float32 (what merging and checking a merge need).
+
+    An adapter is data: if it asks for the base's own code to run (`trust_remote_code`), it is
+    refused here, before any loading, unless the operator allowed it (see remote_code).
+    """
+    recorded = dict((metadata.get("recipe") or {}).get("model") or {})
+    known = {f.name for f in fields(ModelSettings)}
+    recorded = {k: v for k, v in recorded.items() if k in known}
+    recorded["base_model"] = metadata.get("base_model") or recorded.get("base_model") or DEFAULT_BASE_MODEL
+    settings = ModelSettings(**recorded)
+    check_remote_code(settings, f"adapter {adapter}")
+    return replace(settings, quantization="none", dtype="float32") if full_precision else settings
+
+
+def adapter_name(folder: str | Path) -> str:
+    """A default name for an adapter folder: its run's name when the folder is `<run>/adapter`."""
+    path = Path(folder).expanduser().resolve()
+    name = path.parent.name if path.name == "adapter" else path.name
+    return re.sub(r"[^A-Za-z0-9._:-]", "-", name).strip("-.") or "adapter"

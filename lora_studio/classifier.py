@@ -18,16 +18,16 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .adapters import read_metadata
+from .adapters import apply_adapter, base_settings, read_metadata
 from .config import LoraSettings, ModelSettings
 from .errors import ConfigError, ModelError
-from .models import BaseModelRef, load_tokenizer, model_fingerprint, pick_device, pick_dtype, resolve_base
+from .models import BaseModelRef, load_tokenizer, pick_device, pick_dtype, resolve_base
 from .models import quantization_config as bnb_config
 from .remote_code import check_remote_code
 
@@ -116,7 +116,7 @@ def attach_classification_lora(
     """LoRA on the body (the top `layers` blocks if set) and the head trained in full."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from .adapters import peft_config
+    from .adapters import peft_config, peft_deprecations_hidden
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
@@ -126,7 +126,8 @@ def attach_classification_lora(
     # PEFT's SEQ_CLS task adds the head ("score" or "classifier") to modules_to_save itself.
     config.modules_to_save = [m for m in settings.modules_to_save or [] if m not in HEAD_NAMES] or None
     try:
-        return get_peft_model(model, config)
+        with peft_deprecations_hidden():
+            return get_peft_model(model, config)
     except ValueError as e:
         raise ConfigError(f"cannot attach LoRA with these settings: {e}") from None
 
@@ -180,10 +181,6 @@ class Classifier:
     @classmethod
     def from_adapter(cls, adapter_dir: str | Path, model_settings: ModelSettings | None = None) -> Classifier:
         """The base an adapter was trained on, loaded as it was (or as `model_settings` say), with the adapter."""
-        from peft import PeftModel
-
-        from .inference import base_settings, check_adapter_base
-
         folder = Path(adapter_dir).expanduser().resolve()
         meta = require_classifier(folder)
         labels = labels_of(meta, folder)
@@ -194,11 +191,7 @@ class Classifier:
             else resolve_base(settings.base_model).folder
         )
         model, ref = load_classification_base(settings, labels, tokenizer.pad_token_id)
-        check_adapter_base(folder, meta, model_fingerprint(ref.folder), settings.base_model)
-        try:
-            peft = PeftModel.from_pretrained(model, str(folder))
-        except (ValueError, KeyError, RuntimeError, OSError) as e:
-            raise ModelError(f"cannot load adapter {folder}: {e}") from None
+        peft = apply_adapter(model, folder, meta, ref, settings.base_model)
         max_length = int(((meta.get("recipe") or {}).get("data") or {}).get("max_length") or 512)
         return cls(peft, tokenizer, labels, max_length, str(folder))
 
@@ -261,6 +254,4 @@ class Classifier:
 
 def float32_settings(metadata: dict[str, Any]) -> ModelSettings:
     """The adapter's base settings, unquantized in float32: what merging and checking need."""
-    from .inference import base_settings
-
-    return replace(base_settings(metadata), quantization="none", dtype="float32")
+    return base_settings(metadata, full_precision=True)

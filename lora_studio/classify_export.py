@@ -239,7 +239,7 @@ def _check_server(
 ) -> None:
     import httpx
 
-    from .inference import adapter_name
+    from .adapters import adapter_name
 
     name = model or adapter_name(adapter_dir)
     with contextlib.ExitStack() as stack:

@@ -37,6 +37,8 @@ from .training import (
     _step_of,
     _tokens_per_second,
     _use_gradient_checkpointing,
+    mute_printed_logs,
+    owns_console,
 )
 
 log = logging.getLogger(__name__)
@@ -124,9 +126,9 @@ def build_classifier_trainer(
     early = (
         [EarlyStoppingCallback(t.early_stopping_patience)] if has_val and t.early_stopping_patience else []
     )
-    return Trainer(
+    trainer = Trainer(
         model=model,
-        args=training_arguments(recipe, model, has_val),
+        args=training_arguments(recipe, model, has_val, quiet=owns_console(callbacks)),
         train_dataset=rows(data.train),
         eval_dataset=rows(data.val) if has_val else None,
         data_collator=DataCollatorWithPadding(tokenizer),
@@ -135,10 +137,14 @@ def build_classifier_trainer(
         compute_metrics=lambda prediction: eval_scores(prediction, data.label_map),
         callbacks=[MetricsLog(run_dir, skip_first_eval=resuming), *early, *callbacks],
     )
+    return mute_printed_logs(trainer)
 
 
-def training_arguments(recipe: Recipe, model: Any, has_val: bool) -> Any:
-    """The one place the Trainer's settings are chosen for a classifier (the chat twin is in training)."""
+def training_arguments(recipe: Recipe, model: Any, has_val: bool, quiet: bool = False) -> Any:
+    """The one place the Trainer's settings are chosen for a classifier (the chat twin is in training).
+
+    `quiet`: a progress display owns the console, so the Trainer draws no bars of its own.
+    """
     from transformers import TrainingArguments
 
     t, run_dir = recipe.train, recipe.output_dir
@@ -169,8 +175,10 @@ def training_arguments(recipe: Recipe, model: Any, has_val: bool) -> Any:
         bf16="bfloat16" in dtype and device != "cpu",
         fp16="float16" in dtype and "bfloat16" not in dtype,
         use_cpu=device == "cpu",
-        gradient_checkpointing=_use_gradient_checkpointing(recipe),
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # activation_*: transformers 5's names (gradient_checkpointing* are deprecated)
+        activation_checkpointing=_use_gradient_checkpointing(recipe),
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        disable_tqdm=True if quiet else None,
         train_sampling_strategy="group_by_length",  # less padding per batch
         include_num_input_tokens_seen="non_padding",
         label_names=["labels"],

@@ -4,15 +4,20 @@ A YAML file, `--set key=value` overrides and the web form all become one `Recipe
 help text is written once here and reused by the CLI and the UI. Field names follow PEFT and
 transformers where one exists, and are unique across sections so `--set max_steps=3` needs no
 section prefix (`--set train.max_steps=3` works too).
+
+    recipe = Recipe.load("recipes/smollm2-lora-cpu.yaml", ["max_steps=20"])  # or a dict, or a Recipe
+    recipe.replace(max_steps=3, layers=None)                                  # checked again
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +36,10 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 DataFormat = Literal["auto", "messages", "alpaca", "prompt_completion", "text"]
 Speedup = Literal["cache", "label_only", "bf16"]
 Task = Literal["chat", "classify"]
+# Choices of commands beyond the recipe, here so that the CLI's --help imports nothing heavy.
+GgufQuant = Literal["f16", "q8_0"]
+VerifyTarget = Literal["merged", "gguf", "server"]
+Baseline = Literal["scratch"]
 TASK_HELP = (
     "What to train: 'chat' teaches the model to write answers; 'classify' keeps the pretrained body, "
     "puts a new head sized to the labels on it and trains it to pick one label per text."
@@ -213,6 +222,15 @@ class Recipe:
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
+    def load(cls, source: Recipe | dict[str, Any] | str | Path, overrides: Sequence[str] = ()) -> Recipe:
+        """A recipe from a YAML file, a raw mapping or a Recipe, with `key=value` overrides applied."""
+        if isinstance(source, Recipe):
+            return cls.from_dict(apply_overrides(source.to_dict(), list(overrides))) if overrides else source
+        if isinstance(source, dict):
+            return cls.from_dict(apply_overrides(source, list(overrides)))
+        return cls.from_yaml(source, list(overrides))
+
+    @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "recipe") -> Recipe:
         """Build and validate a recipe; every problem is reported in one ConfigError."""
         if not isinstance(raw, dict):
@@ -268,9 +286,21 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def replace(self, **overrides: Any) -> Recipe:
-        """A copy with plain-name overrides applied, e.g. `recipe.replace(max_steps=3)`."""
-        return Recipe.from_dict(apply_overrides(self.to_dict(), [f"{k}={v!r}" for k, v in overrides.items()]))
+    def replace(self, **changes: Any) -> Recipe:
+        """A copy with settings changed by plain name, e.g. `recipe.replace(max_steps=3, layers=None)`.
+
+        Each section is copied with `dataclasses.replace`, then the whole recipe is checked again.
+        """
+        top = {key: changes.pop(key) for key in ("name", "task") if key in changes}
+        by_section: dict[str, dict[str, Any]] = {}
+        for key, value in changes.items():
+            section = field_section(key)
+            if section is None:
+                all_names = [f.name for kind in SECTIONS.values() for f in fields(kind)]
+                raise ConfigError(_unknown(key, ["name", "task", *all_names], "setting"))
+            by_section.setdefault(section, {})[key] = value
+        sections = {s: dataclasses.replace(getattr(self, s), **v) for s, v in by_section.items()}
+        return Recipe.from_dict(dataclasses.replace(self, **top, **sections).to_dict())
 
     @property
     def output_dir(self) -> Path:
@@ -340,6 +370,18 @@ def field_section(name: str) -> str | None:
         if name in {f.name for f in fields(kind)}:
             return section
     return None
+
+
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    """The `--set KEY=VALUE` option of every command that takes a recipe (read by `Recipe.load`)."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe setting, e.g. --set max_steps=10 (repeatable)",
+    )
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -15,9 +15,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .adapters import METADATA_FILE, read_metadata
+from .adapters import METADATA_FILE, adapter_name, read_metadata
 from .home import studio_home
-from .inference import adapter_name
 
 # Weights barely compress and are large: store them as they are, deflate the small text files.
 _STORED_SUFFIXES = (".safetensors", ".gguf", ".bin")

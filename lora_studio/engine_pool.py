@@ -18,9 +18,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from .adapters import read_metadata
+from .adapters import adapter_name, base_settings, read_metadata
 from .config import ModelSettings
-from .inference import InferenceEngine, adapter_name, base_settings
+from .inference import InferenceEngine
 
 
 class EnginePool:

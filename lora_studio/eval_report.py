@@ -17,14 +17,16 @@ import logging
 import math
 import shutil
 import tempfile
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .adapters import METADATA_FILE, read_metadata
+from .adapters import METADATA_FILE, load_adapted, read_metadata
+from .config import Baseline
 from .data import load_examples
 from .errors import DataError, ModelError
-from .evaluate import Comparison, Side, answer_side, compare_with_base, load_adapted, split_prompt
+from .evaluate import Comparison, Side, answer_side, compare_with_base, split_prompt
 from .files import move_into_place
 from .overfit import warning_lines
 
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("scratch",)
+BASELINES = typing.get_args(Baseline)
 # What each check can and cannot tell: printed under every report.
 CAVEATS = [
     "Generation scores are greedy answers to the test prompts: they show what the model writes, but a "
@@ -236,7 +238,8 @@ def run_eval(opts: EvalOptions) -> EvalReport:
     max_length = int(
         ((read_metadata(adapter_dir).get("recipe") or {}).get("data") or {}).get("max_length", 512)
     )
-    model, tokenizer = load_adapted(adapter_dir)
+    adapted = load_adapted(adapter_dir)
+    model, tokenizer = adapted.model, adapted.tokenizer
     settings = {
         "max_new_tokens": opts.max_new_tokens,
         "batch_size": opts.batch_size,
@@ -250,14 +253,14 @@ def run_eval(opts: EvalOptions) -> EvalReport:
         from .forgetting import forgetting_report
 
         forgetting = forgetting_report(model, tokenizer, adapter_dir, run_dir, opts.checkpoints)
-    del model
+    del model, adapted
     if opts.baseline == "scratch":
         from .baseline import train_scratch
 
         scratch_dir = train_scratch(adapter_dir, out_dir.with_name(f"{out_dir.name}-scratch"))
-        scratch, scratch_tokenizer = load_adapted(scratch_dir)
+        scratch = load_adapted(scratch_dir)
         comparison.sides["scratch"] = answer_side(
-            "scratch", scratch, scratch_tokenizer, examples, comparison.metric, **settings
+            "scratch", scratch.model, scratch.tokenizer, examples, comparison.metric, **settings
         )
     report = EvalReport(
         adapter_dir, run_dir, str(opts.data), comparison, out_dir,

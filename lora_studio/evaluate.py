@@ -2,8 +2,8 @@
 
     answers = generate_answers(model, tokenizer, [prompt_messages, ...])     # greedy, batched
     fit = base_fit(model, tokenizer, examples)        # mean loss on the answer tokens (teacher-forced)
-    model, tokenizer = load_adapted(adapter_dir)      # the adapter on the base it was trained on
-    comparison = compare_with_base(model, tokenizer, test_examples)   # base vs adapter, same prompts
+    adapted = load_adapted(adapter_dir)               # (adapters) the adapter on the base it was trained on
+    comparison = compare_with_base(adapted.model, adapted.tokenizer, test_examples)  # base vs adapter
 
 Scoring answers against references is `metrics`; the `eval` command's report is `eval_report`;
 the fit check of a base before training is `fit`.
@@ -19,14 +19,13 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .data import IGNORE_INDEX, Example, encode
 from .errors import DataError
-from .inference import stop_token_ids
+from .generation import GenerationSettings, stop_token_ids
 from .metrics import Score, choose_metric, score
 
 log = logging.getLogger(__name__)
@@ -59,6 +58,7 @@ def generate_answers(
     order = sorted(range(len(prompts)), key=lambda i: len(json.dumps(prompts[i])))
     answers: list[str] = [""] * len(prompts)
     stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    greedy = GenerationSettings(max_new_tokens=max_new_tokens).check()
     device = next(model.parameters()).device
     was_training, old_side = model.training, tokenizer.padding_side
     model.eval()
@@ -76,13 +76,9 @@ def generate_answers(
             inputs = {k: v.to(device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
             out = model.generate(
                 **inputs,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
+                **greedy.generate_kwargs(),
                 eos_token_id=stops,
                 pad_token_id=tokenizer.pad_token_id,
-                temperature=None,
-                top_p=None,
-                top_k=None,
             )
             new_tokens = out[:, inputs["input_ids"].shape[1] :]
             for i, text in zip(
@@ -195,23 +191,6 @@ class Comparison:
     @property
     def adapter(self) -> Side:
         return self.sides["adapter"]
-
-
-def load_adapted(adapter_dir: str | Path) -> tuple[Any, Any]:
-    """The base an adapter was trained on, loaded as its recipe said, with the adapter applied.
-
-    Refuses (ModelError) when the base weights differ from those the adapter was trained on.
-    """
-    from peft import PeftModel
-
-    from .adapters import read_metadata
-    from .inference import base_settings, check_adapter_base
-    from .models import load_base, model_fingerprint
-
-    meta = read_metadata(adapter_dir)
-    base, tokenizer, ref = load_base(base_settings(meta, adapter_dir))
-    check_adapter_base(Path(adapter_dir), meta, model_fingerprint(ref.folder), ref.name)
-    return PeftModel.from_pretrained(base, str(adapter_dir)), tokenizer
 
 
 def answer_budget(tokenizer: Any, references: Sequence[str], cap: int = 256) -> int:

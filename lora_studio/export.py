@@ -27,22 +27,25 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .adapters import read_metadata
+from .adapters import load_adapted, read_metadata
+from .config import GgufQuant
 from .errors import ConfigError, LoraStudioError, ModelError
 from .files import move_into_place, settle_folder, temp_folder
-from .inference import base_settings, check_adapter_base, check_messages, stop_token_ids
-from .models import load_base, load_tokenizer, model_fingerprint
+from .generation import stop_token_ids
+from .inference import check_messages
+from .models import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 MERGE_INFO_FILE = "lora_studio_merge.json"
-GGUF_QUANTS = ("f16", "q8_0")
+GGUF_QUANTS = typing.get_args(GgufQuant)
 # Largest allowed |logit difference|, as a share of the reference logits' largest magnitude.
 # float32 differs only by summation order; 16-bit and 8-bit weights round each weight by ~2^-11
 # and ~2^-8 of its size. Measured on SmolLM2 with an adapter (largest logit ~38): merged float32
@@ -162,8 +165,6 @@ def merge_adapter(
 
 def merge_into(adapter_dir: Path, folder: Path, *, dtype: str = "auto") -> tuple[MergeReport, Reference]:
     """Merge into an existing empty `folder` and check it; raises ModelError if the check fails."""
-    from peft import PeftModel
-
     start = time.time()
     meta = read_metadata(adapter_dir)
     if meta.get("task") == "classify":
@@ -172,15 +173,9 @@ def merge_into(adapter_dir: Path, folder: Path, *, dtype: str = "auto") -> tuple
             "use `lora-studio merge` for a standalone transformers classifier"
         )
     # Always merge into full-precision weights, whatever the adapter was trained on (QLoRA too).
-    settings = replace(base_settings(meta, adapter_dir), quantization="none", dtype="float32")
-    base, base_tokenizer, ref = load_base(settings)
-    check_adapter_base(adapter_dir, meta, model_fingerprint(ref.folder), settings.base_model)
-    has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(adapter_dir) if has_tokenizer else base_tokenizer
-    try:
-        peft = PeftModel.from_pretrained(base, str(adapter_dir))
-    except (ValueError, KeyError, RuntimeError, OSError) as e:
-        raise ModelError(f"cannot load adapter {adapter_dir}: {e}") from None
+    adapted = load_adapted(adapter_dir, full_precision=True)
+    peft, tokenizer, ref, base_model = adapted.model, adapted.tokenizer, adapted.ref, meta["base_model"]
+    base = peft.get_base_model()
     peft.eval()
     conversations = check_conversations(meta)
     stop_ids = stop_token_ids(tokenizer, base.generation_config)
@@ -197,14 +192,14 @@ def merge_into(adapter_dir: Path, folder: Path, *, dtype: str = "auto") -> tuple
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     merged.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    del merged, peft, base
+    del merged, peft, base, adapted
 
     check = check_model_folder(
         folder, reference, "merged vs unmerged adapter", str(save_dtype).split(".")[-1]
     )
     info = {
         "adapter": str(adapter_dir),
-        "base_model": settings.base_model,
+        "base_model": base_model,
         "base_model_hash": meta.get("base_model_hash"),
         "adapter_metadata": {k: meta.get(k) for k in ("created_at", "data_fingerprint", "metrics")},
         "dtype": str(save_dtype).split(".")[-1],
@@ -214,7 +209,7 @@ def merge_into(adapter_dir: Path, folder: Path, *, dtype: str = "auto") -> tuple
     (folder / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
     if not check.passed:
         raise ModelError(f"the merged model does not match the adapter, so it was not saved: {check.line()}")
-    report = MergeReport(folder, settings.base_model, info["dtype"], check, time.time() - start)
+    report = MergeReport(folder, base_model, info["dtype"], check, time.time() - start)
     return report, reference
 
 

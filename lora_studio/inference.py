@@ -3,7 +3,7 @@
     engine = InferenceEngine("smollm2-135m-instruct")          # or a ModelSettings
     engine.load_adapter("support", "runs/support/adapter")     # -> AdapterInfo; refused if trained on another base
     engine.adapter_names()                                      # ["support"]
-    for piece in engine.stream_chat(messages, adapter="support", max_new_tokens=128):
+    for piece in engine.stream_chat(messages, adapter="support", max_new_tokens=128):  # or a GenerationSettings
         print(piece, end="", flush=True)                        # text as it is produced
     engine.chat(messages)                                       # the base model's whole answer (adapter=None)
 
@@ -13,8 +13,8 @@
     engine = InferenceEngine.from_adapters(["runs/a/adapter", "runs/b/adapter"])  # base read from the adapters
 
 `messages` are OpenAI-style dicts: {"role": "system"|"user"|"assistant", "content": str}. Generation
-settings: max_new_tokens, temperature (0 = greedy, the default, so answers are reproducible), top_p,
-seed (makes sampling reproducible). Generation stops at the tokenizer's EOS, the generation config's
+settings are a `generation.GenerationSettings` (max_new_tokens, temperature: 0 = greedy, the default,
+so answers are reproducible; top_p; seed), or single fields of it as keywords. Generation stops at the tokenizer's EOS, the generation config's
 EOS ids and the chat template's end-of-turn token (see `stop_token_ids`). Bad messages or settings
 raise RequestError before anything runs; an unknown adapter or one trained on another base raises
 ModelError. Closing a stream early (or `reply.cancel()`) stops its generation at the next token.
@@ -34,23 +34,21 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .adapters import read_metadata
+from .adapters import adapter_name, base_settings, check_adapter_base, peft_deprecations_hidden, read_metadata
 from .config import DEFAULT_BASE_MODEL, ModelSettings
 from .errors import ModelError, RequestError
+from .generation import GenerationSettings, stop_token_ids
 from .models import load_base, model_fingerprint
-from .remote_code import check_remote_code
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
-DEFAULT_MAX_NEW_TOKENS = 256
-MIN_TEMPERATURE = 1e-3  # the smallest positive temperature sampling takes
 
 
 @dataclass(frozen=True)
@@ -60,44 +58,6 @@ class AdapterInfo:
     name: str
     path: Path
     metadata: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How to sample a reply. temperature 0 means greedy (deterministic)."""
-
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def problems(self) -> list[str]:
-        out = []
-        if (
-            not isinstance(self.max_new_tokens, int)
-            or isinstance(self.max_new_tokens, bool)
-            or self.max_new_tokens < 1
-        ):
-            out.append(f"max_new_tokens: expected a positive integer, got {self.max_new_tokens!r}")
-        # a temperature near 0 divides the logits into inf/nan: below MIN_TEMPERATURE, ask for 0 (greedy)
-        if not _is_number(self.temperature) or not (
-            self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 2
-        ):
-            out.append(
-                f"temperature: expected 0 (greedy) or a number from {MIN_TEMPERATURE} to 2, "
-                f"got {self.temperature!r}"
-            )
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            out.append(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (
-            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -(2**63) <= self.seed < 2**63
-        ):
-            out.append(f"seed: expected a 64-bit integer, got {self.seed!r}")
-        return out
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class Generation:
@@ -243,10 +203,11 @@ class InferenceEngine:
         self._check_base(folder, meta)
         with self._lock:
             try:
-                if self._peft is None:
-                    self._peft = PeftModel.from_pretrained(self._base, str(folder), adapter_name=name)
-                else:
-                    self._peft.load_adapter(str(folder), adapter_name=name)
+                with peft_deprecations_hidden():
+                    if self._peft is None:
+                        self._peft = PeftModel.from_pretrained(self._base, str(folder), adapter_name=name)
+                    else:
+                        self._peft.load_adapter(str(folder), adapter_name=name)
             except (ValueError, KeyError, RuntimeError, OSError) as e:
                 raise ModelError(f"cannot load adapter {folder}: {e}") from None
             self._peft.eval()
@@ -302,43 +263,39 @@ class InferenceEngine:
         self,
         messages: Sequence[dict[str, Any]],
         adapter: str | None = None,
-        *,
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
+        settings: GenerationSettings | None = None,
+        **fields: Any,
     ) -> Generation:
-        """Start generating a reply in a background thread and return it as a `Generation`."""
+        """Start generating a reply in a background thread and return it as a `Generation`.
+
+        `fields` override single settings, e.g. `engine.start(messages, max_new_tokens=64)`.
+        """
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-        gen_settings = GenerationSettings(max_new_tokens, temperature, top_p, seed)
-        problems = gen_settings.problems()
-        if problems:
-            raise RequestError("; ".join(problems))
+        settings = replace(settings or GenerationSettings(), **fields).check()
         if adapter is not None:
             self.adapter_info(adapter)
         input_ids = self.encode_chat(messages)
         prompt_len = input_ids.shape[1]
-        if self.context_length and prompt_len + max_new_tokens > self.context_length:
+        if self.context_length and prompt_len + settings.max_new_tokens > self.context_length:
             raise RequestError(
-                f"the prompt is {prompt_len} tokens and max_new_tokens is {max_new_tokens}: together they "
-                f"exceed the model's context of {self.context_length} tokens; shorten the chat or ask for fewer"
+                f"the prompt is {prompt_len} tokens and max_new_tokens is {settings.max_new_tokens}: together "
+                f"they exceed the model's context of {self.context_length} tokens; shorten the chat or ask for fewer"
             )
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         reply = Generation(streamer, prompt_len, adapter)
         kwargs = {
             "input_ids": input_ids,
             "attention_mask": torch.ones_like(input_ids),
-            "max_new_tokens": max_new_tokens,
             "streamer": streamer,
             "eos_token_id": self.stop_ids,
             "pad_token_id": self.tokenizer.pad_token_id,
             "stopping_criteria": StoppingCriteriaList([reply._should_stop]),
-            **sampling_kwargs(gen_settings),
+            **settings.generate_kwargs(),
         }
         thread = threading.Thread(
             target=self._generate,
-            args=(reply, kwargs, gen_settings.seed),
+            args=(reply, kwargs, settings.seed),
             daemon=True,
             name=f"generate-{adapter or 'base'}",
         )
@@ -369,32 +326,21 @@ class InferenceEngine:
         self,
         messages: Sequence[dict[str, Any]],
         adapter: str | None = None,
-        *,
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
+        settings: GenerationSettings | None = None,
+        **fields: Any,
     ) -> Iterator[str]:
         """The reply's text, piece by piece as it is generated (adapter None: the base model)."""
-        reply = self.start(
-            messages, adapter, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
-        )
-        yield from reply
+        yield from self.start(messages, adapter, settings, **fields)
 
     def chat(
         self,
         messages: Sequence[dict[str, Any]],
         adapter: str | None = None,
-        *,
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
+        settings: GenerationSettings | None = None,
+        **fields: Any,
     ) -> str:
         """The whole reply as one string."""
-        return self.start(
-            messages, adapter, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
-        ).wait()
+        return self.start(messages, adapter, settings, **fields).wait()
 
     def logits(self, input_ids: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
         """Next-token logits at every position (float32, on the CPU), for checks and comparisons."""
@@ -423,82 +369,3 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
             raise RequestError(f"messages[{i}].content: expected a string, got {type(content).__name__}")
         checked.append({"role": role, "content": content})
     return checked
-
-
-def sampling_kwargs(settings: GenerationSettings) -> dict[str, Any]:
-    """`generate` arguments for these settings; greedy decoding when temperature is 0."""
-    if settings.temperature == 0:
-        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    return {
-        "do_sample": True,
-        "temperature": float(settings.temperature),
-        "top_p": float(settings.top_p),
-        "top_k": None,
-    }
-
-
-def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
-    """Every token that ends a reply: the generation config's EOS ids, the tokenizer's EOS and the
-    chat template's end-of-turn token (what the template writes right after an assistant message).
-
-    Models whose EOS differs from their end-of-turn token (e.g. `</s>` vs `<|eot_id|>`) otherwise
-    run on past the answer; including both is what keeps generation from running away.
-    """
-    ids: list[int] = []
-    configured = getattr(generation_config, "eos_token_id", None)
-    for token_id in configured if isinstance(configured, (list, tuple)) else [configured]:
-        if token_id is not None and token_id not in ids:
-            ids.append(int(token_id))
-    for token_id in (tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)):
-        if token_id is not None and token_id not in ids:
-            ids.append(int(token_id))
-    return ids
-
-
-def end_of_turn_token_id(tokenizer: Any) -> int | None:
-    """The special token the chat template writes right after an assistant's message, if any."""
-    marker = "L0RA-STUDIO-END-MARKER"
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
-        )
-    except Exception:  # a template that refuses this shape: fall back to the EOS ids alone
-        return None
-    after = text.split(marker, 1)[-1] if marker in text else ""
-    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []
-    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
-    return ids[0] if ids and ids[0] in special else None
-
-
-def check_adapter_base(folder: Path, meta: dict[str, Any], base_hash: str, base_label: str) -> None:
-    """Refuse an adapter whose recorded base weights hash differs from the base it is put on."""
-    expected = meta.get("base_model_hash")
-    if expected != base_hash:
-        raise ModelError(
-            f"adapter {folder} was trained on base model {meta.get('base_model')!r} "
-            f"(weights hash {str(expected)[:12]}), but it is being put on {base_label!r} "
-            f"(hash {base_hash[:12]}). Use it with its own base model ({meta.get('base_model')!r}) "
-            "or retrain it on this one."
-        )
-
-
-def base_settings(metadata: dict[str, Any], adapter: str | Path = "this adapter") -> ModelSettings:
-    """The base model settings an adapter was trained with, read from its metadata.
-
-    An adapter is data: if it asks for the base's own code to run (`trust_remote_code`), it is
-    refused here, before any loading, unless the operator allowed it (see remote_code).
-    """
-    recorded = dict((metadata.get("recipe") or {}).get("model") or {})
-    known = {f.name for f in fields(ModelSettings)}
-    recorded = {k: v for k, v in recorded.items() if k in known}
-    recorded["base_model"] = metadata.get("base_model") or recorded.get("base_model") or DEFAULT_BASE_MODEL
-    settings = ModelSettings(**recorded)
-    check_remote_code(settings, f"adapter {adapter}")
-    return settings
-
-
-def adapter_name(folder: str | Path) -> str:
-    """A default name for an adapter folder: its run's name when the folder is `<run>/adapter`."""
-    path = Path(folder).expanduser().resolve()
-    name = path.parent.name if path.name == "adapter" else path.name
-    return re.sub(r"[^A-Za-z0-9._:-]", "-", name).strip("-.") or "adapter"

@@ -204,7 +204,7 @@ def start_chat(
         refuse_classifier(classifiers, parse_body(raw))
     chat = parse_chat_request(raw, engine, prompt_chars)
     try:
-        return chat, engine.start(chat.messages, chat.adapter, **chat.settings)
+        return chat, engine.start(chat.messages, chat.adapter, chat.settings)
     except RequestError as e:  # the engine's names, in the API's words
         message, param = engine_error_message(str(e))
         raise APIError(400, message, param=param) from None

@@ -24,7 +24,8 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 
-from .inference import DEFAULT_MAX_NEW_TOKENS, InferenceEngine
+from .generation import DEFAULT_MAX_NEW_TOKENS, GenerationSettings
+from .inference import InferenceEngine
 
 BASE_ALIAS = "base"
 MAX_JSON_DEPTH = 32  # a chat request is about 5 deep; anything far deeper is an attack or a bug
@@ -67,7 +68,7 @@ class ChatRequest:
     model: str  # the id the client asked for, echoed in the answer
     adapter: str | None  # None: the base model
     messages: list[dict[str, Any]]
-    settings: dict[str, Any]  # the engine's generation settings (max_new_tokens, temperature, ...)
+    settings: GenerationSettings  # unchecked: the engine checks the ranges when it starts
     stream: bool
     include_usage: bool
 
@@ -197,12 +198,12 @@ def parse_chat_request(raw: bytes, engine: InferenceEngine, max_prompt_chars: in
     _check_prompt_size(messages, max_prompt_chars)
     max_tokens = _field(body, "max_completion_tokens")
     max_tokens = _field(body, "max_tokens") if max_tokens is None else max_tokens
-    settings = {  # the engine's GenerationSettings checks the ranges
-        "max_new_tokens": DEFAULT_MAX_NEW_TOKENS if max_tokens is None else max_tokens,
-        "temperature": _field(body, "temperature", 0.0),
-        "top_p": _field(body, "top_p", 1.0),
-        "seed": _field(body, "seed"),
-    }
+    settings = GenerationSettings(  # the engine checks the ranges
+        max_new_tokens=DEFAULT_MAX_NEW_TOKENS if max_tokens is None else max_tokens,
+        temperature=_field(body, "temperature", 0.0),
+        top_p=_field(body, "top_p", 1.0),
+        seed=_field(body, "seed"),
+    )
     stream = _field(body, "stream", False)  # null means false, as in OpenAI's API
     return ChatRequest(model, adapter, messages, settings, stream, bool(options.get("include_usage")))
 

@@ -62,7 +62,8 @@ def train(
 ) -> RunResult:
     """Fine-tune a LoRA adapter as the recipe says and return where it was written.
 
-    `callbacks` are extra transformers TrainerCallbacks (the job service stops runs with one). With `resume`, training continues from the run folder's last whole checkpoint.
+    `callbacks` are extra transformers TrainerCallbacks (the job service stops runs with one; `progress.ProgressDisplay` draws the console in place of the Trainer's own).
+    With `resume`, training continues from the run folder's last whole checkpoint.
     `fence()` is entered around every write to the run folder except the Trainer's checkpoints;
     it raises TrainingCancelled when this run may no longer write (its job attempt was superseded).
     """
@@ -179,7 +180,9 @@ def build_trainer(
         bf16="bfloat16" in dtype and device != "cpu",
         fp16="float16" in dtype and "bfloat16" not in dtype,
         use_cpu=device == "cpu",
-        gradient_checkpointing=_use_gradient_checkpointing(recipe),
+        # transformers 5's name for gradient_checkpointing (the old one warns of its deprecation)
+        activation_checkpointing=_use_gradient_checkpointing(recipe),
+        disable_tqdm=True if owns_console(callbacks) else None,  # None: the Trainer's default
         max_length=recipe.data.max_length,
         packing=False,
         train_sampling_strategy="group_by_length",  # less padding per batch
@@ -205,8 +208,8 @@ def build_trainer(
         *callbacks,
     ]
     if fast is not None:
-        return fast.trainer(args, tokenizer, callbacks)
-    return SFTTrainer(
+        return mute_printed_logs(fast.trainer(args, tokenizer, callbacks))
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in data.train]),
@@ -214,6 +217,21 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    return mute_printed_logs(trainer)
+
+
+def owns_console(callbacks: Sequence[Any]) -> bool:
+    """A callback draws the console itself (progress.ProgressDisplay): the Trainer's bars go."""
+    return any(getattr(cb, "owns_console", False) for cb in callbacks)
+
+
+def mute_printed_logs(trainer: Any) -> Any:
+    """With `disable_tqdm` the Trainer prints its raw log dicts instead of bars: drop that too."""
+    from transformers import PrinterCallback
+
+    if trainer.args.disable_tqdm and owns_console(trainer.callback_handler.callbacks):
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def _balanced(recipe: Recipe, tokenizer: Any, has_val: bool) -> list[Any]:

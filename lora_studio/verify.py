@@ -24,6 +24,7 @@ import socket
 import tempfile
 import threading
 import time
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,8 @@ from typing import Any, Literal
 
 import torch
 
-from .adapters import read_metadata
+from .adapters import adapter_name, read_metadata
+from .config import VerifyTarget
 from .errors import LoraStudioError
 from .export import (
     RELATIVE_TOLERANCE,
@@ -41,7 +43,8 @@ from .export import (
     merge_adapter,
     prompt_part,
 )
-from .inference import InferenceEngine, adapter_name, check_messages
+from .generation import GenerationSettings
+from .inference import InferenceEngine, check_messages
 from .models import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -114,7 +117,7 @@ def verify(
     server_url: str | None = None,
     server_model: str | None = None,
     api_key: str | None = None,
-    targets: Sequence[str] = ("merged", "gguf", "server"),
+    targets: Sequence[str] = typing.get_args(VerifyTarget),
     quant: str = "f16",
     prompts: Sequence[Sequence[dict[str, str]]] | None = None,
     max_new_tokens: int = 32,
@@ -190,7 +193,7 @@ def verify(
 def _engine_answer(
     engine: InferenceEngine, prompt: list[dict[str, str]], adapter: str | None, n: int
 ) -> Answer:
-    reply = engine.start(prompt, adapter, max_new_tokens=n, temperature=0.0)
+    reply = engine.start(prompt, adapter, GenerationSettings(max_new_tokens=n))  # greedy
     text = reply.wait()
     return Answer(engine.encode_chat(prompt)[0].tolist(), reply.token_ids, text, reply.finish_reason or "")
 
@@ -306,11 +309,7 @@ def _compare_local(
         out = target.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
+            **GenerationSettings(max_new_tokens=max_new_tokens).generate_kwargs(),  # greedy
             eos_token_id=target.stop_ids,
             pad_token_id=target.stop_ids[0],
         )

@@ -9,7 +9,7 @@ import logging
 import sys
 
 from lora_studio import LoraStudioError, Recipe, train
-from lora_studio.cli import add_overrides
+from lora_studio.config import add_set_argument
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,12 +17,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("recipe", help="a YAML recipe")
-    add_overrides(parser)
+    add_set_argument(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        result = train(Recipe.from_yaml(args.recipe, args.overrides), resume=args.resume)
+        result = train(Recipe.load(args.recipe, args.overrides), resume=args.resume)
     except LoraStudioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

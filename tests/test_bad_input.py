@@ -137,6 +137,7 @@ def test_the_report_says_when_a_row_was_counted_only_up_to_its_cut(tmp_path, tok
     )
 
 
+@pytest.mark.subprocess
 def test_data_check_of_one_60_mb_line_stays_small(tmp_path, tiny_model_dir):
     """Tokenising the whole line took 8.7 GiB; cut first, the check peaks near 0.5 GiB (bound: 1.5 GiB)."""
     big = tmp_path / "big.jsonl"
@@ -208,6 +209,7 @@ def test_train_with_bad_data_exits_2_and_writes_no_run_folder(tmp_path, tiny_mod
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.subprocess
 def test_the_real_command_prints_no_traceback(tmp_path, tiny_model_dir):
     path = write(tmp_path, "d.csv", b"prompt,completion\ncaf\xe9,b\n")
     proc = subprocess.run(

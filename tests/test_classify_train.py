@@ -116,6 +116,7 @@ def test_a_4bit_base_trains_with_a_full_precision_head_and_merges(tmp_path: Path
     assert report.check.passed
 
 
+@pytest.mark.subprocess
 def test_accelerate_launch_two_processes_trains_a_classifier(tiny_model_dir: Path, tmp_path: Path):
     import os
     import subprocess

@@ -146,6 +146,7 @@ def server(
         proc.wait(timeout=15)
 
 
+@pytest.mark.subprocess
 def test_v1_classify_answers_labels_and_probabilities(server: str, classifier_dir: Path):
     expected = Classifier.from_adapter(classifier_dir).predict(TEXTS)
     response = httpx.post(f"{server}/v1/classify", json={"model": "toy", "input": TEXTS}, timeout=60)
@@ -159,6 +160,7 @@ def test_v1_classify_answers_labels_and_probabilities(server: str, classifier_di
     assert [row["label"] for row in one["data"]] == ["city"]
 
 
+@pytest.mark.subprocess
 def test_v1_classify_refuses_bad_requests(server: str):
     cases = [
         ({"model": "toy", "input": []}, 400, "input"),
@@ -172,6 +174,7 @@ def test_v1_classify_refuses_bad_requests(server: str):
         assert words in response.json()["error"]["message"]
 
 
+@pytest.mark.subprocess
 def test_chat_endpoint_refuses_a_classifier_but_still_chats(server: str):
     body = {"model": "toy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     response = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.subprocess  # every test runs the command as a real process
+
 CLI = [sys.executable, "-m", "lora_studio.cli"]
 
 
@@ -36,11 +38,27 @@ def test_train_with_plain_name_overrides(recipe_file, tmp_path):
         f"output_dir={out}",
         "--set",
         "train.eval_every_steps=1",
+        "--set",
+        "logging_steps=1",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"adapter: {out / 'adapter'}" in proc.stdout
     assert (out / "adapter/adapter_model.safetensors").is_file()
     assert "max_steps: 2" in (out / "config.yaml").read_text()
+    # the console (not a terminal here): plain progress lines and a summary, none of the Trainer's
+    # raw dicts, bars or deprecation warnings
+    assert "step 2/2  eta " in proc.stderr and "step 2/2  val loss " in proc.stderr
+    assert f"try it:  lora-studio chat {out / 'adapter'} --compare" in proc.stdout
+    assert "best val loss " in proc.stdout
+    output = proc.stdout + proc.stderr
+    assert "{'loss'" not in output and "\r" not in output and "Warning" not in output, output[-2000:]
+
+
+def test_train_verbose_shows_the_trainers_own_output(recipe_file, tmp_path):
+    out = tmp_path / "run"
+    proc = run("-v", "train", recipe_file, "--set", "max_steps=1", "--set", f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "{'eval_loss'" in proc.stdout and "train_loss: " in proc.stdout  # as before the progress display
 
 
 @pytest.mark.parametrize(

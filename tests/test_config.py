@@ -20,6 +20,29 @@ def test_defaults_and_plain_name_overrides():
     assert (changed.train.max_steps, changed.lora.r, changed.output_dir) == (3, 8, Path("/tmp/x"))
 
 
+def test_replace_sets_none_and_checks_the_copy_again():
+    recipe = Recipe.from_dict({"name": "a", "data": {"train_file": "d.jsonl"}, "lora": {"layers": 2}})
+    plain = recipe.replace(layers=None, name="b", learning_rate=1e-3)  # None used to be read as "None"
+    assert (plain.lora.layers, plain.name, plain.train.learning_rate, plain.lora.r) == (None, "b", 1e-3, 16)
+    assert recipe.lora.layers == 2  # the original is unchanged
+    with pytest.raises(ConfigError, match="layers: must be at least 1"):
+        recipe.replace(layers=0)
+    with pytest.raises(ConfigError, match="max_steps: expected an integer"):
+        recipe.replace(max_steps="ten")
+    with pytest.raises(ConfigError, match="unknown setting 'layer'; did you mean 'layers'"):
+        recipe.replace(layer=None)
+
+
+def test_load_takes_a_file_a_mapping_or_a_recipe_with_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("data:\n  train_file: d.jsonl\n")
+    from_file = Recipe.load(path, ["max_steps=4"])
+    assert (from_file.name, from_file.train.max_steps) == ("r", 4)
+    assert Recipe.load(from_file.to_dict(), ["r=4"]).lora.r == 4
+    assert Recipe.load(from_file) is from_file
+    assert Recipe.load(from_file, ["layers=1"]).lora.layers == 1
+
+
 def test_all_problems_are_reported_together_with_suggestions():
     with pytest.raises(ConfigError) as err:
         Recipe.from_dict(

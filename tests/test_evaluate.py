@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_studio.adapters import load_adapted
 from lora_studio.data import Example, encode, load_examples
 from lora_studio.errors import DataError
 from lora_studio.evaluate import (
@@ -17,7 +18,6 @@ from lora_studio.evaluate import (
     base_fit,
     compare_with_base,
     generate_answers,
-    load_adapted,
     split_prompt,
 )
 from lora_studio.models import load_tokenizer
@@ -172,7 +172,8 @@ def test_compare_with_base_uses_the_same_weights_with_the_adapter_off(tiny_recip
 
     _, examples = load_examples(data)
     examples = examples[:4]
-    model, tokenizer = load_adapted(result.adapter_dir)
+    adapted = load_adapted(result.adapter_dir)
+    model, tokenizer = adapted.model, adapted.tokenizer
     comparison = compare_with_base(model, tokenizer, examples, max_new_tokens=5, batch_size=4)
     assert comparison.metric == "json"  # chosen from the references
 

@@ -117,6 +117,7 @@ def gguf_adapter(gguf_ready_model_dir, tmp_path_factory) -> Path:
     return build_adapter(gguf_ready_model_dir, tmp_path_factory.mktemp("gguf-adapter") / "adapter", seed=3)
 
 
+@pytest.mark.subprocess  # llama.cpp's converter runs as a process
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
 def test_gguf_export_matches_the_adapter_when_read_back(gguf_ready_model_dir, gguf_adapter, tmp_path, quant):
     from gguf import GGUFReader
@@ -141,6 +142,7 @@ def test_gguf_export_matches_the_adapter_when_read_back(gguf_ready_model_dir, gg
     assert error <= report.check.tolerance and error < (got - base).abs().max().item() / 4
 
 
+@pytest.mark.subprocess  # llama.cpp's converter runs as a process
 def test_gguf_export_of_a_tokenizer_llama_cpp_does_not_know_is_a_clear_error(tiny_adapters, tmp_path):
     with pytest.raises(ModelError, match="converter failed.*does not know this model's tokenizer"):
         export_gguf(tiny_adapters["alpha"], tmp_path / "model.gguf")
@@ -165,6 +167,7 @@ def test_cli_merge_prints_the_check(tiny_adapters, tmp_path, capsys):
     )  # exists: one-line error
 
 
+@pytest.mark.subprocess  # llama.cpp's converter runs as a process
 def test_cli_export_reports_a_converter_failure_in_one_line(tiny_adapters, tmp_path, capsys):
     from lora_studio.cli import main
 

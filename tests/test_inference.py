@@ -10,8 +10,10 @@ import pytest
 import torch
 from adapter_helpers import build_constant_model, edit_json
 
+from lora_studio.adapters import adapter_name
 from lora_studio.errors import ModelError, RequestError
-from lora_studio.inference import InferenceEngine, adapter_name, stop_token_ids
+from lora_studio.generation import GenerationSettings, stop_token_ids
+from lora_studio.inference import InferenceEngine
 
 PROMPT = [{"role": "user", "content": "Repeat: word3"}]
 N = 12  # tokens per answer: enough to tell the random adapters apart
@@ -174,6 +176,20 @@ def test_names_must_be_new_and_simple(engine, tiny_adapters):
 def test_bad_requests_are_refused_before_generating(engine, messages, settings, message):
     with pytest.raises(RequestError, match=message):
         engine.start(messages, **settings)
+
+
+def test_one_generation_settings_object_or_single_fields(engine):
+    sampled = GenerationSettings(max_new_tokens=N, temperature=1.0, top_p=0.9, seed=3)
+    assert engine.chat(PROMPT, "alpha", sampled) == engine.chat(
+        PROMPT, "alpha", max_new_tokens=N, temperature=1.0, top_p=0.9, seed=3
+    )
+    greedy = "".join(engine.stream_chat(PROMPT, "alpha", sampled, temperature=0))  # a field overrides
+    assert greedy == engine.chat(PROMPT, "alpha", max_new_tokens=N)
+    assert sampled.generate_kwargs() == {
+        "max_new_tokens": N, "do_sample": True, "temperature": 1.0, "top_p": 0.9, "top_k": None
+    }  # fmt: skip
+    with pytest.raises(RequestError, match="max_new_tokens: .*; top_p: "):  # every problem at once
+        GenerationSettings(max_new_tokens=0, top_p=2).check()
 
 
 def test_unknown_adapter_is_a_model_error_naming_the_loaded_ones(engine):

@@ -27,6 +27,8 @@ from lora_studio.cli import main
 from lora_studio.errors import ConfigError, DataError, JobError
 from lora_studio.jobs import JobStore
 
+pytestmark = pytest.mark.subprocess  # real worker and job processes
+
 
 def make_recipe(model_dir: Path, data_file: Path, name: str = "tiny-job", **train: object) -> dict:
     return {

@@ -53,9 +53,9 @@ def asking_adapter(evil_base: Path, tmp_path: Path) -> Path:
 
 
 def _loaders(tmp_path: Path) -> dict[str, object]:
+    from lora_studio.adapters import load_adapted
     from lora_studio.downloads import merged_archive
     from lora_studio.engine_pool import EnginePool
-    from lora_studio.evaluate import load_adapted
     from lora_studio.export import export_gguf, merge_adapter
     from lora_studio.inference import InferenceEngine
     from lora_studio.verify import verify

@@ -18,6 +18,8 @@ import pytest
 from lora_studio.inference import InferenceEngine
 from lora_studio.verify import free_port
 
+pytestmark = pytest.mark.subprocess  # a real `lora-studio serve` process
+
 KEY = "test-key-123"
 PROMPT = [{"role": "user", "content": "Repeat: word3"}]
 N = 10

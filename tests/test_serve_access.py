@@ -69,6 +69,7 @@ def test_serve_checks_its_limits(capsys, bad):
     assert bad[0] in serve(capsys, *bad)
 
 
+@pytest.mark.subprocess
 def test_the_server_requires_the_key_from_its_key_file(tiny_model_dir, tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text("key-from-a-file\n")
@@ -97,6 +98,7 @@ def test_the_server_requires_the_key_from_its_key_file(tiny_model_dir, tmp_path)
 
 
 # --- the UI ------------------------------------------------------------------------------------
+@pytest.mark.subprocess
 def test_ui_beyond_loopback_without_a_login_is_refused():
     # a subprocess with a timeout: were the check gone, the UI would start and never return
     env = {k: v for k, v in os.environ.items() if k != "LORA_STUDIO_UI_AUTH"}

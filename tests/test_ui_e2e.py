@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.subprocess  # a real `lora-studio ui` process (and its job worker)
+
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "ui"
 BROWSER_ARGS = [
@@ -110,6 +112,29 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
         yield {"url": url, "home": home, "cwd": cwd, "model": tiny_model_dir}
 
 
+@pytest.fixture(scope="module")
+def trained_adapter(ui_server: dict) -> Path:
+    """An adapter of its own for the chat tests: a short run trained as `lora-studio train` would,
+    from the UI's folder and studio home, with the default run folder, so the UI lists it."""
+    from lora_studio import Recipe, train
+
+    data = ui_server["cwd"] / "chat-fixture.jsonl"
+    data.write_text(chat_rows())
+    recipe = Recipe.from_dict(
+        {
+            "name": "e2e-chat",
+            "model": {"base_model": str(ui_server["model"])},
+            "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+            "data": {"train_file": str(data), "max_length": 64},
+            "train": {"max_steps": 4, "per_device_train_batch_size": 4, "eval_every_steps": 2},
+        }
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORA_STUDIO_HOME", str(ui_server["home"]))
+        patch.chdir(ui_server["cwd"])
+        return Path(train(recipe).adapter_dir).resolve()
+
+
 def chat_rows(n: int = 40) -> str:
     rows = [
         {
@@ -193,7 +218,7 @@ def pick_dropdown(page, elem_id: str, text: str) -> None:
 
 @pytest.mark.browser
 @needs_browser
-def test_train_then_chat_in_the_browser(page, ui_server: dict, tmp_path: Path):
+def test_train_in_the_browser(page, ui_server: dict, tmp_path: Path):
     shot(page, "01-data-tab")
     upload(page, "chat.jsonl", chat_rows().encode())
     summary = page.locator("#data-summary")
@@ -229,9 +254,13 @@ def test_train_then_chat_in_the_browser(page, ui_server: dict, tmp_path: Path):
     page.locator('#train-progress [data-state="succeeded"]').wait_for()
     assert "succeeded" in page.locator("#train-jobs").inner_text()
 
+
+@pytest.mark.browser
+@needs_browser
+def test_chat_in_the_browser(trained_adapter: Path, page):
     page.get_by_role("tab", name="Chat").click()
     page.locator("#chat-model input").click()
-    page.get_by_role("option", name="adapter:", exact=False).first.click()
+    page.get_by_role("option", name="e2e-chat", exact=False).first.click()
     page.locator("#chat-message textarea").fill("Repeat: word3")
     page.locator("#chat-send").click()
     assert settled_text(page.locator("#chat-left [data-testid=bot]").last)  # a non-empty streamed answer

@@ -11,6 +11,7 @@ from lora_studio.export import merge_adapter
 from lora_studio.verify import verify
 
 
+@pytest.mark.subprocess  # llama.cpp's converter runs as a process
 def test_verify_finds_merged_gguf_and_server_consistent(gguf_ready_model_dir, tmp_path, capsys):
     from lora_studio.cli import main
 

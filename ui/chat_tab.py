@@ -15,7 +15,8 @@ import gradio as gr
 
 from lora_studio.config import DEFAULT_BASE_MODEL
 from lora_studio.engine_pool import EnginePool
-from lora_studio.inference import DEFAULT_MAX_NEW_TOKENS, InferenceEngine
+from lora_studio.generation import DEFAULT_MAX_NEW_TOKENS
+from lora_studio.inference import InferenceEngine
 
 from .common import shows_errors, trained_adapters
 

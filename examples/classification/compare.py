@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 from lora_studio import Recipe, train
+from lora_studio.adapters import load_adapted
 from lora_studio.classifier import Classifier
 from lora_studio.classify_data import load_labeled
 from lora_studio.classify_metrics import score_predictions
-from lora_studio.cli import add_overrides
-from lora_studio.config import ModelSettings
-from lora_studio.evaluate import generate_answers, load_adapted
+from lora_studio.config import ModelSettings, add_set_argument
+from lora_studio.evaluate import generate_answers
 from lora_studio.models import load_base
 
 HERE = Path(__file__).resolve().parent
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_overrides(parser)
+    add_set_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     head_recipe = Recipe.from_yaml(RECIPE, [f"output_dir={OUT / 'head'}", *args.overrides])
@@ -84,7 +84,8 @@ def chat_lora(head_recipe: Recipe, test: list, labels: list[str]) -> dict:
     raw["data"] = raw["data"] | {"train_file": str(data), "max_length": 128}
     raw["train"] = raw["train"] | {"output_dir": str(OUT / "chat"), "metric_for_best_model": "val_loss"}
     result = train(Recipe.from_dict(raw))
-    model, tokenizer = load_adapted(result.adapter_dir)
+    adapted = load_adapted(result.adapter_dir)
+    model, tokenizer = adapted.model, adapted.tokenizer
     return answer_and_score(model, tokenizer, test, labels, result.metrics["train_runtime_s"])
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from lora_studio import Recipe, RunResult, train
-from lora_studio.cli import add_overrides
+from lora_studio.config import add_set_argument
 from lora_studio.eval_report import EvalOptions, EvalReport, run_eval
 
 HERE = Path(__file__).resolve().parent
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--recipe", default=str(RECIPE), help="the recipe to train (default: %(default)s)")
-    add_overrides(parser)
+    add_set_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     started = time.perf_counter()

@@ -17,6 +17,11 @@ from ..remote_code import REMOTE_CODE_FLAG, allow_remote_code
 
 # Command groups, in the order `--help` lists them.
 GROUPS = ["train", "runs", "eval", "jobs", "ui", "use", "classify", "bench"]
+# Third-party log records a user cannot act on, hidden unless -v: (logger, start of the message).
+KNOWN_NOISE = [
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),  # an optional CPU kernel
+    ("transformers.trainer_utils", "mtime may not be reliable"),  # how the Trainer orders checkpoints
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if not args.verbose:
+        hide_known_noise()  # before anything imports the libraries that log it
     if getattr(args, "trust_remote_code", False):
         allow_remote_code()
     try:
@@ -45,15 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def add_overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe setting, e.g. --set max_steps=10 (repeatable)",
-    )
+def hide_known_noise() -> None:
+    """Hide the log records of KNOWN_NOISE, each by its logger and the start of its message only."""
+    for name, prefix in KNOWN_NOISE:
+        logging.getLogger(name).addFilter(lambda record, p=prefix: not record.getMessage().startswith(p))
 
 
 def add_remote_code_flag(parser: argparse.ArgumentParser) -> None:

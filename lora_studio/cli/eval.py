@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import typing
 
+from ..config import Baseline
 from ..metrics import METRICS
 from .runs import adapter_arg
 
@@ -42,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--baseline",
-        choices=["scratch"],
+        choices=typing.get_args(Baseline),
         default=None,
         help="also train the same recipe on a randomly initialised base and score it "
         "(what the pretrained weights brought; costs one more training run)",

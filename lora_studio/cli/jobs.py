@@ -15,9 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import add_set_argument
 from ..jobs import JOB_STATES, Job, JobStore
 from ..overfit import warning_lines
-from . import add_overrides, add_remote_code_flag
+from . import add_remote_code_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = cmds.add_parser("submit", help="check a recipe and queue it; prints the job id on the last line")
     p.add_argument("recipe", help="a YAML recipe, e.g. recipes/smollm2-lora-cpu.yaml")
-    add_overrides(p)
+    add_set_argument(p)
     p.add_argument("--no-worker", action="store_true", help="only queue it; do not start a worker")
     add_remote_code_flag(p)
     p.set_defaults(run=run_submit)

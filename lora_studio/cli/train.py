@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import SECTIONS, DataSettings, Recipe
+from ..config import SECTIONS, DataSettings, Recipe, add_set_argument
 from ..data import FORMAT_FIELDS
-from . import add_overrides, add_remote_code_flag
+from . import add_remote_code_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("recipe", help="a YAML recipe, e.g. recipes/smollm2-lora-cpu.yaml")
-    add_overrides(p)
+    add_set_argument(p)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     add_remote_code_flag(p)
     p.set_defaults(run=run_train)
@@ -63,13 +63,25 @@ def settings_help() -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """Train with the progress display; `-v` shows everything instead (the Trainer's own output too)."""
+    recipe = Recipe.load(args.recipe, args.overrides)
+    if args.verbose:
+        from ..training import train
+
+        result = train(recipe, resume=args.resume)
+        print(f"adapter: {result.adapter_dir}")
+        for key, value in result.metrics.items():
+            print(f"  {key}: {value}")
+        return 0
+    from transformers.utils import logging as hf_logging
+
+    from ..progress import ProgressDisplay
     from ..training import train
 
-    recipe = Recipe.from_yaml(args.recipe, args.overrides)
-    result = train(recipe, resume=args.resume)
-    print(f"adapter: {result.adapter_dir}")
-    for key, value in result.metrics.items():
-        print(f"  {key}: {value}")
+    hf_logging.disable_progress_bar()  # weight loading and saving bars: the display is the one bar
+    display = ProgressDisplay()
+    result = train(recipe, resume=args.resume, callbacks=[display])
+    print("\n".join(display.summary(result, recipe.task)))
     return 0
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 from collections.abc import Callable
 from typing import Any
 
-from ..config import DEFAULT_BASE_MODEL
+from ..config import DEFAULT_BASE_MODEL, DType, GgufQuant, VerifyTarget
 from ..errors import ConfigError
 from . import add_remote_code_flag
 from .runs import adapter_arg
@@ -44,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=typing.get_args(DType),
         help="saved weight dtype (auto: the base checkpoint's)",
     )
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -54,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export the merged model as a GGUF file (llama.cpp, Ollama), verified")
     p.add_argument("adapter", type=adapter_arg, help="an adapter folder, or a run name or id")
     p.add_argument("--format", default="gguf", choices=["gguf"], help="the file format (gguf)")
-    p.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="weight format in the file")
+    p.add_argument(
+        "--quant", default="f16", choices=typing.get_args(GgufQuant), help="weight format in the file"
+    )
     p.add_argument("--out", required=True, help="the .gguf file to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     add_remote_code_flag(p)
@@ -112,7 +115,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--merged", help="an existing merged folder to check (default: merge now)")
     p.add_argument("--gguf", help="an existing GGUF file to check (default: export now)")
     p.add_argument(
-        "--quant", default="f16", choices=["f16", "q8_0"], help="format of the GGUF made for the check"
+        "--quant",
+        default="f16",
+        choices=typing.get_args(GgufQuant),
+        help="format of the GGUF made for the check",
     )
     p.add_argument("--server", help="URL of a running server to check (default: start one on a free port)")
     p.add_argument("--model", help="model id to ask the server for (default: the adapter's name)")
@@ -121,7 +127,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--skip",
         action="append",
         default=[],
-        choices=["merged", "gguf", "server"],
+        choices=typing.get_args(VerifyTarget),
         help="leave a target out (repeatable)",
     )
     p.add_argument(
@@ -144,7 +150,9 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
 
 # --- chat --------------------------------------------------------------------------------------
 def run_chat(args: argparse.Namespace) -> int:
-    from ..inference import InferenceEngine, adapter_name
+    from ..adapters import adapter_name
+    from ..generation import GenerationSettings
+    from ..inference import InferenceEngine
 
     if args.compare and not args.adapter:
         raise ConfigError("--compare needs an adapter folder to compare with the base")
@@ -153,12 +161,7 @@ def run_chat(args: argparse.Namespace) -> int:
         engine = InferenceEngine.from_adapters([args.adapter], [name], base=args.base)
     else:
         name, engine = None, InferenceEngine(args.base or DEFAULT_BASE_MODEL)
-    settings = {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "seed": args.seed,
-    }
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed).check()
     sides = [("base", None), (name, name)] if args.compare else [(name or engine.base_name, name)]
     system = [{"role": "system", "content": args.system}] if args.system else []
     histories = {label: list(system) for label, _ in sides}
@@ -170,7 +173,7 @@ def run_chat(args: argparse.Namespace) -> int:
             if len(sides) > 1 or sys.stdin.isatty():
                 print(f"[{label}] ", end="", flush=True)
             text = _stream(
-                engine.stream_chat(history, adapter, **settings), lambda s: print(s, end="", flush=True)
+                engine.stream_chat(history, adapter, settings), lambda s: print(s, end="", flush=True)
             )
             print(flush=True)
             history.append({"role": "assistant", "content": text})
@@ -223,7 +226,8 @@ def run_export(args: argparse.Namespace) -> int:
 # --- serve -------------------------------------------------------------------------------------
 def run_serve(args: argparse.Namespace) -> int:
     from ..access import read_secret
-    from ..inference import InferenceEngine, adapter_name
+    from ..adapters import adapter_name
+    from ..inference import InferenceEngine
     from ..runs import adapter_folder
     from ..serve import API_KEY_ENV, check_exposure, model_ids, run_server
     from ..serve_classify import load_classifiers, run_classify_server, split_adapters
@@ -280,7 +284,7 @@ def run_verify(args: argparse.Namespace) -> int:
     from ..verify import verify
 
     prompts = [[{"role": "user", "content": p}] for p in args.prompt] or None
-    targets = [t for t in ("merged", "gguf", "server") if t not in args.skip]
+    targets = [t for t in typing.get_args(VerifyTarget) if t not in args.skip]
     report = verify(
         args.adapter,
         merged_dir=args.merged,
