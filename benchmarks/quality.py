@@ -90,7 +90,8 @@ def evaluate(task: str, candidate: str, out: Path) -> dict:
     """Train one candidate on one task and score its answers to the task's test rows."""
     from lora_studio import Recipe, train
     from lora_studio.data import load_examples
-    from lora_studio.evaluate import generate_answers, load_adapted, split_prompt
+    from lora_studio.adapters import load_adapted
+    from lora_studio.evaluate import generate_answers, split_prompt
 
     folder, scorer, max_new_tokens = TASKS[task]
     overrides = [
@@ -105,8 +106,8 @@ def evaluate(task: str, candidate: str, out: Path) -> dict:
     train_s = time.perf_counter() - started
     _, examples = load_examples(ROOT / folder / "test.jsonl")
     prompts, references = zip(*(split_prompt(e) for e in examples), strict=True)
-    model, tokenizer = load_adapted(result.adapter_dir)
-    answers = generate_answers(model.eval(), tokenizer, list(prompts), max_new_tokens=max_new_tokens)
+    adapted = load_adapted(result.adapter_dir)
+    answers = generate_answers(adapted.model.eval(), adapted.tokenizer, list(prompts), max_new_tokens=max_new_tokens)
     return {
         **scorer(answers, references),
         "train_s": round(train_s, 1),
