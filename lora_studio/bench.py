@@ -44,18 +44,17 @@ RANDOM_MODELS = {
 }  # fmt: skip
 
 
-# Each configuration: (kind, bf16 for TRL / speedups for LoRA Studio, what it is).
+# Each configuration: (kind, TRL's bf16 setting or LoRA Studio's recipe overrides, what it is).
 CONFIGS: dict[str, tuple[str, Any, str]] = {
     "trl": ("trl", None, "plain TRL + PEFT, TRL's defaults (bf16 autocast, gradient checkpointing)"),
     "trl-fp32": ("trl", False, "plain TRL + PEFT, bf16=False (fp32, gradient checkpointing)"),
-    "default": ("studio", "auto", "LoRA Studio's default recipe as shipped"),
-    "studio-plain": ("studio", "none", "the default recipe on the plain path (no speedups)"),
-    "cache": ("studio", ["cache"], "plain path + cached frozen features only"),
-    "label_only": ("studio", ["label_only"], "plain path + label-only logits only"),
-    "bf16": ("studio", ["bf16"], "plain path + bf16 autocast only"),
+    "default": ("studio", {}, "LoRA Studio's default recipe as shipped"),
+    "top16": ("studio", {"layers": 16}, "the default recipe adapting the top 16 blocks, not 8"),
+    "studio-plain": ("studio", {"speedups": "none"}, "the default recipe on the plain path (no speedups)"),
+    "cache": ("studio", {"speedups": ["cache"]}, "plain path + cached frozen features only"),
+    "label_only": ("studio", {"speedups": ["label_only"]}, "plain path + label-only logits only"),
+    "bf16": ("studio", {"speedups": ["bf16"]}, "plain path + bf16 autocast only"),
 }
-
-
 DEFAULT_CONFIGS = ("trl", "trl-fp32", "default")  # the headline; `all` adds each lever on its own
 
 

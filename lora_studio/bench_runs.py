@@ -173,7 +173,7 @@ def run_trl(settings: RunSettings, bf16: bool | None, clock: BenchClock, out: Pa
     trainer.train()
 
 
-def run_studio(settings: RunSettings, speedups: Any, clock: BenchClock, out: Path) -> None:
+def run_studio(settings: RunSettings, changes: dict[str, Any], clock: BenchClock, out: Path) -> None:
     """LoRA Studio's `train()` with its default recipe, on the shared data and budget."""
     from .config import Recipe
     from .training import train
@@ -192,7 +192,7 @@ def run_studio(settings: RunSettings, speedups: Any, clock: BenchClock, out: Pat
         "early_stopping_patience": None,  # the same token budget for every configuration
         "seed": settings.seed,
         "output_dir": str(out),
-        "speedups": speedups,
+        **changes,  # the configuration's own (speedups, layers)
     }
     recipe = Recipe.from_yaml(settings.recipe, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
     train(recipe, callbacks=[clock])
