@@ -42,7 +42,7 @@ def score_labels(answers: Sequence[str], references: Sequence[str]) -> dict[str,
 
 
 def score_extraction(answers: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    from lora_studio.evaluate import score_json
+    from lora_studio.metrics import score_json
 
     result = score_json(answers, references)
     return {"score": result.record_accuracy, "mean_field_accuracy": result.mean_field_accuracy}
@@ -89,8 +89,9 @@ TASKS: dict[str, tuple[str, Callable[..., dict[str, float]], int]] = {
 def evaluate(task: str, candidate: str, out: Path) -> dict:
     """Train one candidate on one task and score its answers to the task's test rows."""
     from lora_studio import Recipe, train
+    from lora_studio.adapters import load_adapted
     from lora_studio.data import load_examples
-    from lora_studio.evaluate import generate_answers, load_adapted, split_prompt
+    from lora_studio.evaluate import generate_answers, split_prompt
 
     folder, scorer, max_new_tokens = TASKS[task]
     overrides = [
@@ -105,8 +106,10 @@ def evaluate(task: str, candidate: str, out: Path) -> dict:
     train_s = time.perf_counter() - started
     _, examples = load_examples(ROOT / folder / "test.jsonl")
     prompts, references = zip(*(split_prompt(e) for e in examples), strict=True)
-    model, tokenizer = load_adapted(result.adapter_dir)
-    answers = generate_answers(model.eval(), tokenizer, list(prompts), max_new_tokens=max_new_tokens)
+    adapted = load_adapted(result.adapter_dir)
+    answers = generate_answers(
+        adapted.model.eval(), adapted.tokenizer, list(prompts), max_new_tokens=max_new_tokens
+    )
     return {
         **scorer(answers, references),
         "train_s": round(train_s, 1),

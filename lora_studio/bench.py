@@ -12,6 +12,7 @@ would prove nothing. Figures are ratios to it, measured in the same run, because
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -19,11 +20,11 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_BASE_MODEL, Recipe
+from .config import DEFAULT_BASE_MODEL, DEFAULT_RECIPE, Recipe
 from .errors import ConfigError
 from .files import atomic_write_text
 
@@ -31,8 +32,8 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "examples" / "json_extraction" / "train.jsonl"
-DEFAULT_RECIPE = ROOT / "recipes" / "smollm2-lora-cpu.yaml"
 MEMORY_GUARD = 0.6  # a run using more than this share of the machine's memory is stopped
+PROBE_STEPS = 8  # steps of each TRL setup that decide which one is the baseline
 EVALS_PER_RUN = 4  # held-out evaluations along each run: the curve for "time to the baseline's loss"
 # Randomly initialised bases for `--model random:NAME` (speed only: with SmolLM2's tokenizer).
 RANDOM_MODELS = {
@@ -43,16 +44,24 @@ RANDOM_MODELS = {
 }  # fmt: skip
 
 
-# Each configuration: (kind, bf16 for TRL / speedups for LoRA Studio, what it is).
+# Each configuration: (kind, TRL's bf16 setting or LoRA Studio's recipe overrides, what it is).
 CONFIGS: dict[str, tuple[str, Any, str]] = {
     "trl": ("trl", None, "plain TRL + PEFT, TRL's defaults (bf16 autocast, gradient checkpointing)"),
     "trl-fp32": ("trl", False, "plain TRL + PEFT, bf16=False (fp32, gradient checkpointing)"),
-    "default": ("studio", "auto", "LoRA Studio's default recipe as shipped"),
-    "studio-plain": ("studio", "none", "the default recipe on the plain path (no speedups)"),
-    "cache": ("studio", ["cache"], "plain path + cached frozen features only"),
-    "label_only": ("studio", ["label_only"], "plain path + label-only logits only"),
-    "bf16": ("studio", ["bf16"], "plain path + bf16 autocast only"),
+    "default": ("studio", {}, "LoRA Studio's default recipe as shipped"),
+    "top16": ("studio", {"layers": 16}, "the default recipe adapting the top 16 blocks, not 8"),
+    "studio-plain": ("studio", {"speedups": "none"}, "the default recipe on the plain path (no speedups)"),
+    "cache": ("studio", {"speedups": ["cache"]}, "plain path + cached frozen features only"),
+    "label_only": ("studio", {"speedups": ["label_only"]}, "plain path + label-only logits only"),
+    "bf16": ("studio", {"speedups": ["bf16"]}, "plain path + bf16 autocast only"),
 }
+DEFAULT_CONFIGS = ("trl", "trl-fp32", "default")  # the headline; `all` adds each lever on its own
+
+
+def config_names(text: str) -> tuple[str, ...]:
+    """`a,b,c` or `all` as configuration names (checked by run_bench)."""
+    names = tuple(c.strip() for c in text.split(",") if c.strip())
+    return tuple(CONFIGS) if names == ("all",) else names
 
 
 @dataclass(frozen=True)
@@ -82,7 +91,8 @@ class BenchOptions:
     epochs: float = 2.0
     max_steps: int = -1  # a positive number caps every run at that many optimizer steps
     threads: int | None = None  # torch threads per run (fewer than cores when the machine is shared)
-    configs: tuple[str, ...] = field(default_factory=lambda: tuple(CONFIGS))
+    configs: tuple[str, ...] = DEFAULT_CONFIGS
+    probe: bool = True  # run only the faster TRL setup in full (see probe_baselines)
 
 
 def run_bench(options: BenchOptions) -> dict[str, Any]:
@@ -99,9 +109,16 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         )
     options.out.mkdir(parents=True, exist_ok=True)
     settings, steps = plan(options)
+    trl = [c for c in options.configs if CONFIGS[c][0] == "trl"]
+    probing = len(trl) > 1 and options.probe
+    runs = len(options.configs) - (len(trl) - 1 if probing else 0)
     results: dict[str, dict[str, Any]] = {}
-    with tqdm(total=steps * len(options.configs), desc="bench", unit="step") as bar:
-        for name in options.configs:
+    with tqdm(
+        total=steps * runs + (PROBE_STEPS * len(trl) if probing else 0), desc="bench", unit="step"
+    ) as bar:
+        if probing:
+            results.update(probe_baselines(trl, settings, bar))
+        for name in (c for c in options.configs if c not in results):
             bar.set_postfix_str(name)
             results[name] = run_child(name, settings, bar)
     machine = describe()
@@ -109,6 +126,25 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
     report = summarize(results, machine, asdict(settings))
     atomic_write_text(options.out / "bench.json", json.dumps(report, indent=2))
     return report
+
+
+def probe_baselines(names: list[str], settings: RunSettings, bar: Any) -> dict[str, dict[str, Any]]:
+    """Run each TRL setup for a few steps; all but the fastest are recorded as probed, not run.
+
+    A full run of each costs as much as the rest of the benchmark; a short one tells which dtype
+    is faster on this machine (bf16 is ~10x slower than fp32 on CPUs without native bf16).
+    """
+    probe = dataclasses.replace(settings, max_steps=PROBE_STEPS, eval_every_steps=10 * PROBE_STEPS)
+    speeds = {}
+    for name in names:
+        bar.set_postfix_str(f"{name} (probe)")
+        speeds[name] = run_child(name, probe, bar).get("tokens_per_s", 0.0)
+    fastest = max(speeds, key=lambda n: speeds[n])
+    return {
+        name: {"skipped": f"{speed:.0f} tokens/s over {PROBE_STEPS} steps, {fastest} {speeds[fastest]:.0f}"}
+        for name, speed in speeds.items()
+        if name != fastest
+    }
 
 
 def plan(options: BenchOptions) -> tuple[RunSettings, int]:
@@ -202,7 +238,7 @@ def _total_memory() -> int:
 
 def summarize(results: dict[str, dict], machine: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     """The report: the baseline (the faster TRL configuration) and every other one, with ratios."""
-    trl = [n for n, r in results.items() if CONFIGS[n][0] == "trl" and "error" not in r]
+    trl = [n for n, r in results.items() if CONFIGS[n][0] == "trl" and "tokens_per_s" in r]
     if not trl:
         raise ConfigError(
             "bench: no TRL baseline finished, so there is nothing to compare with; see the logs"
@@ -211,7 +247,7 @@ def summarize(results: dict[str, dict], machine: dict[str, Any], settings: dict[
     base = results[base_name]
     report: dict[str, Any] = {"baseline": {"config": base_name, **base}}
     report.update({name: {"config": name, **r} for name, r in results.items() if name != base_name})
-    for entry in (e for k, e in report.items() if "error" not in e):
+    for entry in (e for e in report.values() if "tokens_per_s" in e):
         entry.update(
             title=CONFIGS[entry["config"]][2],
             machine=machine,
@@ -252,9 +288,8 @@ def format_table(report: dict[str, Any]) -> str:
         )
     ]
     for entry in (e for k, e in report.items() if k not in ("settings",)):
-        if "error" in entry:
-            rows.append((entry["config"], "failed: " + entry["error"], *[""] * 8))
-            continue
+        if "tokens_per_s" not in entry:
+            continue  # listed under the table
         rows.append(
             (
                 entry["config"] + (" (baseline)" if entry is report["baseline"] else ""),
@@ -278,6 +313,11 @@ def format_table(report: dict[str, Any]) -> str:
             for i, (cell, w) in enumerate(zip(r, widths, strict=True))
         )
         for r in rows
+    ]
+    lines += [
+        f"{e['config']}: " + (f"failed: {e['error']}" if "error" in e else f"not run in full: {e['skipped']}")
+        for k, e in report.items()
+        if k != "settings" and "tokens_per_s" not in e
     ]
     m = report["baseline"]["machine"]
     lines += [

@@ -23,14 +23,17 @@ from transformers import TrainerCallback
 
 from .bench import CONFIGS, RunSettings
 
+SAMPLE_EVERY = 8  # FLOPs are counted on every 8th step only: counting slows a step several-fold
+
 
 class BenchClock(TrainerCallback):
-    """Training time and FLOPs without the evaluations, the held-out loss curve, progress.
+    """Training time without the evaluations, the held-out loss curve, FLOPs per token, progress.
 
-    FLOPs are counted by torch's FlopCounterMode over each span from one step's end to the next
-    (so the feature cache's filling while a batch is collated counts too); a span that ends in an
-    evaluation is dropped. A new counter per span: one kept open for the whole run holds on to
-    tensors (measured on TRL's checkpointed training: memory grew until the kernel killed it).
+    FLOPs are counted by torch's FlopCounterMode over sampled spans, each from one step's end to
+    the next (so the feature cache's filling while a batch is collated counts too). Counting
+    intercepts every operation and slows the span several-fold, so sampled spans are left out of
+    the timed training: tokens/s comes from the others, and FLOPs/s is FLOPs per token (from the
+    samples) times tokens/s. A span that ends in an evaluation is dropped.
     """
 
     def __init__(self, started: float, progress_file: Path):
@@ -41,60 +44,76 @@ class BenchClock(TrainerCallback):
         self.ended: float | None = None
         self.tokens = 0
         self.bf16 = False
-        self.flops = 0.0  # in training, evaluations excluded
-        self._counter: Any = None
+        self.sampled = {"flops": 0.0, "tokens": 0, "seconds": 0.0}  # spans left out of the timing
+        self._span: tuple[Any, float, int] | None = None  # (counter, start time, tokens at start)
 
-    def _count(self, keep: bool, again: bool = True) -> None:
-        """Close the current FLOP counter (adding its count if `keep`) and open the next."""
+    def _close_span(self, state: Any, keep: bool) -> None:
+        if self._span is None:
+            return
+        counter, start, tokens = self._span
+        counter.__exit__(None, None, None)
+        self._span = None
+        if keep:  # a dropped span held an evaluation, whose time eval_s leaves out already
+            self.sampled["seconds"] += time.perf_counter() - start
+            self.sampled["flops"] += counter.get_total_flops()
+            self.sampled["tokens"] += state.num_input_tokens_seen - tokens
+
+    def _open_span(self, state: Any) -> None:
         from torch.utils.flop_counter import FlopCounterMode
 
-        if self._counter is not None:
-            self.flops += self._counter.get_total_flops() if keep else 0
-            self._counter.__exit__(None, None, None)
-        self._counter = FlopCounterMode(display=False) if again else None
-        if self._counter is not None:
-            self._counter.__enter__()
+        if state.global_step % SAMPLE_EVERY == 0:
+            counter = FlopCounterMode(display=False)
+            counter.__enter__()
+            self._span = (counter, time.perf_counter(), state.num_input_tokens_seen)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.bf16 = bool(args.bf16)  # bf16 autocast (or bf16 weights on a GPU): its peak is the yardstick
-        self._count(keep=False)
+        self._open_span(state)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self._count(keep=True)
+        self._close_span(state, keep=True)
         self.progress_file.write_text(f"{state.global_step} {state.max_steps}")
+        self._open_span(state)
 
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kw: Any
     ) -> None:
         if self.ended is not None or not metrics:
             return  # an evaluation after training (a final report) is not part of the run
-        self._count(keep=False)  # the span since the last step's end held only this evaluation
-        runtime = metrics.get("eval_runtime", 0.0)
-        train_s = time.perf_counter() - runtime - self.started - self.eval_s
+        self._close_span(state, keep=False)  # the span since the last step's end held this evaluation
+        self.eval_s += metrics.get("eval_runtime", 0.0)
         self.curve.append(
             {
                 "step": state.global_step,
                 "tokens": state.num_input_tokens_seen,
-                "train_s": train_s,
+                "timed_s": time.perf_counter() - self.started - self.eval_s - self.sampled["seconds"],
+                "sampled_tokens": self.sampled["tokens"],
                 "loss": metrics["eval_loss"],
             }
         )
-        self.eval_s += runtime
+        self._open_span(state)  # sample the next step after all
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._close_span(state, keep=True)
         self.ended = time.perf_counter()
         self.tokens = state.num_input_tokens_seen
-        self._count(keep=True, again=False)
 
     def result(self) -> dict[str, Any]:
-        train_s = (self.ended or time.perf_counter()) - self.started - self.eval_s
+        timed_s = (self.ended or time.perf_counter()) - self.started - self.eval_s - self.sampled["seconds"]
+        tokens_per_s = (self.tokens - self.sampled["tokens"]) / timed_s
+        # a sampled span's time is what its tokens take at the measured speed
+        curve = [
+            {"step": p["step"], "tokens": p["tokens"], "loss": p["loss"],
+             "train_s": round(p["timed_s"] + p["sampled_tokens"] / tokens_per_s, 2)}
+            for p in self.curve
+        ]  # fmt: skip
         return {
-            "train_s": round(train_s, 2),
+            "train_s": round(timed_s + self.sampled["tokens"] / tokens_per_s, 2),
             "tokens": self.tokens,
-            "tokens_per_s": round(self.tokens / train_s, 1),
-            "heldout_loss": self.curve[-1]["loss"] if self.curve else None,
-            "curve": self.curve,
-            "flops": self.flops,
+            "tokens_per_s": round(tokens_per_s, 1),
+            "heldout_loss": curve[-1]["loss"] if curve else None,
+            "curve": curve,
+            "flops_per_token": self.sampled["flops"] / max(1, self.sampled["tokens"]),
         }
 
 
@@ -154,7 +173,7 @@ def run_trl(settings: RunSettings, bf16: bool | None, clock: BenchClock, out: Pa
     trainer.train()
 
 
-def run_studio(settings: RunSettings, speedups: Any, clock: BenchClock, out: Path) -> None:
+def run_studio(settings: RunSettings, changes: dict[str, Any], clock: BenchClock, out: Path) -> None:
     """LoRA Studio's `train()` with its default recipe, on the shared data and budget."""
     from .config import Recipe
     from .training import train
@@ -173,7 +192,7 @@ def run_studio(settings: RunSettings, speedups: Any, clock: BenchClock, out: Pat
         "early_stopping_patience": None,  # the same token budget for every configuration
         "seed": settings.seed,
         "output_dir": str(out),
-        "speedups": speedups,
+        **changes,  # the configuration's own (speedups, layers)
     }
     recipe = Recipe.from_yaml(settings.recipe, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
     train(recipe, callbacks=[clock])
@@ -213,7 +232,7 @@ def run(name: str, settings: RunSettings) -> dict[str, Any]:
         peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
     result = clock.result()
     peak = peak_flops(torch.bfloat16 if clock.bf16 else torch.float32, device)  # now, in the same process
-    flops_per_s = result["flops"] / result["train_s"]
+    flops_per_s = result["flops_per_token"] * result["tokens_per_s"]
     result.update(
         peak_mem_mb=round(peak_mem, 1),
         compute_dtype="bf16" if clock.bf16 else "fp32",

@@ -27,6 +27,8 @@ import yaml
 from .errors import ConfigError
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+# The shipped default recipe (in the source tree): the UI's form starts from its choices.
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-lora-cpu.yaml"
 
 Quantization = Literal["none", "8bit", "4bit"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]

@@ -345,7 +345,7 @@ class FastPath:
             prediction_loss_only=True,
             bf16=args.bf16 or self.levers.bf16,
             # with cached features the top blocks' activations are small: no need to recompute them
-            gradient_checkpointing=args.gradient_checkpointing and not self.levers.cache,
+            activation_checkpointing=args.activation_checkpointing and not self.levers.cache,
         )
 
         def dataset(start: int, stop: int) -> Any:

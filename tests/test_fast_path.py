@@ -269,6 +269,21 @@ def test_levers_that_are_not_exact_here_are_ruled_out_with_one_line_each(
     assert "no native bf16" in caplog.text
     assert fp.choose_levers(tiny_recipe.replace(speedups="none"), model) == fp.Levers()
 
+    caplog.clear()  # its general-text score runs the whole model, which cache and label_only cut short
+    with caplog.at_level(logging.INFO, logger="lora_studio.fast_path"):
+        levers = fp.choose_levers(tiny_recipe.replace(layers=1, select_best="balanced"), model)
+    assert not levers.cache and not levers.label_only and "select_best: balanced" in caplog.text
+
+
+def test_cached_features_turn_activation_checkpointing_off(lora_model, tmp_path):
+    from transformers import TrainingArguments
+
+    model, tokenizer, data = lora_model
+    fast = fp.FastPath(model, fp.Levers(cache=True), tokenizer.pad_token_id, data.train, len(data.train))
+    fast.use_cache(1, "test")
+    args = TrainingArguments(output_dir=str(tmp_path), activation_checkpointing=True, use_cpu=True)
+    assert not fast.trainer(args, tokenizer, []).args.activation_checkpointing  # nothing left to recompute
+
 
 def test_a_fast_loss_that_differs_from_the_plain_one_falls_back_to_the_plain_path(
     lora_model, tiny_recipe, monkeypatch
