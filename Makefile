@@ -33,9 +33,9 @@ lint: $(STAMP)
 ui: $(STAMP)
 	$(VENV)/bin/lora-studio ui
 
-# A short budget (12 steps per configuration); `lora-studio bench` without --max-steps runs 2 epochs.
+# TRL + PEFT against the default recipe, demo data, 2 epochs; `--configs all` adds each lever alone.
 bench: $(STAMP)
-	$(PY) -m lora_studio.cli bench --max-steps 12 --out bench-out
+	$(PY) -m lora_studio.cli bench --out bench-out
 
 clean:
-	rm -rf $(VENV) runs bench-out .pytest_cache
+	rm -rf $(VENV) runs bench-out quality-out .pytest_cache
