@@ -49,7 +49,7 @@ CONFIGS: dict[str, tuple[str, Any, str]] = {
     "trl": ("trl", None, "plain TRL + PEFT, TRL's defaults (bf16 autocast, gradient checkpointing)"),
     "trl-fp32": ("trl", False, "plain TRL + PEFT, bf16=False (fp32, gradient checkpointing)"),
     "default": ("studio", {}, "LoRA Studio's default recipe as shipped"),
-    "top16": ("studio", {"layers": 16}, "the default recipe adapting the top 16 blocks, not 8"),
+    "top8": ("studio", {"layers": 8}, "the default recipe adapting the top 8 blocks, not 16"),
     "studio-plain": ("studio", {"speedups": "none"}, "the default recipe on the plain path (no speedups)"),
     "cache": ("studio", {"speedups": ["cache"]}, "plain path + cached frozen features only"),
     "label_only": ("studio", {"speedups": ["label_only"]}, "plain path + label-only logits only"),

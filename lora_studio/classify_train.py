@@ -12,6 +12,7 @@ and the adapter's `lora_studio.json` and `labels.json` hold the label map.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,9 +27,11 @@ from .classifier import LABELS_FILE, attach_classification_lora, load_classifica
 from .classify_data import ClassifyData, LabelMap, class_weights, prepare_classification
 from .classify_metrics import ClassScores, score_predictions, write_scores
 from .config import Recipe
+from .errors import TrainingCancelled
 from .models import load_tokenizer, pick_device, resolve_base
 from .remote_code import check_remote_code
 from .training import (
+    Fence,
     MetricsLog,
     RunResult,
     _adapter_metadata,
@@ -51,10 +54,14 @@ BEST_METRIC = {
 }
 
 
-def train_classifier(recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> RunResult:
-    """Fine-tune a classification adapter as the recipe says; same contract as `training.train`."""
+def train_classifier(
+    recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = (), fence: Fence | None = None
+) -> RunResult:
+    """Fine-tune a classification adapter as the recipe says; same contract as `training.train`,
+    the job's `fence` included (a superseded attempt writes nothing more to the run folder)."""
     from transformers import set_seed
 
+    fence = fence or contextlib.nullcontext
     run_dir = recipe.output_dir
     ref = resolve_base(recipe.model.base_model, recipe.model.revision)
     tokenizer = load_tokenizer(ref.folder, check_remote_code(recipe.model))
@@ -67,7 +74,8 @@ def train_classifier(recipe: Recipe, *, resume: bool = False, callbacks: Sequenc
     )  # saved with it: a merged model truncates the same way
     checkpoint = _last_checkpoint(run_dir) if resume else None
 
-    runs.start(recipe, dataclasses.asdict(data.report), resume_step=_step_of(checkpoint))
+    with fence():
+        runs.start(recipe, dataclasses.asdict(data.report), resume_step=_step_of(checkpoint))
     handler = runs.log_to_file(run_dir)
     try:
         set_seed(recipe.train.seed)  # the new head's first weights
@@ -75,27 +83,31 @@ def train_classifier(recipe: Recipe, *, resume: bool = False, callbacks: Sequenc
         model.config.use_cache = False  # no key/value cache in the outputs: only logits are compared
         model = attach_classification_lora(model, recipe.lora, _use_gradient_checkpointing(recipe))
         trainer = build_classifier_trainer(
-            recipe, model, tokenizer, data, callbacks, resuming=checkpoint is not None
+            recipe, model, tokenizer, data, callbacks, resuming=checkpoint is not None, fence=fence
         )
         _log_start(recipe, model, data)
         output = trainer.train(resume_from_checkpoint=checkpoint)
         metrics, scores = _final_metrics(trainer, output, data, recipe)
         adapter_dir = run_dir / "adapter"
         if runs.is_main_process():  # with several processes (accelerate launch), rank 0 writes the results
-            if scores is not None:
-                write_scores(scores, run_dir / "eval", f"{recipe.name}: validation, {scores.rows} rows")
-                log.info("validation scores:\n%s", "\n".join(scores.lines()))
             metadata = _adapter_metadata(recipe, ref, data, metrics) | classification_metadata(
                 recipe, data.label_map
             )
             labels = json.dumps(data.label_map.to_dict(), indent=2)
-            save_adapter(trainer.model, tokenizer, adapter_dir, metadata, extra_files={LABELS_FILE: labels})
-            runs.write_status(run_dir, "succeeded", metrics=metrics, adapter=str(adapter_dir))
+            with fence():
+                if scores is not None:
+                    write_scores(scores, run_dir / "eval", f"{recipe.name}: validation, {scores.rows} rows")
+                    log.info("validation scores:\n%s", "\n".join(scores.lines()))
+                save_adapter(
+                    trainer.model, tokenizer, adapter_dir, metadata, extra_files={LABELS_FILE: labels}
+                )
+                runs.write_status(run_dir, "succeeded", metrics=metrics, adapter=str(adapter_dir))
             log.info("adapter saved to %s", adapter_dir)
         trainer.accelerator.wait_for_everyone()
         return RunResult(run_dir, adapter_dir, metrics)
     except BaseException as e:
-        runs.write_status(run_dir, runs.ended_state(e), error=f"{type(e).__name__}: {e}")
+        with contextlib.suppress(TrainingCancelled), fence():  # as in training.train
+            runs.write_status(run_dir, runs.ended_state(e), error=f"{type(e).__name__}: {e}")
         raise
     finally:
         logging.getLogger().removeHandler(handler)
@@ -109,6 +121,7 @@ def build_classifier_trainer(
     data: ClassifyData,
     callbacks: Sequence[Any] = (),
     resuming: bool = False,
+    fence: Fence | None = None,
 ) -> Any:
     """transformers' Trainer set up from the recipe, with validation accuracy and macro F1."""
     from datasets import Dataset
@@ -135,7 +148,7 @@ def build_classifier_trainer(
         processing_class=tokenizer,
         compute_loss_func=cross_entropy_loss(weights),
         compute_metrics=lambda prediction: eval_scores(prediction, data.label_map),
-        callbacks=[MetricsLog(run_dir, skip_first_eval=resuming), *early, *callbacks],
+        callbacks=[MetricsLog(run_dir, skip_first_eval=resuming, fence=fence), *early, *callbacks],
     )
     return mute_printed_logs(trainer)
 

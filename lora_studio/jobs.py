@@ -129,7 +129,7 @@ class JobStore:
         ConfigError/DataError here and never enter the queue.
         """
         job_id = uuid.uuid4().hex[:10]
-        recipe = _as_recipe(recipe, overrides)
+        recipe = Recipe.load(recipe, overrides)
         recipe = runs.pin(recipe, run_dir=runs.default_folder(recipe.name, job_id, self.home))
         _check_data(recipe)
         now = time.time()
@@ -379,16 +379,6 @@ class JobStore:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-def _as_recipe(recipe: Recipe | dict[str, Any] | str | Path, overrides: Sequence[str]) -> Recipe:
-    from .config import apply_overrides
-
-    if isinstance(recipe, Recipe):
-        return Recipe.from_dict(apply_overrides(recipe.to_dict(), list(overrides))) if overrides else recipe
-    if isinstance(recipe, dict):
-        return Recipe.from_dict(apply_overrides(recipe, list(overrides)))
-    return Recipe.from_yaml(recipe, list(overrides))
-
-
 def _check_data(recipe: Recipe) -> None:
     """Parse the data files now, so a job never waits in the queue only to fail on a typo."""
     from .classify_data import load_labeled

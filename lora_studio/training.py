@@ -71,7 +71,7 @@ def train(
     if recipe.task == "classify":  # a new label head on the body: its own data, model and trainer
         from .classify_train import train_classifier
 
-        return train_classifier(recipe, resume=resume, callbacks=callbacks)
+        return train_classifier(recipe, resume=resume, callbacks=callbacks, fence=fence)
     fence = fence or contextlib.nullcontext
     run_dir = recipe.output_dir
     trust_remote_code = check_remote_code(recipe.model)  # refused before anything is read

@@ -150,14 +150,21 @@ def test_resume_continues_from_the_last_whole_checkpoint(tiny_recipe, tmp_path):
     assert losses(resumed.run_dir)[1] - losses(resumed.run_dir)[4] > 0.03
 
 
-def test_a_superseded_job_attempt_writes_neither_the_adapter_nor_status(tiny_recipe, tmp_path):
+@pytest.mark.parametrize("task", ["chat", "classify"])
+def test_a_superseded_job_attempt_writes_neither_the_adapter_nor_status(
+    task, tiny_recipe, tiny_model_dir, tmp_path
+):
     """The job service judged the attempt lost and started a newer one while this one was finishing."""
+    from classify_helpers import classify_recipe, toy_rows, write_jsonl
     from transformers import TrainerCallback
 
     from lora_studio.errors import TrainingCancelled
     from lora_studio.files import atomic_write_text
     from lora_studio.jobs import JobStore
 
+    if task == "classify":
+        rows = write_jsonl(tmp_path / "toy.jsonl", toy_rows(8))
+        tiny_recipe = classify_recipe(tiny_model_dir, rows, tmp_path / "run", num_train_epochs=1)
     store = JobStore(tmp_path / "jobs.sqlite")
     job_id = store.submit(tiny_recipe)
     # The store checks a running job's pid: give it a live process that looks like a job process.

@@ -174,6 +174,20 @@ def test_form_becomes_a_recipe(chat_file: Path, tiny_model_dir: Path):
     assert recipe_from_form(*form(chat_file, tiny_model_dir, layers=0, max_steps=None)).lora.layers is None
 
 
+def test_the_forms_defaults_are_the_default_recipes_and_take_the_fast_path(
+    chat_file: Path, tiny_model_dir: Path
+):
+    from lora_studio.config import DEFAULT_RECIPE, Recipe
+    from ui.train_tab import DEFAULT
+
+    shipped = Recipe.from_yaml(DEFAULT_RECIPE)
+    assert DEFAULT == shipped and shipped.lora.layers == 16  # SmolLM2 has 30: 14 blocks are cached
+    recipe = recipe_from_form(*form(chat_file, tiny_model_dir, layers=shipped.lora.layers))
+    picked = (recipe.lora.lora_dropout, recipe.data.val_fraction, recipe.train.lr_scheduler_type)
+    assert picked == (shipped.lora.lora_dropout, shipped.data.val_fraction, shipped.train.lr_scheduler_type)
+    assert recipe.train.speedups == "auto"
+
+
 def test_form_problems_are_reported_together(chat_file: Path, tiny_model_dir: Path):
     with pytest.raises(ConfigError) as caught:
         recipe_from_form(*form("", tiny_model_dir, learning_rate=0, max_length=None, epochs=None))
