@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import shutil
 import warnings
@@ -27,6 +28,8 @@ from .errors import ConfigError, ModelError
 from .files import move_into_place, settle_folder, temp_folder
 from .models import BaseModelRef, load_base, load_tokenizer, model_fingerprint
 from .remote_code import check_remote_code
+
+log = logging.getLogger(__name__)
 
 METADATA_FILE = "lora_studio.json"
 
@@ -57,12 +60,13 @@ def peft_config(settings: LoraSettings, model: torch.nn.Module) -> Any:
     layers_kw = {}
     if settings.layers is not None:
         pattern, blocks = decoder_blocks(model)
-        if settings.layers > len(blocks):
-            raise ConfigError(
-                f"layers: the model has {len(blocks)} blocks, so layers={settings.layers} is too many"
+        top = min(settings.layers, len(blocks))
+        if top < settings.layers:  # a default like the recipe's 16 must work on a smaller model too
+            log.warning(
+                "layers: the model has %d blocks, so layers=%d adapts all of them", top, settings.layers
             )
         layers_kw = {
-            "layers_to_transform": list(range(len(blocks) - settings.layers, len(blocks))),
+            "layers_to_transform": list(range(len(blocks) - top, len(blocks))),
             "layers_pattern": pattern.rsplit(".", 1)[-1],
         }
     return LoraConfig(

@@ -118,7 +118,7 @@ class LoraSettings:
     layers: int | None = _f(
         None,
         "Adapt only the top N transformer blocks; the lower ones stay frozen and backward stops early "
-        "(faster). Empty adapts all blocks.",
+        "(faster). Empty, or more than the model has, adapts all blocks.",
         range=COUNT,
     )
     use_dora: bool = _f(False, "Use DoRA (weight-decomposed LoRA).")

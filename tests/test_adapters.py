@@ -1,5 +1,7 @@
 """LoRA attachment (all linear layers, top-N blocks) and atomic adapter folders."""
 
+import logging
+
 import pytest
 
 from lora_studio import ConfigError, ModelError
@@ -32,9 +34,11 @@ def test_top_layers_only_get_adapters(base):
     assert trainable and all(".layers.1." in n and "lora_" in n for n in trainable)
 
 
-def test_too_many_layers_or_unknown_modules(base):
-    with pytest.raises(ConfigError, match="the model has 2 blocks, so layers=5 is too many"):
-        attach_lora(base[0], LoraSettings(layers=5))
+def test_more_layers_than_blocks_adapt_all_and_unknown_modules_are_an_error(base, caplog):
+    with caplog.at_level(logging.WARNING, logger="lora_studio.adapters"):
+        model = attach_lora(base[0], LoraSettings(r=2, layers=5))  # e.g. the default's 16 on a small model
+    trainable = {n.split(".layers.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"0", "1"} and "the model has 2 blocks, so layers=5 adapts all of them" in caplog.text
     with pytest.raises(ConfigError, match="cannot attach LoRA"):
         attach_lora(base[0], LoraSettings(target_modules=["no_such_proj"]))
 

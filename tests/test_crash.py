@@ -370,10 +370,13 @@ def _run_attempt(store: JobStore, zygote: Zygote, job_id: str, window: str, rng:
     if window == "none":
         _wait(lambda: store.get(job_id).finished, 300, f"job {job_id} to finish")
         return False
-    if window == "random":  # a random step of 0..17 (0: while starting up), then a part of a step
-        at_step = rng.randint(0, 17)
-        _wait(lambda: store.get(job_id).step >= at_step or not _alive(pid), 300, f"step {at_step}")
-        time.sleep(rng.uniform(0, 0.3))
+    if window == "random":  # a random step of 0..14 (0: while starting up), then a part of a step
+        # Steps of the tiny model take milliseconds and progress in status.json is written at most
+        # twice a second, so watch the metrics lines (one per step) and stop before the last
+        # checkpoint (step 15): a kill past it would leave the later save windows nothing to do.
+        at_step = rng.randint(0, 14)
+        _wait(lambda: _logged_step(store, job_id) >= at_step or not _alive(pid), 300, f"step {at_step}")
+        time.sleep(rng.uniform(0, 0.01))
     else:
         announced = zygote.signals / str(pid)
         _wait(lambda: announced.exists() or not _alive(pid), 300, f"the {window} window")
@@ -386,6 +389,13 @@ def _run_attempt(store: JobStore, zygote: Zygote, job_id: str, window: str, rng:
     store.process_exited(job_id, job.attempts, -signal.SIGKILL)  # as the worker does when it reaps one
     assert store.get(job_id).state == "interrupted"
     return True
+
+
+def _logged_step(store: JobStore, job_id: str) -> int:
+    """The last step in the run's metrics.jsonl (0 before the first)."""
+    run_dir = store.get(job_id).run_dir
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r] if run_dir else []
+    return max(steps, default=0)
 
 
 def _check_finished(store: JobStore, job_id: str, expected: int, base: Any) -> int:
