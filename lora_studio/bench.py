@@ -132,16 +132,17 @@ def probe_baselines(names: list[str], settings: RunSettings, bar: Any) -> dict[s
     """Run each TRL setup for a few steps; all but the fastest are recorded as probed, not run.
 
     A full run of each costs as much as the rest of the benchmark; a short one tells which dtype
-    is faster on this machine (bf16 is ~10x slower than fp32 on CPUs without native bf16).
+    is faster on this machine (bf16 is ~10x slower than fp32 on CPUs without native bf16). The
+    probe compares the steps after the first: loading and warm-up would swamp a few steps.
     """
     probe = dataclasses.replace(settings, max_steps=PROBE_STEPS, eval_every_steps=10 * PROBE_STEPS)
     speeds = {}
     for name in names:
         bar.set_postfix_str(f"{name} (probe)")
-        speeds[name] = run_child(name, probe, bar).get("tokens_per_s", 0.0)
+        speeds[name] = run_child(name, probe, bar).get("steady_tokens_per_s", 0.0)
     fastest = max(speeds, key=lambda n: speeds[n])
     return {
-        name: {"skipped": f"{speed:.0f} tokens/s over {PROBE_STEPS} steps, {fastest} {speeds[fastest]:.0f}"}
+        name: {"skipped": f"{speed:.0f} tokens/s over steps 2-{PROBE_STEPS}, {fastest} {speeds[fastest]:.0f}"}
         for name, speed in speeds.items()
         if name != fastest
     }

@@ -46,6 +46,7 @@ class BenchClock(TrainerCallback):
         self.bf16 = False
         self.sampled = {"flops": 0.0, "tokens": 0, "seconds": 0.0}  # spans left out of the timing
         self._span: tuple[Any, float, int] | None = None  # (counter, start time, tokens at start)
+        self._warm: dict[str, float] | None = None  # the counters at the first step's end
 
     def _close_span(self, state: Any, keep: bool) -> None:
         if self._span is None:
@@ -72,6 +73,8 @@ class BenchClock(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self._close_span(state, keep=True)
+        if self._warm is None:
+            self._warm = self._counters(time.perf_counter(), state.num_input_tokens_seen)
         self.progress_file.write_text(f"{state.global_step} {state.max_steps}")
         self._open_span(state)
 
@@ -98,6 +101,19 @@ class BenchClock(TrainerCallback):
         self.ended = time.perf_counter()
         self.tokens = state.num_input_tokens_seen
 
+    def _counters(self, at: float, tokens: int) -> dict[str, float]:
+        """Timed seconds and tokens up to `at` (evaluations and sampled spans left out)."""
+        seconds = at - self.started - self.eval_s - self.sampled["seconds"]
+        return {"seconds": seconds, "tokens": tokens - self.sampled["tokens"]}
+
+    def steady_tokens_per_s(self) -> float | None:
+        """Tokens/s after the first step: without loading and warm-up, which swamp a short probe."""
+        if self._warm is None or self.ended is None:
+            return None
+        now = self._counters(self.ended, self.tokens)
+        seconds = now["seconds"] - self._warm["seconds"]
+        return (now["tokens"] - self._warm["tokens"]) / seconds if seconds > 0 else None
+
     def result(self) -> dict[str, Any]:
         timed_s = (self.ended or time.perf_counter()) - self.started - self.eval_s - self.sampled["seconds"]
         tokens_per_s = (self.tokens - self.sampled["tokens"]) / timed_s
@@ -111,6 +127,7 @@ class BenchClock(TrainerCallback):
             "train_s": round(timed_s + self.sampled["tokens"] / tokens_per_s, 2),
             "tokens": self.tokens,
             "tokens_per_s": round(tokens_per_s, 1),
+            "steady_tokens_per_s": round(self.steady_tokens_per_s() or tokens_per_s, 1),
             "heldout_loss": curve[-1]["loss"] if curve else None,
             "curve": curve,
             "flops_per_token": self.sampled["flops"] / max(1, self.sampled["tokens"]),

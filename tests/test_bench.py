@@ -82,11 +82,12 @@ def test_bench_runs_trl_and_lora_studio_on_the_same_rows(tiny_model_dir, chat_fi
         "settings",
     }
     probed = saved.get("trl") or saved["trl-fp32"]  # the slower one in a short probe is not run in full
-    assert "tokens/s over 8 steps" in probed["skipped"] and "not run in full" in format_table(report)
+    assert "tokens/s over steps 2-8" in probed["skipped"] and "not run in full" in format_table(report)
     for entry in (saved["baseline"], saved["default"]):
         for key in ("tokens_per_s", "peak_mem_mb", "heldout_loss", "time_to_baseline_loss_s", "utilisation"):
             assert entry[key] is not None and entry[key] >= 0, key
         assert entry["tokens"] > 0 and entry["machine"]["cpu"]
+        assert entry["steady_tokens_per_s"] > 0  # what the probe compares: the steps after the first
         assert [p["step"] for p in entry["curve"]][-1] == 2  # the held-out loss after the same 2 steps
     assert saved["default"]["flops_per_token"] > 0  # from sampled steps
     assert saved["default"]["speedup"] == pytest.approx(
