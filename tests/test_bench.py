@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lora_studio.bench import BenchOptions, format_table, run_bench, summarize, time_to_loss
+from lora_studio.bench import BenchOptions, far_slower, format_table, run_bench, summarize, time_to_loss
 from lora_studio.errors import ConfigError
 
 MACHINE = {"cpu": "test cpu", "cpu_native_bf16": False, "amx": False, "torch_threads": 2, "gpu": None}
@@ -41,6 +41,12 @@ def test_the_faster_trl_setup_is_the_baseline_and_everything_is_a_ratio_to_it():
     assert default["machine"] == MACHINE
     table = format_table(report)
     assert "trl-fp32 (baseline)" in table and "4.00x" in table and "test cpu" in table
+
+
+def test_a_probe_rules_out_only_a_setup_at_least_twice_as_slow():
+    assert set(far_slower({"trl": 10.0, "trl-fp32": 100.0})) == {"trl"}  # bf16 without native support
+    assert far_slower({"trl": 94.0, "trl-fp32": 102.0}) == {}  # a close call: both run in full
+    assert "trl-fp32 100" in far_slower({"trl": 50.0, "trl-fp32": 100.0})["trl"]["skipped"]
 
 
 def test_time_to_loss_is_the_first_evaluation_that_reaches_it():
@@ -81,8 +87,11 @@ def test_bench_runs_trl_and_lora_studio_on_the_same_rows(tiny_model_dir, chat_fi
         "default",
         "settings",
     }
-    probed = saved.get("trl") or saved["trl-fp32"]  # the slower one in a short probe is not run in full
-    assert "tokens/s over steps 2-8" in probed["skipped"] and "not run in full" in format_table(report)
+    other = saved.get("trl") or saved["trl-fp32"]  # run in full too, unless a probe found it far slower
+    if "skipped" in other:
+        assert "tokens/s over steps 2-8" in other["skipped"] and "not run in full" in format_table(report)
+    else:
+        assert other["tokens_per_s"] <= saved["baseline"]["tokens_per_s"]
     for entry in (saved["baseline"], saved["default"]):
         for key in ("tokens_per_s", "peak_mem_mb", "heldout_loss", "time_to_baseline_loss_s", "utilisation"):
             assert entry[key] is not None and entry[key] >= 0, key

@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--full-baselines",
         action="store_true",
-        help="run every TRL setup in full (default: a short probe picks the faster one)",
+        help="run every TRL setup in full (default: one a short probe finds 2x slower or worse is not)",
     )
     p.set_defaults(run=run_bench)
 
