@@ -35,8 +35,8 @@ DEFAULT_DATA = ROOT / "examples" / "json_extraction" / "train.jsonl"
 MEMORY_GUARD = 0.6  # a run using more than this share of the machine's memory is stopped
 PROBE_STEPS = 8  # steps of each TRL setup that decide which one is the baseline
 # A probe only rules out a TRL setup this many times slower than the fastest: bf16 without native
-# support is ~10x slower, while on an AMX CPU bf16 warms up for dozens of steps (likely one kernel per new
-# batch shape) and a probe of a few steps can rank a close call wrongly. Close calls run in full.
+# support is ~10x slower, while on an AMX CPU bf16 is slower in its first steps (likely a kernel per
+# new batch shape) and a probe of a few steps can rank a close call wrongly. Close calls run in full.
 PROBE_MARGIN = 2.0
 EVALS_PER_RUN = 4  # held-out evaluations along each run: the curve for "time to the baseline's loss"
 # Randomly initialised bases for `--model random:NAME` (speed only: with SmolLM2's tokenizer).

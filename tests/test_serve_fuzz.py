@@ -218,7 +218,7 @@ def abandon(target: str, body: bytes) -> str:
             sock.sendall(head + body)
         except ConnectionError:  # the server may refuse an oversized body before it has all of it
             pass
-        time.sleep(0.01)  # long enough for the server to start on it
+        time.sleep(0.01)  # a moment in which the server may start on it before the close
     return "abandoned"
 
 
