@@ -40,7 +40,7 @@ def score_labels(answers: Sequence[str], references: Sequence[str]) -> dict[str,
 
 
 def score_extraction(answers: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    from lora_studio.metrics import score_json
+    from lora_studio.evaluation.scoring import score_json
 
     result = score_json(answers, references)
     return {"score": result.record_accuracy, "mean_field_accuracy": result.mean_field_accuracy}
@@ -89,7 +89,7 @@ def evaluate(task: str, candidate: str, out: Path) -> dict:
     from lora_studio import Recipe, train
     from lora_studio.adapters import load_adapted
     from lora_studio.data import load_examples
-    from lora_studio.evaluate import generate_answers, split_prompt
+    from lora_studio.evaluation.answers import generate_answers, split_prompt
 
     folder, scorer, max_new_tokens = TASKS[task]
     overrides = [

@@ -147,7 +147,7 @@ def merge_adapter(
     dtype: the saved weights' dtype; "auto" keeps the base checkpoint's own dtype.
     """
     if read_metadata(adapter_dir).get("task") == "classify":  # a label head: a sequence-classification model
-        from .classify_export import merge_classifier
+        from .tasks.classify.export import merge_classifier
 
         return merge_classifier(adapter_dir, out_dir, dtype=dtype, overwrite=overwrite)
     start = time.time()

@@ -381,8 +381,8 @@ class JobStore:
 # --- helpers ---------------------------------------------------------------------------------------
 def _check_data(recipe: Recipe) -> None:
     """Parse the data files now, so a job never waits in the queue only to fail on a typo."""
-    from .classify_data import load_labeled
     from .data import load_examples
+    from .tasks.classify.data import load_labeled
 
     for path in (recipe.data.train_file, recipe.data.val_file):
         if path and recipe.task == "classify":

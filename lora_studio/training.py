@@ -69,7 +69,7 @@ def train(
     """
     recipe = runs.pin(recipe, resume=resume)  # paths absolute, the run folder chosen
     if recipe.task == "classify":  # a new label head on the body: its own data, model and trainer
-        from .classify_train import train_classifier
+        from .tasks.classify.train import train_classifier
 
         return train_classifier(recipe, resume=resume, callbacks=callbacks, fence=fence)
     fence = fence or contextlib.nullcontext
@@ -198,7 +198,7 @@ def build_trainer(
         [EarlyStoppingCallback(t.early_stopping_patience)] if has_val and t.early_stopping_patience else []
     )
     if has_val:  # validation loss rising while training loss falls: say so (overfit.py)
-        from .overfit import overfit_callback
+        from .evaluation.overfit import overfit_callback
 
         extra.append(overfit_callback(run_dir))
     callbacks = [
@@ -238,7 +238,7 @@ def _balanced(recipe: Recipe, tokenizer: Any, has_val: bool) -> list[Any]:
     """select_best: balanced scores general text at each validation (forgetting.py), before the log."""
     if not has_val or recipe.train.select_best != "balanced":
         return []
-    from .forgetting import balanced_callback
+    from .evaluation.forgetting import balanced_callback
 
     return [balanced_callback(tokenizer, recipe.data.max_length)]
 

@@ -130,7 +130,7 @@ def verify(
     adapter_dir = Path(adapter_dir).expanduser().resolve()
     meta = read_metadata(adapter_dir)
     if meta.get("task") == "classify":  # label probabilities, not generated text, are compared
-        from .classify_export import verify_classifier
+        from .tasks.classify.export import verify_classifier
 
         return verify_classifier(
             adapter_dir,
@@ -403,7 +403,7 @@ def _local_server(engine: InferenceEngine, api_key: str | None) -> Iterator[str]
     """The real HTTP app on a free loopback port in a background thread, for the check's duration."""
     import uvicorn
 
-    from .serve import build_app
+    from .serve.app import build_app
 
     port = free_port()
     server = uvicorn.Server(

@@ -57,11 +57,11 @@ def classify_recipe(model_dir: Path, train_file: Path, run_dir: Path, **train: o
 def build_classifier_adapter(model_dir: Path, dest: Path, labels: list[str]) -> Path:
     """An untrained classification adapter (fresh head, zero LoRA update), written as training writes one."""
     from lora_studio.adapters import save_adapter
-    from lora_studio.classifier import attach_classification_lora, load_classification_base
-    from lora_studio.classify_data import LabelMap
-    from lora_studio.classify_train import classification_metadata
     from lora_studio.config import LoraSettings, ModelSettings
     from lora_studio.models import load_tokenizer, model_fingerprint
+    from lora_studio.tasks.classify.data import LabelMap
+    from lora_studio.tasks.classify.model import attach_classification_lora, load_classification_base
+    from lora_studio.tasks.classify.train import classification_metadata
 
     tokenizer = load_tokenizer(model_dir)
     model, ref = load_classification_base(

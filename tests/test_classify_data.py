@@ -12,7 +12,9 @@ from classify_helpers import toy_rows, write_jsonl
 from tiny_model import build_tokenizer
 
 from lora_studio import Recipe
-from lora_studio.classify_data import (
+from lora_studio.config import DataSettings
+from lora_studio.errors import ConfigError, DataError
+from lora_studio.tasks.classify.data import (
     LabeledText,
     LabelMap,
     class_weights,
@@ -20,9 +22,7 @@ from lora_studio.classify_data import (
     prepare_classification,
     stratified_split,
 )
-from lora_studio.classify_metrics import score_predictions, write_scores
-from lora_studio.config import DataSettings
-from lora_studio.errors import ConfigError, DataError
+from lora_studio.tasks.classify.scores import score_predictions, write_scores
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import torch
 from classify_helpers import build_wide_tiny_model, classify_recipe, toy_rows, write_jsonl
 
 from lora_studio import train
-from lora_studio.classifier import attach_classification_lora, load_classification_base
-from lora_studio.classify_train import cross_entropy_loss
 from lora_studio.config import LoraSettings, ModelSettings
+from lora_studio.tasks.classify.model import attach_classification_lora, load_classification_base
+from lora_studio.tasks.classify.train import cross_entropy_loss
 
 
 def test_new_head_has_the_label_shape_and_only_lora_and_head_train(tiny_model_dir: Path):
@@ -98,8 +98,8 @@ def test_sixty_classes_of_ten_rows_train_and_report_every_class(tiny_model_dir: 
 def test_a_4bit_base_trains_with_a_full_precision_head_and_merges(tmp_path: Path):
     from bitsandbytes.nn import Linear4bit
 
-    from lora_studio.classifier import Classifier
     from lora_studio.export import merge_adapter
+    from lora_studio.tasks.classify.model import Classifier
 
     model_dir = build_wide_tiny_model(tmp_path / "wide")
     data = write_jsonl(tmp_path / "toy.jsonl", toy_rows(10))

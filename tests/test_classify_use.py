@@ -16,11 +16,11 @@ import torch
 from classify_helpers import classify_recipe, toy_rows, write_jsonl
 
 from lora_studio import train
-from lora_studio.classifier import Classifier
 from lora_studio.cli import main
 from lora_studio.errors import ConfigError, DataError, ModelError
 from lora_studio.export import export_gguf, merge_adapter
 from lora_studio.inference import InferenceEngine
+from lora_studio.tasks.classify.model import Classifier
 from lora_studio.verify import free_port, verify
 
 LABELS = ["city", "fox", "greet"]
@@ -188,13 +188,13 @@ def test_chat_endpoint_refuses_a_classifier_but_still_chats(server: str):
 def test_a_chat_request_file_is_not_classified(classifier_dir: Path, tmp_path: Path):
     src = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(DataError, match="chat.jsonl, line 1: expected a non-empty text in the field 'text'"):
-        from lora_studio.classify_eval import classify_file
+        from lora_studio.tasks.classify.files import classify_file
 
         classify_file(Classifier.from_adapter(classifier_dir), src, tmp_path / "o.csv")
 
 
 def test_a_server_of_classifiers_only_checks_the_key_and_refuses_chat(classifier_dir: Path):
-    from lora_studio.classify_export import _local_server
+    from lora_studio.tasks.classify.export import _local_server
 
     with _local_server({"toy": Classifier.from_adapter(classifier_dir)}, "k3y") as url:
         body = {"input": "Paris capital"}  # one classifier served: `model` may be left out

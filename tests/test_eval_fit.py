@@ -7,10 +7,17 @@ from pathlib import Path
 import pytest
 from eval_helpers import chat_rows, taught_tiny_model, write_jsonl
 
-from lora_studio.baseline import random_copy
 from lora_studio.cli import main
 from lora_studio.data import load_examples
-from lora_studio.fit import check_fit, diagnose, fit_models, guess_language, ranking_lines, word_overlap
+from lora_studio.evaluation.baseline import random_copy
+from lora_studio.evaluation.fit import (
+    check_fit,
+    diagnose,
+    fit_models,
+    guess_language,
+    ranking_lines,
+    word_overlap,
+)
 from lora_studio.models import load_tokenizer
 
 REPEAT = [(f"Repeat: word{i % 10}", f"word{i % 10}") for i in range(20)]

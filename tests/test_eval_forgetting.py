@@ -10,7 +10,7 @@ import pytest
 from eval_helpers import chat_rows, learnable_tiny_model, write_jsonl
 
 from lora_studio.cli import main
-from lora_studio.forgetting import (
+from lora_studio.evaluation.forgetting import (
     PROBE_DIR,
     Probe,
     forgetting_report,

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lora_studio.errors import DataError
-from lora_studio.evaluate import generate_answers
-from lora_studio.metrics import (
+from lora_studio.evaluation.answers import generate_answers
+from lora_studio.evaluation.scoring import (
     OTHER,
     choose_metric,
     exact_match,

@@ -8,7 +8,7 @@ import pytest
 from eval_helpers import chat_rows, learnable_tiny_model, noise_pairs, write_jsonl
 
 from lora_studio.cli import main
-from lora_studio.overfit import detect_overfitting, run_warnings, warning_lines
+from lora_studio.evaluation.overfit import detect_overfitting, run_warnings, warning_lines
 
 
 # --- the rule ----------------------------------------------------------------------------------
@@ -124,8 +124,8 @@ def test_a_short_run_on_learnable_data_raises_none(learnable_dir, tmp_path):
 
 
 def test_jobs_show_prints_the_runs_warnings(tiny_recipe, capsys):
+    from lora_studio.evaluation.overfit import OverfitAlarm, set_run_warning
     from lora_studio.jobs import JobStore
-    from lora_studio.overfit import OverfitAlarm, set_run_warning
 
     store = JobStore()
     job = store.get(store.submit(tiny_recipe))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from lora_studio.cli import main
-from lora_studio.eval_report import EvalOptions, resolve_adapter, run_eval
-from lora_studio.metrics import score
+from lora_studio.evaluation.report import EvalOptions, resolve_adapter, run_eval
+from lora_studio.evaluation.scoring import score
 
 
 def _label_rows(n: int, offset: int = 0) -> list[dict]:

@@ -8,7 +8,7 @@ import gradio as gr
 import pytest
 from eval_helpers import chat_rows, write_jsonl
 
-from lora_studio.overfit import OverfitAlarm, set_run_warning
+from lora_studio.evaluation.overfit import OverfitAlarm, set_run_warning
 from ui.adapters_tab import evaluate
 from ui.eval_views import warnings_banner
 

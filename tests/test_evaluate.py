@@ -13,7 +13,7 @@ import torch
 from lora_studio.adapters import load_adapted
 from lora_studio.data import Example, encode, load_examples
 from lora_studio.errors import DataError
-from lora_studio.evaluate import (
+from lora_studio.evaluation.answers import (
     answer_budget,
     base_fit,
     compare_with_base,

@@ -147,7 +147,7 @@ def test_a_classifier_asking_for_remote_code_is_refused_too(
 ) -> None:
     from classify_helpers import build_classifier_adapter
 
-    from lora_studio.classifier import Classifier
+    from lora_studio.tasks.classify.model import Classifier
 
     adapter = build_classifier_adapter(evil_base, tmp_path / "classifier", ["a", "b"])
     meta = json.loads((adapter / "lora_studio.json").read_text())

@@ -21,7 +21,7 @@ import pytest
 from serve_helpers import running_server
 
 from lora_studio.inference import InferenceEngine
-from lora_studio.serve import build_app
+from lora_studio.serve.app import build_app
 
 SEED = 8
 ROUNDS = 420  # each sends one request, or a burst of BURST at once: over 500 requests in all

@@ -17,7 +17,7 @@ import pytest
 from serve_helpers import Started, running_server
 
 from lora_studio.inference import InferenceEngine
-from lora_studio.serve import build_app
+from lora_studio.serve.app import build_app
 
 PROMPT = [{"role": "user", "content": "Repeat: word3"}]
 OK = {"model": "base", "messages": PROMPT, "max_tokens": 4}

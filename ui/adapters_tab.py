@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 
 from lora_studio.downloads import adapter_archive, merged_archive
-from lora_studio.eval_report import EvalOptions, run_eval
+from lora_studio.evaluation.report import EvalOptions, run_eval
 
 from .common import TrainedAdapter, dataset_choices, shows_errors, trained_adapters
 from .eval_views import eval_frame, warnings_banner

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from lora_studio.classifier import Classifier, is_classifier
+from lora_studio.tasks.classify.model import Classifier, is_classifier
 
 from .common import shows_errors, trained_adapters
 

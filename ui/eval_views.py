@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from lora_studio.eval_report import EvalReport, table_rows
-from lora_studio.overfit import warning_lines
+from lora_studio.evaluation.overfit import warning_lines
+from lora_studio.evaluation.report import EvalReport, table_rows
 
 BANNER_STYLE = "background:#fef3c7;color:#78350f;border:1px solid #f59e0b;border-radius:6px;padding:6px 10px;margin:6px 0"
 

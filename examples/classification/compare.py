@@ -24,12 +24,12 @@ from pathlib import Path
 
 from lora_studio import Recipe, train
 from lora_studio.adapters import load_adapted
-from lora_studio.classifier import Classifier
-from lora_studio.classify_data import load_labeled
-from lora_studio.classify_metrics import score_predictions
 from lora_studio.config import ModelSettings, add_set_argument
-from lora_studio.evaluate import generate_answers
+from lora_studio.evaluation.answers import generate_answers
 from lora_studio.models import load_base
+from lora_studio.tasks.classify.data import load_labeled
+from lora_studio.tasks.classify.model import Classifier
+from lora_studio.tasks.classify.scores import score_predictions
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parents[1] / "recipes" / "smollm2-classify-cpu.yaml"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lora_studio import Recipe, RunResult, train
 from lora_studio.config import add_set_argument
-from lora_studio.eval_report import EvalOptions, EvalReport, run_eval
+from lora_studio.evaluation.report import EvalOptions, EvalReport, run_eval
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parents[1] / "recipes" / "smollm2-lora-cpu.yaml"

@@ -10,7 +10,7 @@ from ..errors import ConfigError
 from .runs import adapter_arg
 
 if TYPE_CHECKING:
-    from ..classifier import Classifier
+    from ..tasks.classify.model import Classifier
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_classify(args: argparse.Namespace) -> int:
-    from ..classifier import Classifier, require_classifier
+    from ..tasks.classify.model import Classifier, require_classifier
 
     if bool(args.texts) == bool(args.file):
         raise ConfigError(
@@ -53,8 +53,8 @@ def run_classify(args: argparse.Namespace) -> int:
 
 
 def _classify_file(args: argparse.Namespace, classifier: Classifier, columns: dict) -> int:
-    from ..classify_eval import classify_file
-    from ..classify_metrics import write_scores
+    from ..tasks.classify.files import classify_file
+    from ..tasks.classify.scores import write_scores
 
     if not args.out and not args.scores_dir:
         raise ConfigError("--file needs --out (predictions) or --scores-dir (scores of a labelled file)")

@@ -12,7 +12,7 @@ import json
 import typing
 
 from ..config import Baseline
-from ..metrics import METRICS
+from ..evaluation.scoring import METRICS
 from .runs import adapter_arg
 
 
@@ -84,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
-    from ..eval_report import EvalOptions, run_eval
+    from ..evaluation.report import EvalOptions, run_eval
 
     if args.checkpoints and not args.forgetting:
         args.forgetting = True  # checkpoints are scored for forgetting: asking for them asks for it
@@ -113,7 +113,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 def run_fit_command(args: argparse.Namespace) -> int:
     from ..config import DEFAULT_BASE_MODEL
-    from ..fit import fit_models, ranking_lines
+    from ..evaluation.fit import fit_models, ranking_lines
 
     names = [n.strip() for n in (args.models or DEFAULT_BASE_MODEL).split(",") if n.strip()]
     reports, failed = fit_models(names, args.file, args.format, args.sample, args.max_length)

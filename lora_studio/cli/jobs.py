@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from ..config import add_set_argument
+from ..evaluation.overfit import warning_lines
 from ..jobs import JOB_STATES, Job, JobStore
-from ..overfit import warning_lines
 from . import add_remote_code_flag
 
 

@@ -107,7 +107,7 @@ def run_data_check(args: argparse.Namespace) -> int:
 
 
 def task_fit(path: str, fmt: str, base_model: str, max_length: int) -> str:
-    from ..fit import fit_models
+    from ..evaluation.fit import fit_models
 
     reports, _ = fit_models([base_model], path, fmt, max_length=max_length)
     return "\n".join(reports[0].lines())

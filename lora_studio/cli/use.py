@@ -246,8 +246,8 @@ def served_adapters(specs: list[str]) -> tuple[list[str], list[str]]:
 def run_serve(args: argparse.Namespace) -> int:
     from ..access import read_secret
     from ..inference import InferenceEngine
-    from ..serve import API_KEY_ENV, check_exposure, model_ids, run_server
-    from ..serve_classify import load_classifiers, run_classify_server, split_adapters
+    from ..serve.app import API_KEY_ENV, check_exposure, model_ids, run_server
+    from ..serve.classify import load_classifiers, run_classify_server, split_adapters
 
     if not args.max_body_mb > 0:
         raise ConfigError(f"--max-body-mb: expected a positive size in MB, got {args.max_body_mb}")
@@ -290,7 +290,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 # --- verify ------------------------------------------------------------------------------------
 def run_verify(args: argparse.Namespace) -> int:
-    from ..serve import API_KEY_ENV
+    from ..serve.app import API_KEY_ENV
     from ..verify import verify
 
     prompts = [[{"role": "user", "content": p}] for p in args.prompt] or None

@@ -41,10 +41,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .access import require_auth_beyond_loopback
-from .errors import RequestError
-from .inference import Generation, InferenceEngine
-from .serve_requests import (
+from ..access import require_auth_beyond_loopback
+from ..errors import RequestError
+from ..inference import Generation, InferenceEngine
+from .requests import (
     BASE_ALIAS,
     APIError,
     ChatRequest,
@@ -166,7 +166,7 @@ def build_app(
         return completion(reply, text, completion_id, chat.model)
 
     if classifiers:  # POST /v1/classify for task: classify adapters
-        from .serve_classify import add_classify_routes
+        from .classify import add_classify_routes
 
         add_classify_routes(app, classifiers, authorize, max_bytes)
     return app
@@ -199,7 +199,7 @@ def start_chat(
     """Parse, check, template and tokenise a request, and start its generation (CPU work: call it
     in a worker thread, never on the event loop)."""
     if classifiers:  # a classifier's name gets a 400 naming /v1/classify, not "unknown model"
-        from .serve_classify import refuse_classifier
+        from .classify import refuse_classifier
 
         refuse_classifier(classifiers, parse_body(raw))
     chat = parse_chat_request(raw, engine, prompt_chars)

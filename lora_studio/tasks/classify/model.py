@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from .adapters import apply_adapter, base_settings, read_metadata
-from .config import LoraSettings, ModelSettings
-from .errors import ConfigError, ModelError
-from .models import BaseModelRef, load_tokenizer, pick_device, pick_dtype, resolve_base
-from .models import quantization_config as bnb_config
-from .remote_code import check_remote_code
+from ...adapters import apply_adapter, base_settings, read_metadata
+from ...config import LoraSettings, ModelSettings
+from ...errors import ConfigError, ModelError
+from ...models import BaseModelRef, load_tokenizer, pick_device, pick_dtype, resolve_base
+from ...models import quantization_config as bnb_config
+from ...remote_code import check_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def attach_classification_lora(
     """LoRA on the body (the top `layers` blocks if set) and the head trained in full."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from .adapters import peft_config, peft_deprecations_hidden
+    from ...adapters import peft_config, peft_deprecations_hidden
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)

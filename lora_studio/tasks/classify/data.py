@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import data_fingerprint, read_rows
-from .errors import DataError
+from ...data import data_fingerprint, read_rows
+from ...errors import DataError
 
 IMBALANCE_RATIO = 3.0  # largest / smallest class size that counts as real skew
 FEW_ROWS = 5  # a class with fewer training rows than this is hard to learn

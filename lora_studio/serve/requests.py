@@ -24,8 +24,8 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 
-from .generation import DEFAULT_MAX_NEW_TOKENS, GenerationSettings
-from .inference import InferenceEngine
+from ..generation import DEFAULT_MAX_NEW_TOKENS, GenerationSettings
+from ..inference import InferenceEngine
 
 BASE_ALIAS = "base"
 MAX_JSON_DEPTH = 32  # a chat request is about 5 deep; anything far deeper is an attack or a bug

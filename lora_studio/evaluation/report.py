@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .adapters import METADATA_FILE, load_adapted, read_metadata
-from .config import Baseline
-from .data import load_examples
-from .errors import DataError, ModelError
-from .evaluate import Comparison, Side, answer_side, compare_with_base, split_prompt
-from .files import move_into_place
+from ..adapters import METADATA_FILE, load_adapted, read_metadata
+from ..config import Baseline
+from ..data import load_examples
+from ..errors import DataError, ModelError
+from ..files import move_into_place
+from .answers import Comparison, Side, answer_side, compare_with_base, split_prompt
 from .overfit import warning_lines
 
 if TYPE_CHECKING:
@@ -273,7 +273,7 @@ def run_eval(opts: EvalOptions) -> EvalReport:
 # --- writing it ----------------------------------------------------------------------------------
 def write_report(report: EvalReport, examples: list) -> None:
     """Write every file into a temporary folder, then move it over the old report in one step."""
-    from .eval_plots import plot_confusion, plot_loss_curves, read_metrics
+    from .plots import plot_confusion, plot_loss_curves, read_metrics
 
     out = report.out_dir
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import DataError
+from ..errors import DataError
 
 Metric = Literal["json", "labels", "exact"]
 METRICS: tuple[str, ...] = ("auto", "json", "labels", "exact")

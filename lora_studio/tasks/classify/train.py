@@ -21,16 +21,13 @@ from typing import Any
 
 import torch
 
-from . import runs
-from .adapters import save_adapter
-from .classifier import LABELS_FILE, attach_classification_lora, load_classification_base
-from .classify_data import ClassifyData, LabelMap, class_weights, prepare_classification
-from .classify_metrics import ClassScores, score_predictions, write_scores
-from .config import Recipe
-from .errors import TrainingCancelled
-from .models import load_tokenizer, pick_device, resolve_base
-from .remote_code import check_remote_code
-from .training import (
+from ... import runs
+from ...adapters import save_adapter
+from ...config import Recipe
+from ...errors import TrainingCancelled
+from ...models import load_tokenizer, pick_device, resolve_base
+from ...remote_code import check_remote_code
+from ...training import (
     Fence,
     MetricsLog,
     RunResult,
@@ -43,6 +40,9 @@ from .training import (
     mute_printed_logs,
     owns_console,
 )
+from .data import ClassifyData, LabelMap, class_weights, prepare_classification
+from .model import LABELS_FILE, attach_classification_lora, load_classification_base
+from .scores import ClassScores, score_predictions, write_scores
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .metrics import LabelScore
+from .scoring import LabelScore
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

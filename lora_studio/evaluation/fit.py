@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
-from .data import Example, load_examples
-from .errors import LoraStudioError
-from .evaluate import Fit, answer_budget, base_fit, generate_answers, split_prompt
-from .metrics import Score, choose_metric, parse_json_object, score
+from ..data import Example, load_examples
+from ..errors import LoraStudioError
+from .answers import Fit, answer_budget, base_fit, generate_answers, split_prompt
+from .scoring import Score, choose_metric, parse_json_object, score
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +232,8 @@ def fit_models(
     seed: int = 0,
 ) -> tuple[list[FitReport], dict[str, str]]:
     """Check each base on the same sample, best first; (reports, {name: why it failed}) ."""
-    from .config import ModelSettings
-    from .models import load_base
+    from ..config import ModelSettings
+    from ..models import load_base
 
     _, examples = load_examples(path, fmt)
     reports, failed = [], {}

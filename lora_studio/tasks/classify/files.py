@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .classifier import Classifier, Prediction
-from .classify_data import label_text
-from .classify_metrics import ClassScores, score_predictions
-from .data import read_rows
-from .errors import ConfigError, DataError
+from ...data import read_rows
+from ...errors import ConfigError, DataError
+from .data import label_text
+from .model import Classifier, Prediction
+from .scores import ClassScores, score_predictions
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
 
@@ -120,7 +120,7 @@ def evaluate_classifier(
     adapter_dir: str | Path, path: str | Path, batch_size: int = 16, progress: bool = False
 ) -> ClassScores:
     """Scores of a classification adapter on a labelled file (its recipe's text and label columns)."""
-    from .classifier import require_classifier
+    from .model import require_classifier
 
     columns = require_classifier(adapter_dir).get("classification") or {}
     text_column, label_column = columns.get("text_column", "text"), columns.get("label_column", "label")

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import runs
+from .. import runs
 
 log = logging.getLogger(__name__)
 

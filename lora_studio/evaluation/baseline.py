@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from .adapters import read_metadata
-from .config import Recipe
-from .files import move_into_place
-from .models import load_tokenizer, resolve_base
+from ..adapters import read_metadata
+from ..config import Recipe
+from ..files import move_into_place
+from ..models import load_tokenizer, resolve_base
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def scratch_recipe(metadata: dict[str, Any], base_folder: Path, run_dir: Path) -
 
 def train_scratch(adapter_dir: Path, work_dir: Path) -> Path:
     """Train the scratch baseline of an adapter under `work_dir`; returns its adapter folder."""
-    from .training import train
+    from ..training import train
 
     meta = read_metadata(adapter_dir)
     recipe = Recipe.from_dict(meta["recipe"])

@@ -29,8 +29,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from .classifier import Classifier, is_classifier
-from .serve_requests import APIError, api_key_check, parse_body, read_body
+from ..tasks.classify.model import Classifier, is_classifier
+from .requests import APIError, api_key_check, parse_body, read_body
 
 MAX_INPUTS = 256
 CHAT_PATHS = ("/v1/chat/completions", "/v1/completions")
@@ -39,7 +39,7 @@ CHAT_PATHS = ("/v1/chat/completions", "/v1/completions")
 # --- loading -------------------------------------------------------------------------------------
 def split_adapters(names: list[str], paths: list[str]) -> tuple[list[str], list[str], dict[str, str]]:
     """(chat names, chat paths, {classifier name: path}), told apart by each folder's lora_studio.json."""
-    from .adapters import read_metadata
+    from ..adapters import read_metadata
 
     chat_names, chat_paths, classifiers = [], [], {}
     for name, path in zip(names, paths, strict=True):

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from .data import IGNORE_INDEX, Example, encode
-from .errors import DataError
-from .generation import GenerationSettings, stop_token_ids
-from .metrics import Score, choose_metric, score
+from ..data import IGNORE_INDEX, Example, encode
+from ..errors import DataError
+from ..generation import GenerationSettings, stop_token_ids
+from .scoring import Score, choose_metric, score
 
 log = logging.getLogger(__name__)
 

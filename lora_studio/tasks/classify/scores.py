@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write_text
+from ...files import atomic_write_text
 
 SCORES_FILE = "scores.json"
 CONFUSION_PNG = "confusion.png"

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from .classifier import Classifier, float32_settings, require_classifier
-from .errors import LoraStudioError, ModelError
-from .export import MERGE_INFO_FILE, _check_destination, _save_dtype
-from .files import move_into_place
-from .models import resolve_base
+from ...errors import LoraStudioError, ModelError
+from ...export import MERGE_INFO_FILE, _check_destination, _save_dtype
+from ...files import move_into_place
+from ...models import resolve_base
+from .model import Classifier, float32_settings, require_classifier
 
 # Largest allowed |probability difference|. float32 differs only by summation order (measured ~1e-7);
 # 16-bit weights round each weight by ~2^-11 (fp16) or ~2^-8 (bf16) of its size.
@@ -80,7 +80,7 @@ def compare_probabilities(
 
 def check_texts(metadata: dict[str, Any], n: int = 8) -> list[str]:
     """Texts to check on: the first n of the adapter's training file if still readable, else built-in ones."""
-    from .classify_data import load_labeled
+    from .data import load_labeled
 
     data = (metadata.get("recipe") or {}).get("data") or {}
     path = data.get("train_file")
@@ -239,7 +239,7 @@ def _check_server(
 ) -> None:
     import httpx
 
-    from .adapters import adapter_name
+    from ...adapters import adapter_name
 
     name = model or adapter_name(adapter_dir)
     with contextlib.ExitStack() as stack:
@@ -273,8 +273,8 @@ def _local_server(classifiers: dict[str, Classifier], api_key: str | None) -> It
     """The real HTTP app, classify routes only, on a free loopback port for the check's duration."""
     import uvicorn
 
-    from .serve_classify import classify_app
-    from .verify import free_port
+    from ...serve.classify import classify_app
+    from ...verify import free_port
 
     port = free_port()
     server = uvicorn.Server(

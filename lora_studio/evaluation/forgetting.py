@@ -24,13 +24,13 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .data import Example
-from .evaluate import base_fit, generate_answers
-from .metrics import normalise
+from ..data import Example
+from .answers import base_fit, generate_answers
+from .scoring import normalise
 
 log = logging.getLogger(__name__)
 
-PROBE_DIR = Path(__file__).resolve().parent / "probes"
+PROBE_DIR = Path(__file__).resolve().parents[1] / "probes"
 TRAINING_SENTENCES = 64  # general sentences scored at each validation with select_best: balanced
 
 
