@@ -9,8 +9,8 @@ from typing import Any
 
 from .config import Recipe
 from .errors import ConfigError, DataError, LoraStudioError, ModelError
+from .version import __version__ as __version__
 
-__version__ = "0.1.0"
 __all__ = ["Recipe", "train", "RunResult", "LoraStudioError", "ConfigError", "DataError", "ModelError"]
 
 

@@ -28,6 +28,7 @@ from .errors import ConfigError, ModelError
 from .files import move_into_place, settle_folder, temp_folder
 from .models import BaseModelRef, load_base, load_tokenizer, model_fingerprint
 from .remote_code import check_remote_code
+from .tasks.kinds import require_text
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,7 @@ def load_adapted(adapter: str | Path, *, full_precision: bool = False) -> Adapte
     """
     folder = Path(adapter).expanduser()
     meta = read_metadata(folder)
+    require_text(meta, folder)  # the base as a causal LM: a label head has no place on it
     settings = base_settings(meta, adapter, full_precision=full_precision)
     base, base_tokenizer, ref = load_base(settings, f"adapter {adapter}")
     model = apply_adapter(base, folder, meta, ref, settings.base_model)

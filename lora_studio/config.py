@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import logging
 import math
 import types
 import typing
@@ -25,6 +26,8 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 # The shipped default recipe (in the source tree): the UI's form starts from its choices.
@@ -139,13 +142,12 @@ class DataSettings:
         "Longest example in tokens; longer ones are truncated.",
         range=Range(1, 131072),  # also bounds the text tokenised per row (data.CHARS_PER_TOKEN)
     )
-    system_prompt: str | None = _f(None, "A system message added to chat examples that have none.")
+    system_prompt: str | None = _f(
+        None, "A system message added to chat examples that have none.", tasks=("chat",)
+    )
     dedupe: bool = _f(
         False, "Drop exact duplicate rows of train_file before the validation split (duplicates overfit)."
     )
-    # task: classify reads one text and one label per row.
-    text_column: str = _f("text", "task: classify: the column (field) holding each row's text.")
-    label_column: str = _f("label", "task: classify: the column (field) holding each row's label.")
 
 
 @dataclass(frozen=True)
@@ -182,18 +184,12 @@ class TrainSettings:
         "Random seed for data order, the validation split and adapter init.",
         range=Range(0, 2**32 - 1),  # numpy's seeds
     )
-    select_best: Literal["val_loss", "balanced"] = _f(
+    select_best: Literal["val_loss", "balanced", "macro_f1", "accuracy"] = _f(
         "val_loss",
-        "Which checkpoint becomes the adapter: the lowest validation loss, or 'balanced': the lowest "
-        "validation loss plus the rise of the loss on general text (keeps more of what the base knew).",
-    )
-    # task: classify only.
-    class_weight: Literal["none", "balanced"] = _f(
-        "none", "task: classify: 'balanced' weights the loss by inverse class frequency (for skewed labels)."
-    )
-    metric_for_best_model: Literal["val_loss", "macro_f1", "accuracy"] = _f(
-        "val_loss",
-        "What picks the best checkpoint and drives early stopping; macro_f1 and accuracy need task: classify.",
+        "Which checkpoint becomes the adapter (and what early stopping watches): the lowest validation "
+        "loss; 'balanced' (chat): the lowest validation loss plus the rise of the loss on general text "
+        "(keeps more of what the base knew); 'macro_f1' or 'accuracy' (classify): the best validation score.",
+        tasks={"balanced": ("chat",), "macro_f1": ("classify",), "accuracy": ("classify",)},
     )
     speedups: Literal["auto", "none"] | list[Speedup] = _f(
         "auto",
@@ -203,11 +199,32 @@ class TrainSettings:
     )
 
 
+@dataclass(frozen=True)
+class ClassifySettings:
+    """task: classify only: one text and one label per row."""
+
+    text_column: str = _f("text", "The column (field) holding each row's text.")
+    label_column: str = _f("label", "The column (field) holding each row's label.")
+    class_weight: Literal["none", "balanced"] = _f(
+        "none", "'balanced' weights the loss by inverse class frequency (for skewed labels)."
+    )
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelSettings,
     "lora": LoraSettings,
     "data": DataSettings,
     "train": TrainSettings,
+    "classify": ClassifySettings,
+}
+# A section only some tasks read: any setting in it is an error for the others.
+SECTION_TASKS: dict[str, tuple[str, ...]] = {"classify": ("classify",)}
+# Keys that moved to another section: still read, with a one-line note saying where they live now.
+MOVED_KEYS: dict[tuple[str, str], tuple[str, str]] = {
+    ("data", "text_column"): ("classify", "text_column"),
+    ("data", "label_column"): ("classify", "label_column"),
+    ("train", "class_weight"): ("classify", "class_weight"),
+    ("train", "metric_for_best_model"): ("train", "select_best"),
 }
 
 
@@ -219,6 +236,7 @@ class Recipe:
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    classify: ClassifySettings = field(default_factory=ClassifySettings)
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -242,6 +260,7 @@ class Recipe:
         task = raw.get("task", "chat")
         if task not in typing.get_args(Task):
             problems.append(f"task: expected {_describe(Task)}, got {task!r}")
+        raw = _move_old_keys(raw, source)
         for key in raw:
             if key not in ("name", "task") and key not in SECTIONS:
                 problems.append(_unknown(key, ["name", "task", *SECTIONS], "top-level key"))
@@ -320,9 +339,7 @@ class Recipe:
         steps = self.train.max_steps
         if steps != -1 and steps not in COUNT:
             problems.append(f"max_steps: expected -1 or a positive number (at most {MAX_COUNT}), got {steps}")
-        for name, chat_value in (("class_weight", "none"), ("metric_for_best_model", "val_loss")):
-            if self.task != "classify" and getattr(self.train, name) != chat_value:
-                problems.append(f"{name}: {getattr(self.train, name)!r} needs task: classify")
+        problems += _task_problems(self)
         save, every = self.train.save_every_steps, self.train.eval_every_steps
         if save is not None and save in COUNT and every in COUNT and save % every:
             problems.append(
@@ -333,6 +350,51 @@ class Recipe:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+def _task_problems(recipe: Recipe) -> list[str]:
+    """Settings the recipe's task cannot honour: an error naming the setting and the task, never ignored.
+
+    A field's `tasks` metadata names the tasks that read it (a tuple), or, per choice, the tasks
+    that honour that choice (a mapping); SECTION_TASKS does the same for a whole section.
+    """
+    problems = []
+    for section, kind in SECTIONS.items():
+        settings, default = getattr(recipe, section), kind()
+        for f in fields(kind):
+            value = getattr(settings, f.name)
+            if value == getattr(default, f.name):
+                continue
+            readers = SECTION_TASKS.get(section) or f.metadata.get("tasks")
+            if isinstance(readers, dict):
+                readers = readers.get(value) if isinstance(value, str) else None
+            if readers is not None and recipe.task not in readers:
+                problems.append(
+                    f"{section}.{f.name}: {value!r} is for task: {' or '.join(readers)}; "
+                    f"task {recipe.task!r} cannot honour it (remove it or change the task)"
+                )
+    return problems
+
+
+def _move_old_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Keys of older recipes, moved to where they live now, with a one-line note each."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for (old_section, old_key), (new_section, new_key) in MOVED_KEYS.items():
+        old = raw.get(old_section)
+        if not isinstance(old, dict) or old_key not in old:
+            continue
+        new = raw.setdefault(new_section, {})
+        if isinstance(new, dict):
+            new.setdefault(new_key, old.pop(old_key))
+            log.warning(
+                "%s: %s.%s is now %s.%s; it is still read, but please move it",
+                source,
+                old_section,
+                old_key,
+                new_section,
+                new_key,
+            )
+    return raw
+
+
 def _range_problems(settings: Any) -> list[str]:
     """Every number of a section outside its field's range (an empty optional setting is fine)."""
     problems = []
@@ -403,7 +465,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raw[key] = value
             continue
         section, _, name = key.rpartition(".")
-        section = section or field_section(name)
+        section = section or field_section(name) or _old_section(name)
         if section not in SECTIONS:
             all_names = [f.name for kind in SECTIONS.values() for f in fields(kind)]
             problems.append(_unknown(key, all_names, "setting"))
@@ -414,6 +476,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     if problems:
         raise ConfigError("bad override(s):\n  - " + "\n  - ".join(problems))
     return raw
+
+
+def _old_section(name: str) -> str | None:
+    """Where a moved key used to live (`--set class_weight=balanced` keeps working)."""
+    return next((section for section, key in MOVED_KEYS if key == name), None)
 
 
 def _parse_yaml(text: str, what: str) -> Any:

@@ -40,7 +40,7 @@ def adapter_archive(adapter_dir: str | Path) -> Path:
 
 def merged_archive(adapter_dir: str | Path) -> tuple[Path, list[str]]:
     """Merge an adapter into its base (a standalone transformers model), zip it; returns (zip, report lines)."""
-    from .export import merge_adapter
+    from .tasks.registry import task_of
 
     folder = Path(adapter_dir).expanduser().resolve()
     read_metadata(folder)
@@ -48,7 +48,7 @@ def merged_archive(adapter_dir: str | Path) -> tuple[Path, list[str]]:
     dest, merged = exports_dir() / f"{name}.zip", exports_dir() / "merged" / name
     if _is_fresh(dest, folder / METADATA_FILE):
         return dest, [f"merged model archive already built: {dest.name}"]
-    report = merge_adapter(folder, merged, overwrite=True)
+    report = task_of(folder).merge(folder, merged, overwrite=True)
     zip_folder(merged, dest, top=name)
     return dest, report.lines()
 

@@ -41,6 +41,7 @@ from .files import move_into_place, settle_folder, temp_folder
 from .generation import stop_token_ids
 from .inference import check_messages
 from .models import load_tokenizer
+from .tasks.kinds import require_text
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +147,6 @@ def merge_adapter(
 
     dtype: the saved weights' dtype; "auto" keeps the base checkpoint's own dtype.
     """
-    if read_metadata(adapter_dir).get("task") == "classify":  # a label head: a sequence-classification model
-        from .tasks.classify.export import merge_classifier
-
-        return merge_classifier(adapter_dir, out_dir, dtype=dtype, overwrite=overwrite)
     start = time.time()
     adapter_dir, out_dir = Path(adapter_dir).expanduser().resolve(), Path(out_dir).expanduser()
     settle_folder(out_dir)  # a replacement a crash cut short is rolled back before we look
@@ -167,11 +164,7 @@ def merge_into(adapter_dir: Path, folder: Path, *, dtype: str = "auto") -> tuple
     """Merge into an existing empty `folder` and check it; raises ModelError if the check fails."""
     start = time.time()
     meta = read_metadata(adapter_dir)
-    if meta.get("task") == "classify":
-        raise ConfigError(
-            f"{adapter_dir} is a classification adapter and GGUF is for chat models: "
-            "use `lora-studio merge` for a standalone transformers classifier"
-        )
+    require_text(meta, adapter_dir)  # a causal LM (and GGUF) holds no label head
     # Always merge into full-precision weights, whatever the adapter was trained on (QLoRA too).
     adapted = load_adapted(adapter_dir, full_precision=True)
     peft, tokenizer, ref, base_model = adapted.model, adapted.tokenizer, adapted.ref, meta["base_model"]

@@ -45,6 +45,7 @@ from .config import DEFAULT_BASE_MODEL, ModelSettings
 from .errors import ModelError, RequestError
 from .generation import GenerationSettings, stop_token_ids
 from .models import load_base, model_fingerprint
+from .tasks.kinds import require_text
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +192,7 @@ class InferenceEngine:
 
         folder = Path(path).expanduser().resolve()
         meta = read_metadata(folder)  # also checks adapter_model.safetensors is there (no pickles)
-        if meta.get("task") == "classify":
-            raise ModelError(
-                f"{folder} is a classification adapter: it picks labels and cannot chat; "
-                "use `lora-studio classify` or POST /v1/classify"
-            )
+        require_text(meta, folder)  # a label head cannot chat
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}", name or ""):
             raise ModelError(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_', ':' or '-'")
         if name in self._adapters or name in (self.base_name, "base"):

@@ -381,14 +381,9 @@ class JobStore:
 # --- helpers ---------------------------------------------------------------------------------------
 def _check_data(recipe: Recipe) -> None:
     """Parse the data files now, so a job never waits in the queue only to fail on a typo."""
-    from .data import load_examples
-    from .tasks.classify.data import load_labeled
+    from .tasks.registry import TASKS
 
-    for path in (recipe.data.train_file, recipe.data.val_file):
-        if path and recipe.task == "classify":
-            load_labeled(path, recipe.data.text_column, recipe.data.label_column)
-        elif path:
-            load_examples(path, recipe.data.format, recipe.data.system_prompt)
+    TASKS[recipe.task].check_data(recipe)
 
 
 def _first_save_step(recipe: dict[str, Any]) -> int:

@@ -19,6 +19,8 @@ from typing import Any, TextIO
 
 from transformers import TrainerCallback
 
+from .tasks.registry import TASKS
+
 
 class ProgressDisplay(TrainerCallback):
     """Draws training progress for a person watching (see the module doc)."""
@@ -96,7 +98,9 @@ class ProgressDisplay(TrainerCallback):
             f"trained {metrics.get('global_step')} steps in {_duration(metrics.get('train_runtime_s'))}"
             + (f", {metrics['tokens_per_second']:.0f} tokens/s" if metrics.get("tokens_per_second") else "")
         ]
-        best = metrics.get("best_val_loss", metrics.get("val_loss"))  # task: classify has the best's val_loss
+        best = metrics.get(
+            "best_val_loss", metrics.get("val_loss")
+        )  # a classifier's metrics hold its best model's val_loss
         if best is not None:
             base = metrics.get("base_val_loss")
             checkpoint = metrics.get("best_checkpoint")
@@ -107,10 +111,7 @@ class ProgressDisplay(TrainerCallback):
             )
         lines.append(f"adapter: {result.adapter_dir}")
         adapter = shlex.quote(str(result.adapter_dir))
-        if task == "classify":  # a classifier picks labels: it cannot chat
-            lines.append(f'try it:  lora-studio classify {adapter} "a text to label"')
-        else:
-            lines.append(f"try it:  lora-studio chat {adapter} --compare")
+        lines.append(TASKS[task].try_it(adapter))
         return lines
 
     def _validated(self, state: Any, val_loss: float) -> None:

@@ -1,6 +1,6 @@
 """Deployment consistency: does the adapter answer the same way everywhere it is shipped?
 
-    report = verify("runs/support/adapter")    # merges, exports a GGUF and starts a server itself
+    report = verify_chat("support")  # a run name or an adapter folder    # merges, exports a GGUF and starts a server itself
     print("\\n".join(report.lines())); report.ok
 
 The same prompts (the adapter's own training chats when the data file is still there) are answered
@@ -46,6 +46,7 @@ from .export import (
 from .generation import GenerationSettings
 from .inference import InferenceEngine, check_messages
 from .models import load_tokenizer
+from .tasks.kinds import require_text
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class VerifyReport:
         return out
 
 
-def verify(
+def verify_chat(
     adapter_dir: str | Path,
     *,
     merged_dir: str | Path | None = None,
@@ -129,18 +130,7 @@ def verify(
     """
     adapter_dir = Path(adapter_dir).expanduser().resolve()
     meta = read_metadata(adapter_dir)
-    if meta.get("task") == "classify":  # label probabilities, not generated text, are compared
-        from .tasks.classify.export import verify_classifier
-
-        return verify_classifier(
-            adapter_dir,
-            merged_dir=merged_dir,
-            server_url=server_url,
-            server_model=server_model,
-            api_key=api_key,
-            targets=targets,
-            texts=[p[-1]["content"] for p in prompts] if prompts else None,
-        )
+    require_text(meta, adapter_dir)
     name = adapter_name(adapter_dir)
     engine = InferenceEngine.from_adapters([adapter_dir], [name])
     chosen = (

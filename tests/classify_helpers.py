@@ -31,7 +31,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def classify_recipe(model_dir: Path, train_file: Path, run_dir: Path, **train: object):
-    """A classify recipe for the tiny model; `train` overrides train settings."""
+    """A classify recipe for the tiny model; `train` overrides train (or classify) settings."""
     from lora_studio import Recipe
 
     return Recipe.from_dict(
@@ -48,8 +48,9 @@ def classify_recipe(model_dir: Path, train_file: Path, run_dir: Path, **train: o
                 "eval_every_steps": 10,
                 "logging_steps": 2,
                 "learning_rate": 1e-2,
-                **train,
+                **{k: v for k, v in train.items() if k != "class_weight"},
             },
+            "classify": {k: v for k, v in train.items() if k == "class_weight"},
         }
     )
 

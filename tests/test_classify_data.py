@@ -167,12 +167,10 @@ def test_recipe_task_is_checked_and_overridable(tmp_path: Path):
     assert Recipe.from_dict({**raw, "task": "classify"}).task == "classify"
     with pytest.raises(ConfigError, match="task: expected one of 'chat', 'classify', got 'regress'"):
         Recipe.from_dict({**raw, "task": "regress"})
-    with pytest.raises(ConfigError, match="metric_for_best_model: 'macro_f1' needs task: classify"):
-        Recipe.from_dict({**raw, "train": {"metric_for_best_model": "macro_f1"}})
     path = tmp_path / "r.yaml"
     path.write_text("data:\n  train_file: x.csv\n")
     recipe = Recipe.from_yaml(path, ["task=classify", "label_column=intent", "class_weight=balanced"])
-    assert (recipe.task, recipe.data.label_column, recipe.train.class_weight) == (
+    assert (recipe.task, recipe.classify.label_column, recipe.classify.class_weight) == (
         "classify",
         "intent",
         "balanced",
@@ -205,3 +203,40 @@ def test_scores_match_a_hand_count(tmp_path: Path):
 def test_macro_f1_ignores_classes_absent_from_both_sides():
     scores = score_predictions([0, 1], [0, 1], ["a", "b", "never"])
     assert scores.macro_f1 == 1.0
+
+
+@pytest.mark.parametrize(
+    "task, section, setting, value, honoured_by",
+    [
+        ("chat", "train", "select_best", "macro_f1", "classify"),
+        ("chat", "classify", "class_weight", "balanced", "classify"),
+        ("chat", "classify", "label_column", "intent", "classify"),
+        ("classify", "train", "select_best", "balanced", "chat"),
+        ("classify", "data", "system_prompt", "Be brief.", "chat"),
+    ],
+)
+def test_a_setting_the_task_cannot_honour_is_an_error_naming_both(task, section, setting, value, honoured_by):
+    raw = {"task": task, "data": {"train_file": "x.csv"}, section: {setting: value}}
+    with pytest.raises(
+        ConfigError, match=rf"{section}\.{setting}: .* is for task: {honoured_by}; task '{task}'"
+    ):
+        Recipe.from_dict(raw)
+
+
+def test_old_keys_still_load_with_a_note_to_move_them(caplog: pytest.LogCaptureFixture):
+    raw = {
+        "task": "classify",
+        "data": {"train_file": "x.csv", "text_column": "sentence", "label_column": "intent"},
+        "train": {"class_weight": "balanced", "metric_for_best_model": "macro_f1"},
+    }
+    with caplog.at_level("WARNING", logger="lora_studio.config"):
+        recipe = Recipe.from_dict(raw, source="old.yaml")
+    assert (recipe.classify.text_column, recipe.classify.label_column) == ("sentence", "intent")
+    assert (recipe.classify.class_weight, recipe.train.select_best) == ("balanced", "macro_f1")
+    notes = [r.getMessage() for r in caplog.records]
+    assert (
+        "old.yaml: data.text_column is now classify.text_column; it is still read, but please move it"
+        in notes
+    )
+    assert len(notes) == 4
+    assert Recipe.from_dict(recipe.to_dict()) == recipe  # the resolved recipe has the new keys only

@@ -45,7 +45,7 @@ def test_weighted_loss_is_normalised_over_the_accumulated_batch():
 
 def test_training_lifts_validation_accuracy_above_90_percent(tiny_model_dir: Path, tmp_path: Path):
     data = write_jsonl(tmp_path / "toy.jsonl", toy_rows(40))
-    recipe = classify_recipe(tiny_model_dir, data, tmp_path / "run", metric_for_best_model="macro_f1")
+    recipe = classify_recipe(tiny_model_dir, data, tmp_path / "run", select_best="macro_f1")
     result = train(recipe)
     metrics = result.metrics
     assert metrics["val_accuracy"] > 0.9 and metrics["val_macro_f1"] > 0.9
@@ -98,8 +98,8 @@ def test_sixty_classes_of_ten_rows_train_and_report_every_class(tiny_model_dir: 
 def test_a_4bit_base_trains_with_a_full_precision_head_and_merges(tmp_path: Path):
     from bitsandbytes.nn import Linear4bit
 
-    from lora_studio.export import merge_adapter
     from lora_studio.tasks.classify.model import Classifier
+    from lora_studio.tasks.registry import merge as merge_adapter
 
     model_dir = build_wide_tiny_model(tmp_path / "wide")
     data = write_jsonl(tmp_path / "toy.jsonl", toy_rows(10))

@@ -62,4 +62,4 @@ def test_train_form_offers_the_task(tmp_path: Path):
     values = ["t", "base", str(tmp_path / "d.csv"), 4, None, "none", 1.0, 5e-3, 64, 4, 4, 2, 1]
     assert recipe_from_form(*values).task == "chat"
     recipe = recipe_from_form(*values, task="classify")
-    assert recipe.task == "classify" and recipe.data.label_column == "label"
+    assert recipe.task == "classify" and recipe.classify.label_column == "label"

@@ -56,9 +56,10 @@ def _loaders(tmp_path: Path) -> dict[str, object]:
     from lora_studio.adapters import load_adapted
     from lora_studio.downloads import merged_archive
     from lora_studio.engine_pool import EnginePool
-    from lora_studio.export import export_gguf, merge_adapter
+    from lora_studio.export import export_gguf
     from lora_studio.inference import InferenceEngine
-    from lora_studio.verify import verify
+    from lora_studio.tasks.registry import merge as merge_adapter
+    from lora_studio.tasks.registry import verify
 
     return {
         "serve/chat (engine)": lambda a: InferenceEngine.from_adapters([a]),

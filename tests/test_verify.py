@@ -8,7 +8,7 @@ import pytest
 from adapter_helpers import build_adapter, build_constant_model, edit_json
 
 from lora_studio.export import merge_adapter
-from lora_studio.verify import verify
+from lora_studio.tasks.registry import verify
 
 
 @pytest.mark.subprocess  # llama.cpp's converter runs as a process

@@ -31,7 +31,7 @@ class ChatTab:
 # --- handlers -----------------------------------------------------------------------------------
 def model_choices() -> list[tuple[str, str]]:
     """Adapters (newest first), then the bases they were trained on and the built-in default."""
-    adapters = trained_adapters()
+    adapters = trained_adapters(writes_text=True)  # a classifier picks labels: the Classify tab has them
     rows = [(f"adapter: {a.label}", ADAPTER + str(a.folder)) for a in adapters]
     bases = dict.fromkeys([DEFAULT_BASE_MODEL, *(a.base_model for a in adapters)])
     return rows + [(f"base model: {b}", BASE + b) for b in bases]

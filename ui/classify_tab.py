@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from lora_studio.tasks.classify.model import Classifier, is_classifier
+from lora_studio.tasks.classify.model import Classifier
 
 from .common import shows_errors, trained_adapters
 
@@ -45,7 +45,7 @@ class ClassifierCache:
 # --- handlers -----------------------------------------------------------------------------------
 def classifier_choices() -> list[tuple[str, str]]:
     """(label, folder) of every finished classification adapter, newest first."""
-    return [(a.label, str(a.folder)) for a in trained_adapters() if is_classifier(a.metadata)]
+    return [(a.label, str(a.folder)) for a in trained_adapters(task="classify")]
 
 
 def refresh(current: str | None = None) -> gr.Dropdown:

@@ -171,15 +171,17 @@ class TrainedAdapter:
     metadata: dict[str, Any]
 
 
-def trained_adapters() -> list[TrainedAdapter]:
+def trained_adapters(task: str | None = None, *, writes_text: bool | None = None) -> list[TrainedAdapter]:
     """Finished adapters, newest first: every succeeded run in the run index, wherever its folder is
-    (a CLI run from any folder, `accelerate launch`, a job, this UI).
+    (a CLI run from any folder, `accelerate launch`, a job, this UI). `task` keeps one task's
+    adapters; `writes_text` those that can (or cannot) chat.
 
     A damaged adapter (missing or broken files) is left out and named in a warning; the rest are
     still listed. A deleted adapter is left out quietly.
     """
     from lora_studio import runs
     from lora_studio.adapters import read_metadata
+    from lora_studio.tasks.kinds import generates_text, task_name
 
     found: dict[Path, TrainedAdapter] = {}
     skipped: list[str] = []
@@ -192,6 +194,8 @@ def trained_adapters() -> list[TrainedAdapter]:
         except LoraStudioError as e:
             if folder.exists():
                 skipped.append(f"a damaged adapter ({e})")
+            continue
+        if (task and task_name(meta) != task) or writes_text not in (None, generates_text(meta)):
             continue
         when = str(meta.get("created_at", ""))[:16].replace("T", " ")
         label = f"{run.name} ({run.id}, {when})"

@@ -209,9 +209,10 @@ def _stream(pieces: Any, write: Callable[[str], Any]) -> str:
 
 # --- merge / export ----------------------------------------------------------------------------
 def run_merge(args: argparse.Namespace) -> int:
-    from ..export import merge_adapter
+    from ..tasks.registry import task_of
 
-    report = merge_adapter(args.adapter, args.out, dtype=args.dtype, overwrite=args.force)
+    task = task_of(args.adapter)
+    report = task.merge(Path(args.adapter), Path(args.out), dtype=args.dtype, overwrite=args.force)
     print("\n".join(report.lines()))
     return 0
 
@@ -247,7 +248,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..access import read_secret
     from ..inference import InferenceEngine
     from ..serve.app import API_KEY_ENV, check_exposure, model_ids, run_server
-    from ..serve.classify import load_classifiers, run_classify_server, split_adapters
+    from ..serve.classify import load_classifiers
+    from ..tasks.registry import group_by_task
 
     if not args.max_body_mb > 0:
         raise ConfigError(f"--max-body-mb: expected a positive size in MB, got {args.max_body_mb}")
@@ -256,22 +258,18 @@ def run_serve(args: argparse.Namespace) -> int:
     api_key = read_secret(args.api_key, args.api_key_file, API_KEY_ENV, "--api-key")
     check_exposure(args.host, api_key, args.insecure_no_auth)  # before the model loads: fail fast
     names, paths = served_adapters(args.adapters)
-    names, paths, classifier_paths = split_adapters(names, paths)  # task: classify -> POST /v1/classify
-    classifiers = load_classifiers(classifier_paths)
-    if classifiers and not paths and args.base is None:
-        print(
-            f"serving classifiers {', '.join(classifiers)} at http://{args.host}:{args.port}/v1/classify",
-            flush=True,
-        )
-        run_classify_server(classifiers, host=args.host, port=args.port, api_key=api_key)
-        return 0
-    if not paths and args.base is None:
+    groups = group_by_task(dict(zip(names, map(Path, paths), strict=True)))
+    chat, classifiers = groups.pop("chat", {}), load_classifiers(groups.pop("classify", {}))
+    if not chat and not classifiers and args.base is None:
         raise ConfigError(
             "nothing to serve: give adapter folders, or --base MODEL to serve a base model alone"
         )
-    engine = InferenceEngine.from_adapters(paths, names, base=args.base)
+    engine = None  # a server of classifiers only: their bases may have no chat template
+    if chat or args.base is not None:
+        engine = InferenceEngine.from_adapters(list(map(str, chat.values())), list(chat), base=args.base)
+    served = [*(model_ids(engine) if engine else []), *classifiers]
     print(
-        f"serving {', '.join(model_ids(engine))} at http://{args.host}:{args.port}/v1"
+        f"serving {', '.join(served)} at http://{args.host}:{args.port}/v1"
         f"{' (API key required)' if api_key else ''}",
         flush=True,
     )
@@ -291,12 +289,12 @@ def run_serve(args: argparse.Namespace) -> int:
 # --- verify ------------------------------------------------------------------------------------
 def run_verify(args: argparse.Namespace) -> int:
     from ..serve.app import API_KEY_ENV
-    from ..verify import verify
+    from ..tasks.registry import task_of
 
     prompts = [[{"role": "user", "content": p}] for p in args.prompt] or None
     targets = [t for t in typing.get_args(VerifyTarget) if t not in args.skip]
-    report = verify(
-        args.adapter,
+    report = task_of(args.adapter).verify(
+        Path(args.adapter),
         merged_dir=args.merged,
         gguf_file=args.gguf,
         server_url=args.server,

@@ -1,11 +1,17 @@
 """An OpenAI-compatible HTTP API over the inference engine (FastAPI + uvicorn).
 
-    GET  /v1/models             the base model and every loaded adapter
+    GET  /v1/models             the base model, every loaded adapter and every classifier
     POST /v1/chat/completions   `model` picks an adapter or the base; `stream: true` for SSE
+    POST /v1/classify           `model` picks a classifier (task: classify; see serve/classify.py)
     GET  /health                liveness, no key needed
 
     app = build_app(engine, api_key="secret", max_body_mb=4, max_queue=16)  # no side effects
+    app = build_app(None, classifiers={"tickets": clf})                      # classifiers only
     run_server(engine, host="127.0.0.1", port=8000, api_key=None)
+
+Every route of every task goes through the same guards (`Guards`): the API key, admission (429
+past `max_queue`), the body limit (413), parsing off the event loop, cancel-on-disconnect and the
+error handlers (never a traceback; 500 in OpenAI's shape for the unexpected).
 
 Works with the official `openai` client (`OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...)`).
 The base answers to its name and to "base". Supported request fields: model, messages (string
@@ -23,13 +29,12 @@ its generation. Binding beyond loopback without a key is refused (see `access`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio.to_thread
@@ -37,13 +42,14 @@ import anyio.to_thread
 # Imported here, not inside build_app: FastAPI resolves the handlers' annotations (`request: Request`)
 # from this module's globals, and would otherwise take `request` for a query parameter.
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 
 from ..access import require_auth_beyond_loopback
 from ..errors import RequestError
 from ..inference import Generation, InferenceEngine
+from .classify import add_classify_routes, refuse_classifier
+from .guards import Admission, Guards, add_error_handlers, until_gone
 from .requests import (
     BASE_ALIAS,
     APIError,
@@ -54,7 +60,6 @@ from .requests import (
     model_ids,
     parse_body,
     parse_chat_request,
-    read_body,
     resolve_model,
 )
 
@@ -65,59 +70,21 @@ log = logging.getLogger(__name__)
 API_KEY_ENV = "LORA_STUDIO_API_KEY"
 DEFAULT_MAX_BODY_MB = 4.0
 DEFAULT_MAX_QUEUE = 16
-RETRY_AFTER_S = 1
-
-
-class Admission:
-    """Bounds the chat requests the server holds: one generating and up to `max_queue` waiting.
-
-    A request holds its place from admission until its generation has ended, not merely until
-    its response was sent: a cancelled generation still holds the engine until its next token.
-    Used on the event loop only, so it needs no lock.
-    """
-
-    def __init__(self, max_queue: int):
-        self.capacity = max_queue + 1
-        self._preparing = 0  # admitted, body being read or tokenised
-        self._replies: list[Generation] = []  # admitted and started, maybe finished by now
-
-    def held(self) -> int:
-        self._replies = [r for r in self._replies if not r.finished]
-        return self._preparing + len(self._replies)
-
-    @contextlib.contextmanager
-    def place(self) -> Iterator[Callable[[Generation], None]]:
-        """A place in the queue while the request is prepared; call the yielded function with its reply."""
-        if self.held() >= self.capacity:
-            raise APIError(
-                429,
-                f"the server is busy: {self.capacity - 1} requests are already waiting; retry shortly",
-                type="rate_limit_error",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
-        self._preparing += 1
-        try:
-            yield self._keep
-        finally:
-            self._preparing -= 1
-
-    def _keep(self, reply: Generation) -> None:
-        self._replies.append(reply)  # not a bound `append`: held() replaces the list
 
 
 def build_app(
-    engine: InferenceEngine,
+    engine: InferenceEngine | None,
     api_key: str | None = None,
     *,
     max_body_mb: float = DEFAULT_MAX_BODY_MB,
     max_queue: int = DEFAULT_MAX_QUEUE,
     classifiers: dict | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving `engine`; with `api_key`, /v1 routes need `Authorization: Bearer <key>`."""
+    """The FastAPI app serving `engine` (None: classifiers only) and `classifiers` (name -> Classifier);
+    with `api_key`, /v1 routes need `Authorization: Bearer <key>`."""
     admission = Admission(max_queue)
-    max_bytes = int(max_body_mb * 2**20)
-    prompt_chars = max_prompt_chars(engine)
+    guards = Guards(admission, api_key_check(api_key), int(max_body_mb * 2**20))
+    classifiers = classifiers or {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -130,8 +97,6 @@ def build_app(
     created = int(time.time())
     add_error_handlers(app)
 
-    authorize = api_key_check(api_key)
-
     # async handlers run on the event loop, so they never wait for a worker thread
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -139,20 +104,34 @@ def build_app(
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
-        authorize(request)
-        return {"object": "list", "data": [model_card(engine, m, created) for m in model_ids(engine)]}
+        guards.authorize(request)
+        chat = [model_card(engine, m, created) for m in model_ids(engine)] if engine else []
+        return {"object": "list", "data": chat + [classifier_card(n, created) for n in classifiers]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-        authorize(request)
+        guards.authorize(request)
+        if model_id in classifiers:
+            return classifier_card(model_id, created)
+        if engine is None:
+            raise APIError(
+                404, f"model {model_id!r} is not served here", param="model", code="model_not_found"
+            )
         resolve_model(engine, model_id)
         return model_card(engine, model_id, created)
 
+    add_chat_routes(app, guards, engine, classifiers)
+    add_classify_routes(app, guards, classifiers)
+    return app
+
+
+def add_chat_routes(app: FastAPI, guards: Guards, engine: InferenceEngine | None, classifiers: dict) -> None:
+    """POST /v1/chat/completions; on a server of classifiers only, a 400 that names /v1/classify."""
+    prompt_chars = max_prompt_chars(engine) if engine is not None else 0
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        authorize(request)
-        with admission.place() as keep:
-            raw = await read_body(request, max_bytes)
+        async with guards.admitted(request) as (raw, keep):
             chat, reply = await run_in_threadpool(start_chat, engine, raw, prompt_chars, classifiers)
             keep(reply)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -165,49 +144,25 @@ def build_app(
         text = await reply_text(request, reply)
         return completion(reply, text, completion_id, chat.model)
 
-    if classifiers:  # POST /v1/classify for task: classify adapters
-        from .classify import add_classify_routes
-
-        add_classify_routes(app, classifiers, authorize, max_bytes)
-    return app
-
-
-def add_error_handlers(app: FastAPI) -> None:
-    """Every error, expected or not, answered in OpenAI's shape."""
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse(
-            APIError(exc.status_code, str(exc.detail), code=code).body(), status_code=exc.status_code
-        )
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error serving %s", request.url.path)
-        body = APIError(500, f"internal error: {type(exc).__name__}", type="server_error").body()
-        return JSONResponse(body, status_code=500)
-
 
 def start_chat(
-    engine: InferenceEngine, raw: bytes, prompt_chars: int, classifiers: dict | None = None
+    engine: InferenceEngine | None, raw: bytes, prompt_chars: int, classifiers: dict
 ) -> tuple[ChatRequest, Generation]:
     """Parse, check, template and tokenise a request, and start its generation (CPU work: call it
     in a worker thread, never on the event loop)."""
-    if classifiers:  # a classifier's name gets a 400 naming /v1/classify, not "unknown model"
-        from .classify import refuse_classifier
-
-        refuse_classifier(classifiers, parse_body(raw))
+    refuse_classifier(classifiers, parse_body(raw))  # a classifier's name: a 400 naming /v1/classify
+    if engine is None:
+        raise APIError(400, "this server serves classifiers only: POST /v1/classify", param="model")
     chat = parse_chat_request(raw, engine, prompt_chars)
     try:
         return chat, engine.start(chat.messages, chat.adapter, chat.settings)
     except RequestError as e:  # the engine's names, in the API's words
         message, param = engine_error_message(str(e))
         raise APIError(400, message, param=param) from None
+
+
+def classifier_card(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "lora-studio", "task": "classify"}
 
 
 def model_card(engine: InferenceEngine, model: str, created: int) -> dict[str, Any]:
@@ -301,28 +256,16 @@ async def cancel_on_disconnect(events: Iterator[str], reply: Generation) -> Asyn
 
 async def reply_text(request: Request, reply: Generation) -> str:
     """Wait for a whole reply in a worker thread; a client that goes away meanwhile stops it."""
-    waiting = asyncio.ensure_future(run_in_threadpool(reply.wait))
-    gone = asyncio.ensure_future(client_gone(request))
     try:
-        await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not waiting.done():  # the client left (or the server is stopping): no one will read it
-            reply.cancel()
-            log.info("a client left before its answer: its generation was stopped")
-    if not waiting.done():
-        raise APIError(400, "the client went away before the answer was ready")
-    return waiting.result()
-
-
-async def client_gone(request: Request) -> None:
-    """Returns when the client disconnects (the body has been read, so only that can arrive)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        await asyncio.sleep(0.05)
+        return await until_gone(request, run_in_threadpool(reply.wait))
+    except APIError:
+        reply.cancel()
+        log.info("a client left before its answer: its generation was stopped")
+        raise
 
 
 def run_server(
-    engine: InferenceEngine,
+    engine: InferenceEngine | None,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,

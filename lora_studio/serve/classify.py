@@ -15,66 +15,45 @@ Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400
 401 for a missing or wrong key, 404 for an unknown classifier. A chat request whose `model` is a
 classifier gets a 400 that says to use /v1/classify: a classifier picks labels, it does not write.
 
-`serve.build_app(engine, api_key, classifiers)` mounts these routes next to the chat API; when a
-server has classifiers only (their base may have no chat template), `classify_app` is the whole app.
+`serve.app.build_app(engine, api_key, classifiers=...)` mounts these routes next to the chat API
+(engine None: a server of classifiers only, whose bases may have no chat template), behind the same
+guards as chat (serve/guards.py): 413 over the body limit, 429 past the queue, 500 for the unexpected.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
-from ..tasks.classify.model import Classifier, is_classifier
-from .requests import APIError, api_key_check, parse_body, read_body
+from ..tasks.classify.model import Classifier
+from .guards import Guards
+from .requests import APIError, parse_body
 
 MAX_INPUTS = 256
-CHAT_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
 # --- loading -------------------------------------------------------------------------------------
-def split_adapters(names: list[str], paths: list[str]) -> tuple[list[str], list[str], dict[str, str]]:
-    """(chat names, chat paths, {classifier name: path}), told apart by each folder's lora_studio.json."""
-    from ..adapters import read_metadata
-
-    chat_names, chat_paths, classifiers = [], [], {}
-    for name, path in zip(names, paths, strict=True):
-        if is_classifier(read_metadata(path)):
-            classifiers[name] = path
-        else:
-            chat_names.append(name)
-            chat_paths.append(path)
-    return chat_names, chat_paths, classifiers
-
-
 def load_classifiers(paths: dict[str, str | Path]) -> dict[str, Classifier]:
     """Each classification adapter on its own base, as it was trained (heads differ in size)."""
     return {name: Classifier.from_adapter(path) for name, path in paths.items()}
 
 
 # --- routes --------------------------------------------------------------------------------------
-def add_classify_routes(
-    app: FastAPI,
-    classifiers: dict[str, Classifier],
-    authorize: Callable[[Request], None],
-    max_bytes: int = 4 * 2**20,
-) -> None:
-    """Mount POST /v1/classify on `app`; `authorize` is the app's API key check."""
+def add_classify_routes(app: FastAPI, guards: Guards, classifiers: dict[str, Classifier]) -> None:
+    """Mount POST /v1/classify on `app`, through the server's guards (key, admission, body limit, errors)."""
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> Any:
-        try:
-            authorize(request)
-            body = parse_body(await read_body(request, max_bytes))  # 413 past the limit
-            name, texts = parse_classify_request(classifiers, body)
-        except APIError as e:
-            return JSONResponse(e.body(), status_code=e.status)
-        predictions = await run_in_threadpool(classifiers[name].predict, texts)
-        return classify_response(name, classifiers[name], texts, predictions)
+        async with guards.admitted(request) as (raw, keep):
+            return await guards.in_worker(request, keep, lambda: answer(classifiers, raw))
+
+
+def answer(classifiers: dict[str, Classifier], raw: bytes) -> dict[str, Any]:
+    """Parse, check and answer one request (CPU work: in a worker thread, never on the event loop)."""
+    name, texts = parse_classify_request(classifiers, parse_body(raw))
+    return classify_response(name, classifiers[name], texts, classifiers[name].predict(texts))
 
 
 def refuse_classifier(classifiers: dict[str, Classifier], body: dict[str, Any]) -> None:
@@ -132,48 +111,3 @@ def classify_response(
             for i, (text, p) in enumerate(zip(texts, predictions, strict=True))
         ],
     }
-
-
-# --- a server of classifiers only ----------------------------------------------------------------
-def classify_app(classifiers: dict[str, Classifier], api_key: str | None = None) -> FastAPI:
-    """The whole app when only classifiers are served: /health, /v1/models, /v1/classify; chat refused."""
-    app = FastAPI(title="LoRA Studio classifiers", docs_url=None, redoc_url=None, openapi_url=None)
-
-    authorize = api_key_check(api_key)
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    def models(request: Request) -> dict[str, Any]:
-        authorize(request)
-        cards = [
-            {"id": name, "object": "model", "owned_by": "lora-studio", "task": "classify"}
-            for name in classifiers
-        ]
-        return {"object": "list", "data": cards}
-
-    for path in CHAT_PATHS:
-
-        @app.post(path)
-        async def chat(request: Request) -> Any:
-            authorize(request)
-            body = parse_body(await request.body())
-            refuse_classifier(classifiers, body)
-            raise APIError(400, "this server serves classifiers only: POST /v1/classify", param="model")
-
-    add_classify_routes(app, classifiers, authorize)
-    return app
-
-
-def run_classify_server(
-    classifiers: dict[str, Classifier], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
-) -> None:
-    import uvicorn
-
-    uvicorn.run(classify_app(classifiers, api_key), host=host, port=port, log_level="warning")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...config import ClassifySettings
 from ...data import data_fingerprint, read_rows
 from ...errors import DataError
 
@@ -220,11 +221,28 @@ class ClassifyData:
     val_rows: list[LabeledText]
 
 
-def prepare_classification(settings: Any, tokenizer: Any, seed: int = 42) -> ClassifyData:
-    """Load, check, split, tokenize and report on the data of a classify recipe's `data` section."""
-    train_rows = load_labeled(settings.train_file, settings.text_column, settings.label_column)
+def dedupe_rows(rows: list[LabeledText]) -> list[LabeledText]:
+    """The rows without exact repeats (same text, same label), the first of each kept in order."""
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for row in rows:
+        if (row.text, row.label) not in seen:
+            seen.add((row.text, row.label))
+            kept.append(row)
+    return kept
+
+
+def prepare_classification(
+    settings: Any, tokenizer: Any, seed: int = 42, columns: ClassifySettings | None = None
+) -> ClassifyData:
+    """Load, check, split, tokenize and report on the data of a classify recipe (`data` and `classify`)."""
+    columns = columns or ClassifySettings()
+    text, label = columns.text_column, columns.label_column
+    train_rows = load_labeled(settings.train_file, text, label)
+    if settings.dedupe:  # before the split, so no row can land on both sides
+        train_rows = dedupe_rows(train_rows)
     if settings.val_file:
-        val_rows = load_labeled(settings.val_file, settings.text_column, settings.label_column)
+        val_rows = load_labeled(settings.val_file, text, label)
     else:
         train_rows, val_rows = stratified_split(train_rows, settings.val_fraction, seed)
     check_label_sets(train_rows, val_rows, Path(settings.train_file).name)
@@ -236,9 +254,7 @@ def prepare_classification(settings: Any, tokenizer: Any, seed: int = 42) -> Cla
 
     train, val = encoded(train_rows), encoded(val_rows)
     report = make_report(train_rows, val_rows, label_map, train + val, settings.max_length)
-    digest = hashlib.sha256(
-        (data_fingerprint(settings) + json.dumps([settings.text_column, settings.label_column])).encode()
-    ).hexdigest()
+    digest = hashlib.sha256((data_fingerprint(settings) + json.dumps([text, label])).encode()).hexdigest()
     return ClassifyData(train, val, label_map, report, digest, train_rows, val_rows)
 
 

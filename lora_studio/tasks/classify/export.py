@@ -273,12 +273,17 @@ def _local_server(classifiers: dict[str, Classifier], api_key: str | None) -> It
     """The real HTTP app, classify routes only, on a free loopback port for the check's duration."""
     import uvicorn
 
-    from ...serve.classify import classify_app
+    from ...serve.app import build_app
     from ...verify import free_port
 
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(classify_app(classifiers, api_key), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(
+            build_app(None, api_key, classifiers=classifiers),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True, name="verify-classify-server")
     thread.start()
