@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -212,19 +213,9 @@ def load_base(settings: ModelSettings, asked_by: str = "the recipe") -> tuple[An
     """
     from transformers import AutoModelForCausalLM
 
-    trust_remote_code = check_remote_code(settings, asked_by)
     ref = resolve_base(settings.base_model, settings.revision)
-    device = pick_device(settings.device)
-    dtype = pick_dtype(settings.dtype, device)
-    kwargs: dict[str, Any] = {
-        "dtype": dtype,
-        "use_safetensors": True,
-        "trust_remote_code": trust_remote_code,
-    }
-    if settings.quantization != "none":
-        kwargs["quantization_config"] = quantization_config(settings.quantization, dtype)
-        if device == "cuda":  # each process keeps its own copy on its own GPU
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    device, kwargs = loading_kwargs(settings, asked_by)
+    trust_remote_code = kwargs["trust_remote_code"]
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.folder, **kwargs)
     except (OSError, ValueError, ImportError) as e:
@@ -233,6 +224,27 @@ def load_base(settings: ModelSettings, asked_by: str = "the recipe") -> tuple[An
         model.to(device)
     model.requires_grad_(False)
     return model, load_tokenizer(ref.folder, trust_remote_code), ref
+
+
+def loading_kwargs(
+    settings: ModelSettings, asked_by: str = "the recipe", full_precision_modules: Sequence[str] = ()
+) -> tuple[str, dict[str, Any]]:
+    """(device, `from_pretrained` keywords) for a base, as the settings say: dtype, safetensors only,
+    the operator's remote-code permission, quantization (`full_precision_modules` stay unquantized)."""
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "use_safetensors": True,
+        "trust_remote_code": check_remote_code(settings, asked_by),  # the operator's flag alone decides
+    }
+    if settings.quantization != "none":
+        quantization = quantization_config(settings.quantization, dtype)
+        quantization.llm_int8_skip_modules = list(full_precision_modules) or None
+        kwargs["quantization_config"] = quantization
+        if device == "cuda":  # each process keeps its own copy on its own GPU
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    return device, kwargs
 
 
 def quantization_config(mode: str, compute_dtype: torch.dtype) -> Any:

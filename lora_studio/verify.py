@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import tempfile
-import threading
-import time
 import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +43,7 @@ from .export import (
 from .generation import GenerationSettings
 from .inference import InferenceEngine, check_messages
 from .models import load_tokenizer
+from .serve.local import local_server
 from .tasks.kinds import require_text
 
 log = logging.getLogger(__name__)
@@ -144,32 +142,17 @@ def verify_chat(
     scale = max(1.0, max(_ref_logits(engine, name, a).abs().max().item() for a in reference))
 
     with tempfile.TemporaryDirectory(prefix="lora-studio-verify-") as work:
-        if "merged" in targets:
-            report.targets.append(
-                _check_target(
-                    "merged model",
-                    lambda: _merged_target(adapter_dir, merged_dir, Path(work)),
-                    engine,
-                    name,
-                    chosen,
-                    reference,
-                    scale,
-                    max_new_tokens,
-                )
-            )
-        if "gguf" in targets:
-            report.targets.append(
-                _check_target(
-                    f"GGUF ({quant})",
-                    lambda: _gguf_target(adapter_dir, gguf_file, Path(work), quant, engine),
-                    engine,
-                    name,
-                    chosen,
-                    reference,
-                    scale,
-                    max_new_tokens,
-                )
-            )
+        local = {  # target -> (its name in the report, how to make it)
+            "merged": ("merged model", lambda: _merged_target(adapter_dir, merged_dir, Path(work))),
+            "gguf": (
+                f"GGUF ({quant})",
+                lambda: _gguf_target(adapter_dir, gguf_file, Path(work), quant, engine),
+            ),
+        }
+        for target, (label, make) in local.items():
+            if target in targets:
+                check = _check_target(label, make, engine, name, chosen, reference, scale, max_new_tokens)
+                report.targets.append(check)
         if "server" in targets:
             report.targets.append(
                 _check_server(
@@ -388,33 +371,11 @@ def _stream_text(client: Any, body: dict[str, Any]) -> Iterator[str]:
                     yield choice.get("delta", {}).get("content") or ""
 
 
-@contextlib.contextmanager
-def _local_server(engine: InferenceEngine, api_key: str | None) -> Iterator[str]:
-    """The real HTTP app on a free loopback port in a background thread, for the check's duration."""
-    import uvicorn
-
+def _local_server(engine: InferenceEngine, api_key: str | None) -> contextlib.AbstractContextManager[str]:
+    """The real HTTP app on a free loopback port, for the check's duration."""
     from .serve.app import build_app
 
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(build_app(engine, api_key), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True, name="verify-server")
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and thread.is_alive() and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return local_server(build_app(engine, api_key))
 
 
 def _first_difference(expected: str, got: str) -> str:

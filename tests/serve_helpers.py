@@ -9,35 +9,13 @@ after its client went away (cancelled? how many tokens?). It wraps the real `sta
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-from fastapi import FastAPI
-
 from lora_studio.inference import Generation, InferenceEngine
-from lora_studio.verify import free_port
+from lora_studio.serve.local import local_server
 
-
-@contextmanager
-def running_server(app: FastAPI) -> Iterator[str]:
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True, name="test-server")
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "the test server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+running_server = local_server  # the library's: a real uvicorn server on a free loopback port
 
 
 class Started:

@@ -20,10 +20,10 @@ from lora_studio.cli import main
 from lora_studio.errors import ConfigError, DataError, ModelError
 from lora_studio.export import export_gguf
 from lora_studio.inference import InferenceEngine
+from lora_studio.serve.local import free_port
 from lora_studio.tasks.classify.model import Classifier
 from lora_studio.tasks.registry import merge as merge_adapter
 from lora_studio.tasks.registry import verify
-from lora_studio.verify import free_port
 
 LABELS = ["city", "fox", "greet"]
 TEXTS = ["hello world after", "Paris capital city", "quick brown fox jumps"]

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from lora_studio.inference import InferenceEngine
-from lora_studio.verify import free_port
+from lora_studio.serve.local import free_port
 
 pytestmark = pytest.mark.subprocess  # a real `lora-studio serve` process
 

@@ -15,7 +15,7 @@ from test_serve import lora_studio_command
 from lora_studio.access import is_loopback, read_secret
 from lora_studio.cli import main
 from lora_studio.errors import ConfigError
-from lora_studio.verify import free_port
+from lora_studio.serve.local import free_port
 
 MISSING_BASE = "/no/such/base-model"  # the command fails when it loads it: after the access check
 

@@ -243,23 +243,12 @@ class Score:
         }
         if self.labels is not None:
             lab = self.labels
-            out["labels"] = {
-                "labels": lab.labels,
-                "accuracy": lab.accuracy,
-                "macro_f1": lab.macro_f1,
-                "precision": lab.precision,
-                "recall": lab.recall,
-                "f1": lab.f1,
-                "confusion": {"rows": lab.labels, "columns": lab.columns, "counts": lab.confusion},
-            }
+            names = ("labels", "accuracy", "macro_f1", "precision", "recall", "f1")
+            out["labels"] = {name: getattr(lab, name) for name in names}
+            out["labels"]["confusion"] = {"rows": lab.labels, "columns": lab.columns, "counts": lab.confusion}
         if self.json is not None:
-            j = self.json
-            out["json"] = {
-                "record_accuracy": j.record_accuracy,
-                "mean_field_accuracy": j.mean_field_accuracy,
-                "field_accuracy": j.field_accuracy,
-                "parse_errors": j.parse_errors,
-            }
+            names = ("record_accuracy", "mean_field_accuracy", "field_accuracy", "parse_errors")
+            out["json"] = {name: getattr(self.json, name) for name in names}
         return out
 
 

@@ -18,9 +18,8 @@ import contextlib
 import json
 import shutil
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,30 +267,11 @@ def _check_server(
         )
 
 
-@contextlib.contextmanager
-def _local_server(classifiers: dict[str, Classifier], api_key: str | None) -> Iterator[str]:
-    """The real HTTP app, classify routes only, on a free loopback port for the check's duration."""
-    import uvicorn
-
+def _local_server(
+    classifiers: dict[str, Classifier], api_key: str | None
+) -> contextlib.AbstractContextManager[str]:
+    """The real HTTP app, classifiers only, on a free loopback port for the check's duration."""
     from ...serve.app import build_app
-    from ...verify import free_port
+    from ...serve.local import local_server
 
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            build_app(None, api_key, classifiers=classifiers),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True, name="verify-classify-server")
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and thread.is_alive() and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    return local_server(build_app(None, api_key, classifiers=classifiers))

@@ -27,9 +27,7 @@ import torch
 from ...adapters import apply_adapter, base_settings, read_metadata
 from ...config import LoraSettings, ModelSettings
 from ...errors import ConfigError, ModelError
-from ...models import BaseModelRef, load_tokenizer, pick_device, pick_dtype, resolve_base
-from ...models import quantization_config as bnb_config
-from ...remote_code import check_remote_code
+from ...models import BaseModelRef, load_tokenizer, loading_kwargs, resolve_base
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +50,15 @@ def load_classification_base(
     from transformers import AutoModelForSequenceClassification
 
     ref = resolve_base(settings.base_model, settings.revision)
-    device = pick_device(settings.device)
-    dtype = pick_dtype(settings.dtype, device)
-    kwargs: dict[str, Any] = {
-        "dtype": dtype,
-        "use_safetensors": True,
-        "trust_remote_code": check_remote_code(settings),  # the operator's flag alone decides
-        "num_labels": len(labels),
-        "id2label": dict(enumerate(labels)),
-        "label2id": {label: i for i, label in enumerate(labels)},
-        "pad_token_id": pad_token_id,
-        "problem_type": "single_label_classification",
-    }
-    if settings.quantization != "none":
-        quantization = bnb_config(settings.quantization, dtype)
-        quantization.llm_int8_skip_modules = list(
-            HEAD_NAMES
-        )  # the new head stays full precision and trainable
-        kwargs["quantization_config"] = quantization
-        if device == "cuda":
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    # the new head stays full precision and trainable in a quantized base
+    device, kwargs = loading_kwargs(settings, full_precision_modules=HEAD_NAMES)
+    kwargs.update(
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        pad_token_id=pad_token_id,
+        problem_type="single_label_classification",
+    )
     try:
         with _quiet_load_report():
             model, info = AutoModelForSequenceClassification.from_pretrained(
