@@ -63,3 +63,13 @@ def test_train_form_offers_the_task(tmp_path: Path):
     assert recipe_from_form(*values).task == "chat"
     recipe = recipe_from_form(*values, task="classify")
     assert recipe.task == "classify" and recipe.classify.label_column == "label"
+
+
+def test_the_chat_tab_lists_chat_adapters_only(listed_classifier: Path, tiny_adapters: dict):
+    from ui.chat_tab import model_choices
+
+    (Path("runs") / "chatty").mkdir()
+    (Path("runs") / "chatty" / "adapter").symlink_to(tiny_adapters["alpha"])
+    index_run(Path("runs") / "chatty", "chatty")
+    adapters = [label for label, value in model_choices() if value.startswith("adapter:")]
+    assert len(adapters) == 1 and "chatty" in adapters[0]  # the classifier is on the Classify tab only
