@@ -5,7 +5,7 @@
 
 1. Trains the default recipe (recipes/smollm2-lora-cpu.yaml) on train.jsonl: 320 sentences like
    "Order for Ben Kowalski: eight glass jars, deliver to Ghent." with their JSON record.
-2. Evaluates it as `lora-studio eval RUN --data test.jsonl` does: the 60 held-out sentences are
+2. Evaluates it as `lora-studio eval RUN --data examples/json_extraction/test.jsonl` does: the 60 held-out sentences are
    answered greedily by the base model (adapter off) and by the adapter, both are scored by exact
    field match, and the report (table, per-example answers, loss curves) is written to RUN/eval/.
    Prints the table and three samples.
