@@ -22,7 +22,6 @@ from doc_commands import ROOT, Shown, markdown_commands, shown_commands
 
 from lora_studio import runs
 from lora_studio.cli import build_parser, main
-from lora_studio.cli.runs import adapter_arg
 from lora_studio.config import DEFAULT_BASE_MODEL, Recipe
 from lora_studio.errors import LoraStudioError
 
@@ -169,7 +168,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     for sub in parsers(parser):
         sub.error = _raise  # type: ignore[method-assign]
         for action in sub._actions:
-            if action.type is adapter_arg:
+            if getattr(action.type, "__name__", None) == "adapter_arg":  # resolves run names
                 action.type = None  # checked by missing_adapter, which also accepts placeholders
             if action.type in (int, float) and action.option_strings:
                 argv = [_number(argv, i, action) for i in range(len(argv))]
