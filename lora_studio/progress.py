@@ -4,6 +4,8 @@
     result = train(recipe, callbacks=[display])      # training.build_trainer then mutes the Trainer's own output
     print("\n".join(display.summary(result)))        # best val loss, the adapter, the next command
 
+or all three in one call, as `lora-studio train` and `make demo` do: `train_on_console(recipe)`.
+
 On a terminal the bar redraws in place: step/total, ETA, loss, val loss and tokens/s. Anywhere
 else (a pipe, a job's log file) the same facts come as one plain line per logged step, with no
 carriage returns. Only the main process draws (several under `accelerate launch`).
@@ -15,11 +17,15 @@ import contextlib
 import shlex
 import sys
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from transformers import TrainerCallback
 
 from .tasks.registry import TASKS
+
+if TYPE_CHECKING:
+    from .config import Recipe
+    from .training import RunResult
 
 
 class ProgressDisplay(TrainerCallback):
@@ -137,6 +143,23 @@ class ProgressDisplay(TrainerCallback):
             self._bar.write(line, file=self.stream)
         else:
             print(line, file=self.stream, flush=True)
+
+
+def train_on_console(recipe: Recipe, *, resume: bool = False) -> RunResult:
+    """Train with the display as the console's one bar, then print the summary; the RunResult.
+
+    The console a person sees from `lora-studio train` and from the demo: weight loading and
+    saving bars are turned off too, so the display's bar is the only one.
+    """
+    from transformers.utils import logging as hf_logging
+
+    from .training import train
+
+    hf_logging.disable_progress_bar()
+    display = ProgressDisplay()
+    result = train(recipe, resume=resume, callbacks=[display])
+    print("\n".join(display.summary(result, recipe.task)))
+    return result
 
 
 def _number(value: float | None) -> str:

@@ -17,7 +17,7 @@ from classify_helpers import classify_recipe, toy_rows, write_jsonl
 
 from lora_studio import train
 from lora_studio.cli import main
-from lora_studio.errors import ConfigError, DataError, ModelError
+from lora_studio.errors import DataError, ModelError
 from lora_studio.export import export_gguf
 from lora_studio.inference import InferenceEngine
 from lora_studio.serve.local import free_port
@@ -74,7 +74,7 @@ def test_merge_writes_a_plain_transformers_classifier_with_the_label_map(
     adapter = Classifier.from_adapter(classifier_dir).probabilities(TEXTS[:1])[0]
     assert torch.allclose(merged, adapter, atol=1e-4)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary folder left
-    with pytest.raises(ConfigError, match="classification adapter.*GGUF is for chat models"):
+    with pytest.raises(ModelError, match="is a .classify. adapter .* exported to GGUF"):
         export_gguf(classifier_dir, tmp_path / "x.gguf")
 
 
@@ -89,7 +89,9 @@ def test_verify_compares_probabilities_of_adapter_merged_and_server(classifier_d
 
 def test_chat_engine_refuses_a_classifier(tiny_model_dir: Path, classifier_dir: Path):
     engine = InferenceEngine(str(tiny_model_dir))
-    with pytest.raises(ModelError, match="classification adapter: it picks labels and cannot chat"):
+    with pytest.raises(
+        ModelError, match="is a .classify. adapter .* it does not write text, so it cannot chat"
+    ):
         engine.load_adapter("toy", classifier_dir)
 
 

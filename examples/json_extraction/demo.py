@@ -5,10 +5,11 @@
 
 1. Trains the default recipe (recipes/smollm2-lora-cpu.yaml) on train.jsonl: 320 sentences like
    "Order for Ben Kowalski: eight glass jars, deliver to Ghent." with their JSON record.
-2. Evaluates it as `lora-studio eval RUN --data test.jsonl` does: the 60 held-out sentences are
-   answered greedily by the base model (adapter off) and by the adapter, both are scored by exact
-   field match, and the report (table, per-example answers, loss curves) is written to RUN/eval/.
-   Prints the table and three samples.
+   The console is `lora-studio train`'s: one progress bar, a line per validation, a summary.
+2. Evaluates it as `lora-studio eval RUN --data examples/json_extraction/test.jsonl` does: the 60
+   held-out sentences are answered greedily by the base model (adapter off) and by the adapter,
+   both are scored by exact field match, and the report (table, per-example answers, loss curves)
+   is written to RUN/eval/. Prints the table and three samples.
 Exits 1 when the adapter does not beat the base by MIN_GAIN whole-record accuracy.
 """
 
@@ -19,10 +20,15 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lora_studio import Recipe, RunResult, train
+from lora_studio import Recipe
+from lora_studio.cli import hide_known_noise
 from lora_studio.config import add_set_argument
-from lora_studio.evaluation.report import EvalOptions, EvalReport, run_eval
+
+if TYPE_CHECKING:
+    from lora_studio import RunResult
+    from lora_studio.evaluation.report import EvalReport
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parents[1] / "recipes" / "smollm2-lora-cpu.yaml"
@@ -40,27 +46,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default=str(RECIPE), help="the recipe to train (default: %(default)s)")
     add_set_argument(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # as `lora-studio train` logs
+    hide_known_noise()  # before the imports below load the libraries that log it
+    from lora_studio.evaluation.report import EvalOptions, run_eval
+    from lora_studio.progress import train_on_console
+
     started = time.perf_counter()
 
     recipe = Recipe.from_yaml(args.recipe, args.overrides)
     log.info(
-        "step 1/2: training %s on %s (run folder %s)",
+        "demo 1/2: training %s on %s (run folder %s)",
         recipe.model.base_model,
         recipe.data.train_file,
         recipe.train.output_dir or "a fresh one under $LORA_STUDIO_HOME/runs",
     )
-    result = train(recipe)
-    m = result.metrics
-    log.info(
-        "trained %s steps in %.0f s at %s tokens/s; best validation loss %s",
-        m["global_step"],
-        m["train_runtime_s"] or 0,
-        m["tokens_per_second"],
-        m.get("best_val_loss"),
-    )
+    result = train_on_console(recipe)  # the bar, a line per validation and the summary
 
-    log.info("step 2/2: answering the %s held-out orders with the base and the adapted model", TEST_FILE.name)
+    log.info("demo 2/2: answering the %s held-out orders with the base and the adapted model", TEST_FILE.name)
     evaluation = run_eval(EvalOptions(str(result.run_dir), str(TEST_FILE)))
 
     print("\n".join(report(evaluation, result, time.perf_counter() - started)))

@@ -73,15 +73,9 @@ def run_train(args: argparse.Namespace) -> int:
         for key, value in result.metrics.items():
             print(f"  {key}: {value}")
         return 0
-    from transformers.utils import logging as hf_logging
+    from ..progress import train_on_console
 
-    from ..progress import ProgressDisplay
-    from ..training import train
-
-    hf_logging.disable_progress_bar()  # weight loading and saving bars: the display is the one bar
-    display = ProgressDisplay()
-    result = train(recipe, resume=args.resume, callbacks=[display])
-    print("\n".join(display.summary(result, recipe.task)))
+    train_on_console(recipe, resume=args.resume)
     return 0
 
 
