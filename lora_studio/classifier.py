@@ -30,6 +30,7 @@ from .errors import ConfigError, ModelError
 from .models import BaseModelRef, load_tokenizer, pick_device, pick_dtype, resolve_base
 from .models import quantization_config as bnb_config
 from .remote_code import check_remote_code
+from .threads import use as use_threads
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +235,7 @@ class Classifier:
                 return_tensors="pt",
             )
             with self._lock:
+                use_threads("classification")  # this process's share of the cores now (threads.py)
                 logits = self.model(
                     input_ids=inputs["input_ids"].to(device),
                     attention_mask=inputs["attention_mask"].to(device),

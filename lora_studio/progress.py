@@ -128,6 +128,7 @@ class ProgressDisplay(TrainerCallback):
             f"loss {_number(self.loss)}",
             f"val loss {_number(self.val_loss)}",
             f"{self.tokens_per_second:.0f} tok/s" if self.tokens_per_second is not None else "- tok/s",
+            f"{_threads()} threads",  # the share of the cores in use (thread_tuning.py)
         ]
         return "  ".join(parts)
 
@@ -136,6 +137,12 @@ class ProgressDisplay(TrainerCallback):
             self._bar.write(line, file=self.stream)
         else:
             print(line, file=self.stream, flush=True)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _number(value: float | None) -> str:

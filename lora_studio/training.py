@@ -43,6 +43,7 @@ from .errors import LoraStudioError, TrainingCancelled
 from .models import BaseModelRef, load_base, load_tokenizer, model_fingerprint, pick_device, resolve_base
 from .remote_code import check_remote_code
 from .run_folder import checkpoint_step, last_complete_checkpoint
+from .thread_tuning import TrainingThreads
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def train(
     it raises TrainingCancelled when this run may no longer write (its job attempt was superseded).
     """
     recipe = runs.pin(recipe, resume=resume)  # paths absolute, the run folder chosen
+    callbacks = [*callbacks, TrainingThreads(recipe.output_dir, fence)]  # its share of the cores, from now on
     if recipe.task == "classify":  # a new label head on the body: its own data, model and trainer
         from .classify_train import train_classifier
 
