@@ -163,6 +163,23 @@ def test_training_takes_its_share_and_says_so_in_the_log_and_status(tiny_recipe,
     assert not (threads.claims().folder / f"{os.getpid()}.json").exists()  # released at the end
 
 
+@needs_two_cores
+def test_the_chat_engine_takes_its_share_beside_a_training_run(tiny_model_dir, other_process, caplog):
+    from lora_studio.inference import InferenceEngine
+
+    engine = InferenceEngine(str(tiny_model_dir))
+    threads.set_label("the UI's chat")
+    claim(other_process, "training run demo-ab12")
+    used = []
+    engine._base.register_forward_pre_hook(lambda *_: used.append(torch.get_num_threads()))
+    with caplog.at_level(logging.INFO, logger="lora_studio.threads"):
+        engine.chat([{"role": "user", "content": "hi"}], max_new_tokens=2)
+    assert used and set(used) == {CORES // 2}  # in the generating thread, every forward pass
+    assert f"chat on {CORES // 2} of {CORES} cores: training run demo-ab12 holds" in caplog.text
+    mine = json.loads((threads.claims().folder / f"{os.getpid()}.json").read_text())
+    assert mine["label"] == "the UI's chat"  # how the training run names it in its own line
+
+
 def feed(callback: TrainingThreads, state: SimpleNamespace, steps: int, speed: float, wait: float) -> None:
     """`steps` measured steps of one second each at `speed` tokens/s, waiting `wait` of each for a CPU."""
     for _ in range(steps):
