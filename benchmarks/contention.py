@@ -39,10 +39,14 @@ def settings(steps: int) -> list[str]:
     return [f"max_steps={steps}", "val_fraction=0", "early_stopping_patience=null", "save_every_steps=36000"]
 
 
+# One core's worth of pure Python work, which ends by itself if this script is gone.
+SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    sum(range(100_000))\n"
+
+
 @contextlib.contextmanager
 def busy(count: int) -> Iterator[None]:
     """`count` processes each spinning one core, as long as the block runs."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    procs = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(count)]
     try:
         time.sleep(1 if procs else 0)
         yield

@@ -8,7 +8,8 @@ chat or a second job may start or stop), and writes what it uses to status.json.
 
 Other load on the machine (another user's process, a test run) is not in the studio's claims. It
 shows as time the threads spend waiting for a CPU (Linux's per-thread schedstat) or as steps far
-slower than this thread count made before. Then the callback tries one thread fewer for a few
+slower than this thread count made before (and, before the first step, as more runnable tasks
+than free cores: the run then starts with fewer threads). Then the callback tries one thread fewer for a few
 steps and keeps whichever count made more tokens per second: beside one busy process on two
 cores, two threads wait for each other at every parallel region and one thread is about twice as
 fast. While below its share it tries one thread more now and then (less often each time that
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +89,25 @@ class TrainingThreads(TrainerCallback):
         self._checked = time.monotonic()
         self._mark: tuple[float, int, float] | None = None  # (time, tokens, waited) at the last step's end
         self._why = self.share.line("training")
+        self._start_below_share()
+
+    def _start_below_share(self) -> None:
+        """Already more runnable tasks than free cores (other users' work): start with fewer threads.
+        A guess from one moment; the tries of one thread more (below) correct it."""
+        import torch
+
+        others = others_running()
+        if self.share.explicit or others is None:
+            return
+        free = max(1, self.share.cores - round(others))
+        if free < self.threads:
+            self.threads = free
+            torch.set_num_threads(free)
+            self._why = (
+                f"the machine is busy ({others:.0f} other tasks running on {self.share.cores} cores): "
+                f"training on {_count(free)} of {self.share.threads}"
+            )
+            log.info(self._why)
 
     # --- Trainer events -----------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -212,6 +233,25 @@ class TrainingThreads(TrainerCallback):
 
 def _count(n: int) -> str:
     return f"{n} thread" + ("s" if n != 1 else "")
+
+
+def others_running(samples: int = 9, every: float = 0.02) -> float | None:
+    """Runnable tasks on the machine other than this (idle-but-for-this-call) process: the median of a
+    few readings of /proc/stat's procs_running, less this thread. None where there is no /proc/stat."""
+    readings = []
+    for _ in range(samples):
+        try:
+            text = Path("/proc/stat").read_text()
+        except OSError:
+            return None
+        running = next(
+            (int(line.split()[1]) for line in text.splitlines() if line.startswith("procs_running")), None
+        )
+        if running is None:
+            return None
+        readings.append(running - 1)
+        time.sleep(every)
+    return float(statistics.median(readings))
 
 
 def wait_seconds() -> float:

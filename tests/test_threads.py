@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lora_studio import threads
+from lora_studio import thread_tuning, threads
 from lora_studio.cli import main
 from lora_studio.errors import ConfigError
 from lora_studio.thread_tuning import TRIAL_STEPS, WINDOW_STEPS, TrainingThreads
@@ -189,7 +189,26 @@ def feed(callback: TrainingThreads, state: SimpleNamespace, steps: int, speed: f
 
 
 @needs_two_cores
-def test_training_backs_off_a_thread_when_that_is_faster_and_keeps_the_count_when_not(tmp_path, caplog):
+def test_training_starts_below_its_share_when_other_tasks_already_fill_the_cores(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(thread_tuning, "others_running", lambda: float(CORES - 1))
+    with caplog.at_level(logging.INFO, logger="lora_studio.thread_tuning"):
+        callback = TrainingThreads(tmp_path / "run")
+    assert callback.threads == 1 == torch.get_num_threads() and callback.share.threads == CORES
+    assert (
+        f"the machine is busy ({CORES - 1} other tasks running on {CORES} cores): training on 1 thread"
+        in caplog.text
+    )
+    monkeypatch.setattr(thread_tuning, "others_running", lambda: 0.0)
+    assert TrainingThreads(tmp_path / "run").threads == CORES  # a quiet machine: the whole share
+
+
+@needs_two_cores
+def test_training_backs_off_a_thread_when_that_is_faster_and_keeps_the_count_when_not(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(thread_tuning, "others_running", lambda: 0.0)  # quiet at the start
     (tmp_path / "run").mkdir()
     callback = TrainingThreads(tmp_path / "run")
     state = SimpleNamespace(global_step=0, max_steps=1000, num_input_tokens_seen=0)
