@@ -128,7 +128,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
             bar.set_postfix_str(name)
             results[name] = run_child(name, settings, bar)
     machine = describe()
-    machine["torch_threads"] = options.threads or machine["torch_threads"]
+    machine["torch_threads"] = options.threads or "auto"  # auto: each run's share (threads.py), in its row
     report = summarize(results, machine, asdict(settings))
     atomic_write_text(options.out / "bench.json", json.dumps(report, indent=2))
     return report
@@ -335,11 +335,18 @@ def format_table(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"machine: {m['cpu']}, native bf16: {'yes' if m['cpu_native_bf16'] else 'no'}"
-        f"{' (AMX)' if m['amx'] else ''}, {m['torch_threads']} threads, GPU: {m['gpu'] or 'none'}, "
+        f"{' (AMX)' if m['amx'] else ''}, {m['torch_threads']} threads of {m.get('available_cores', '?')} cores"
+        f"{_threads_used(report)}, GPU: {m['gpu'] or 'none'}, "
         f"load average {m.get('load_average_1m', '?')}",
         f"baseline: {report['baseline']['title']}",
     ]
     return "\n".join(lines)
+
+
+def _threads_used(report: dict[str, Any]) -> str:
+    """How many threads each run ended on, e.g. " (runs ended on 2, 2, 1)", where the report has it."""
+    used = [str(e["threads"]) for k, e in report.items() if k != "settings" and "threads" in e]
+    return f" (runs ended on {', '.join(used)})" if used else ""
 
 
 def random_model(spec: str, out: Path) -> str:

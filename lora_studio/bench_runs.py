@@ -22,6 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 from .bench import CONFIGS, RunSettings
+from .threads import available_cores, set_explicit
 
 SAMPLE_EVERY = 8  # FLOPs are counted on every 8th step only: counting slows a step several-fold
 
@@ -255,13 +256,16 @@ def run(name: str, settings: RunSettings) -> dict[str, Any]:
         compute_dtype="bf16" if clock.bf16 else "fp32",
         peak_flops_per_s=round(peak),
         utilisation=round(flops_per_s / peak, 4) if flops_per_s else None,
+        threads=torch.get_num_threads(),  # at the end: LoRA Studio's share, or fewer under outside load
+        cores=available_cores(),
     )
     return result
 
 
 def main(argv: list[str]) -> None:
     name, settings = argv[0], RunSettings(**json.loads(argv[1]))
-    if settings.threads:
+    if settings.threads:  # as given, for TRL and for LoRA Studio's training alike
+        set_explicit(settings.threads)
         torch.set_num_threads(settings.threads)
     print("RESULT " + json.dumps(run(name, settings)), flush=True)
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .threads import available_cores
+
 _BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # /proc/cpuinfo names of native bf16 instructions
 
 
@@ -57,6 +59,7 @@ def describe() -> dict[str, Any]:
         "cpu_native_bf16": cpu_has_native_bf16(),
         "amx": "amx_bf16" in cpu_flags(),
         "cpu_count": os.cpu_count(),
+        "available_cores": available_cores(),  # affinity and cgroup quota: what this process may use
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -46,6 +46,7 @@ from .errors import ModelError, RequestError
 from .generation import GenerationSettings, stop_token_ids
 from .models import load_base, model_fingerprint
 from .tasks.kinds import require_text
+from .threads import use as use_threads
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +308,7 @@ class InferenceEngine:
                     reply._finish([], self.stop_ids, None)
                     return
                 self._activate(reply.adapter)
+                use_threads("chat")  # this process's share of the cores now (threads.py)
                 model, context = self._model_for(reply.adapter)
                 device = next(model.parameters()).device
                 kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}

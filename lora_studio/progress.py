@@ -135,6 +135,7 @@ class ProgressDisplay(TrainerCallback):
             f"loss {_number(self.loss)}",
             f"val loss {_number(self.val_loss)}",
             f"{self.tokens_per_second:.0f} tok/s" if self.tokens_per_second is not None else "- tok/s",
+            f"{_threads()} threads",  # the share of the cores in use (thread_tuning.py)
         ]
         return "  ".join(parts)
 
@@ -160,6 +161,12 @@ def train_on_console(recipe: Recipe, *, resume: bool = False) -> RunResult:
     result = train(recipe, resume=resume, callbacks=[display])
     print("\n".join(display.summary(result, recipe.task)))
     return result
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _number(value: float | None) -> str:

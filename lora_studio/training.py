@@ -44,6 +44,7 @@ from .remote_code import check_remote_code
 from .run_folder import checkpoint_step, last_complete_checkpoint
 from .tasks.base import Task, TaskData
 from .tasks.registry import TASKS
+from .thread_tuning import TrainingThreads
 from .trainer_setup import (
     Fence,
     MetricRows,
@@ -78,6 +79,7 @@ def train(
     """
     recipe = runs.pin(recipe, resume=resume)  # paths absolute, the run folder chosen
     task = TASKS[recipe.task]
+    callbacks = [*callbacks, TrainingThreads(recipe.output_dir, fence)]  # its share of the cores, from now on
     fence = fence or contextlib.nullcontext
     run_dir = recipe.output_dir
     ref = resolve_base(recipe.model.base_model, recipe.model.revision)

@@ -14,6 +14,7 @@ import sys
 
 from ..errors import LoraStudioError
 from ..remote_code import REMOTE_CODE_FLAG, allow_remote_code
+from ..threads import set_explicit
 
 # Command groups, in the order `--help` lists them.
 GROUPS = ["train", "runs", "eval", "jobs", "ui", "use", "classify", "bench"]
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         hide_known_noise()  # before anything imports the libraries that log it
     if getattr(args, "trust_remote_code", False):
         allow_remote_code()
+    if (
+        getattr(args, "threads", None) is not None and args.command != "bench"
+    ):  # bench hands its own to each run
+        set_explicit(args.threads, children=args.command == "worker")  # a worker's jobs use it too
     try:
         return args.run(args) or 0
     except LoraStudioError as e:
@@ -65,6 +70,18 @@ def add_remote_code_flag(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="let base models run the Python code they ship (trust_remote_code); only for models you "
         "trust. Adapters, recipes and requests can ask for it but never turn it on.",
+    )
+
+
+def add_threads_flag(parser: argparse.ArgumentParser, what: str = "this command") -> None:
+    """`--threads N`: compute threads, used as given (no sharing with the studio's other processes)."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"compute threads for {what} (default: its share of the cores this process may use, split with "
+        "the studio's other training, chat and serve processes; $OMP_NUM_THREADS also sets it)",
     )
 
 

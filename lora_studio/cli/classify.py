@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+from . import add_threads_flag
 from .runs import adapter_arg
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-column", help="the file's label field, for scoring (default: as trained)")
     p.add_argument("--scores-dir", help="write scores.json and confusion.png here (needs labels)")
     p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default 16)")
+    add_threads_flag(p, "classifying")
     p.set_defaults(run=run_classify)
 
 

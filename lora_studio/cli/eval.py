@@ -13,6 +13,7 @@ import typing
 
 from ..config import Baseline
 from ..evaluation.scoring import METRICS
+from . import add_threads_flag
 from .runs import adapter_arg
 
 
@@ -61,6 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-new-tokens", type=int, default=None, help="answer length limit (default: from the references)"
     )
     p.add_argument("--json", action="store_true", help="print report.json instead of the table")
+    add_threads_flag(p, "the evaluation")
     p.set_defaults(run=run_eval_command)
 
     p = sub.add_parser(

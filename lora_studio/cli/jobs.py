@@ -18,7 +18,8 @@ from pathlib import Path
 from ..config import add_set_argument
 from ..evaluation.overfit import warning_lines
 from ..jobs import JOB_STATES, Job, JobStore
-from . import add_remote_code_flag
+from ..runs import read_status
+from . import add_remote_code_flag, add_threads_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -90,6 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="the job store file (default: <LORA_STUDIO_HOME>/jobs.sqlite)",
     )
+    add_threads_flag(p, "each job")
     add_remote_code_flag(p)
     p.set_defaults(run=run_worker_command)
 
@@ -151,6 +153,7 @@ def run_show(args: argparse.Namespace) -> int:
         "adapter": job.adapter_dir and str(job.adapter_dir),
         "error": job.error,
         "warnings": "\n              ".join(warning_lines(job.run_dir)) or None,  # overfit.py's alarms
+        "threads": (read_status(job.run_dir).get("threads") or {}).get("why"),  # thread_tuning.py
         "metrics": "  ".join(f"{k}={_num(v)}" for k, v in job.metrics.items()) or None,
     }
     for key, value in details.items():

@@ -6,7 +6,7 @@ import argparse
 
 from ..config import SECTIONS, DataSettings, Recipe, add_set_argument
 from ..data import FORMAT_FIELDS
-from . import add_remote_code_flag
+from . import add_remote_code_flag, add_threads_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="a YAML recipe, e.g. recipes/smollm2-lora-cpu.yaml")
     add_set_argument(p)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    add_threads_flag(p, "training")
     add_remote_code_flag(p)
     p.set_defaults(run=run_train)
 

@@ -7,7 +7,7 @@ import logging
 import os
 
 from ..errors import ConfigError
-from . import add_remote_code_flag
+from . import add_remote_code_flag, add_threads_flag
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="largest data file a user may upload, in MB (default: 200)",
     )
+    add_threads_flag(p, "the UI's chat")
     add_remote_code_flag(p)
     p.set_defaults(run=run_ui)
 
@@ -74,6 +75,9 @@ def run_ui(args: argparse.Namespace) -> int:
         how=f"--auth-file FILE (USER:PASSWORD) or ${UI_AUTH_ENV}",
     )
     from ..home import studio_home
+    from ..threads import set_label
+
+    set_label("the UI's chat")  # how a job training under the same studio home names it
 
     # Before gradio is imported: its uploads go under the studio's folder, and it phones no one.
     os.environ.setdefault("GRADIO_TEMP_DIR", str(studio_home() / "gradio"))

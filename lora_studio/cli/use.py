@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import DEFAULT_BASE_MODEL, DType, GgufQuant, VerifyTarget
 from ..errors import ConfigError
-from . import add_remote_code_flag
+from . import add_remote_code_flag, add_threads_flag
 from .runs import adapter_arg
 
 
@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", help="answer this one prompt and exit (no interactive session)")
     p.add_argument("--system", help="a system message for the conversation")
     _generation_args(p)
+    add_threads_flag(p, "the chat")
     add_remote_code_flag(p)
     p.set_defaults(run=run_chat)
 
@@ -102,6 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=16,
         help="requests that may wait for the model; more get 429 with Retry-After (default 16)",
     )
+    add_threads_flag(p, "the server")
     add_remote_code_flag(p)
     p.set_defaults(run=run_serve)
 
@@ -250,11 +252,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..serve.app import API_KEY_ENV, check_exposure, model_ids, run_server
     from ..serve.classify import load_classifiers
     from ..tasks.registry import group_by_task
+    from ..threads import set_label
 
     if not args.max_body_mb > 0:
         raise ConfigError(f"--max-body-mb: expected a positive size in MB, got {args.max_body_mb}")
     if args.max_queue < 0:
         raise ConfigError(f"--max-queue: expected 0 or more waiting requests, got {args.max_queue}")
+    set_label("the server")  # how training under the same studio home names it ("the server holds 1")
     api_key = read_secret(args.api_key, args.api_key_file, API_KEY_ENV, "--api-key")
     check_exposure(args.host, api_key, args.insecure_no_auth)  # before the model loads: fail fast
     names, paths = served_adapters(args.adapters)

@@ -26,6 +26,7 @@ import torch
 from ..data import IGNORE_INDEX, Example, encode
 from ..errors import DataError
 from ..generation import GenerationSettings, stop_token_ids
+from ..threads import use as use_threads
 from .scoring import Score, choose_metric, score
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def generate_answers(
                 return_dict=True,
             )
             inputs = {k: v.to(device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+            use_threads("evaluation")  # this process's share of the cores now (threads.py)
             out = model.generate(
                 **inputs,
                 **greedy.generate_kwargs(),

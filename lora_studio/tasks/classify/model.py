@@ -28,6 +28,7 @@ from ...adapters import apply_adapter, base_settings, read_metadata
 from ...config import LoraSettings, ModelSettings
 from ...errors import ConfigError, ModelError
 from ...models import BaseModelRef, load_tokenizer, loading_kwargs, resolve_base
+from ...threads import use as use_threads
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,7 @@ class Classifier:
                 return_tensors="pt",
             )
             with self._lock:
+                use_threads("classification")  # this process's share of the cores now (threads.py)
                 logits = self.model(
                     input_ids=inputs["input_ids"].to(device),
                     attention_mask=inputs["attention_mask"].to(device),
