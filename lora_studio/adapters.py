@@ -5,7 +5,7 @@ tokenizer, and `lora_studio.json` (base model and its content hash, the resolved
 fingerprint, final metrics, library versions). It is written under a temporary name and renamed
 into place, so a folder with `lora_studio.json` is always complete.
 
-    adapted = load_adapted("runs/support/adapter")   # its base (as trained), hash-checked, PEFT-wrapped
+    adapted = load_adapted(adapter_folder("support"))   # its base (as trained), hash-checked, PEFT-wrapped
     adapted.model, adapted.tokenizer, adapted.metadata
 """
 

@@ -1,7 +1,7 @@
 """Archives to hand to a person: an adapter folder, or the adapter merged into a standalone model.
 
-    path = adapter_archive("runs/abc123/adapter")           # <home>/exports/<name>-adapter.zip
-    path, report = merged_archive("runs/abc123/adapter")    # merges (verified by logits), then zips
+    path = adapter_archive(adapter_folder("abc123"))           # <home>/exports/<name>-adapter.zip
+    path, report = merged_archive(adapter_folder("abc123"))    # merges (verified by logits), then zips
 
 Everything is written under `<LORA_STUDIO_HOME>/exports`, the one folder the web UI serves files
 from. Archives are written under a temporary name and renamed into place, so a half-written zip

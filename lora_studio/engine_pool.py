@@ -1,7 +1,7 @@
 """Inference engines for adapters that may sit on different base models, loaded on first use.
 
     pool = EnginePool(max_bases=2)
-    engine, name = pool.for_adapter("runs/support/adapter")   # its base loaded once, adapter added once
+    engine, name = pool.for_adapter(adapter_folder("support"))   # its base loaded once, adapter added once
     engine.stream_chat(messages, adapter=name)
     pool.for_base("smollm2-135m-instruct").stream_chat(messages)  # the plain base
 

@@ -1,8 +1,8 @@
 """Ship an adapter: merge it into its base for plain transformers, or export a GGUF for llama.cpp.
 
-    report = merge_adapter("runs/support/adapter", "merged/support")   # -> MergeReport
+    report = merge_adapter(adapter_folder("support"), "merged/support")   # -> MergeReport
     print("\\n".join(report.lines()))                                   # includes the logits check
-    report = export_gguf("runs/support/adapter", "support.gguf", quant="q8_0")  # -> ExportReport
+    report = export_gguf(adapter_folder("support"), "support.gguf", quant="q8_0")  # -> ExportReport
 
 A merged folder holds safetensors weights, config, tokenizer, chat template and a generation
 config whose EOS ids include the chat template's end-of-turn token, so

@@ -1,7 +1,7 @@
 """The inference engine: one frozen base model, any number of LoRA adapters by name, chat replies.
 
     engine = InferenceEngine("smollm2-135m-instruct")          # or a ModelSettings
-    engine.load_adapter("support", "runs/support/adapter")     # -> AdapterInfo; refused if trained on another base
+    engine.load_adapter("support", adapter_folder("support"))     # -> AdapterInfo; refused if trained on another base
     engine.adapter_names()                                      # ["support"]
     for piece in engine.stream_chat(messages, adapter="support", max_new_tokens=128):  # or a GenerationSettings
         print(piece, end="", flush=True)                        # text as it is produced
@@ -10,7 +10,7 @@
     reply = engine.start(messages, adapter="support", seed=1)  # a Generation: iterate it for text pieces,
     text = "".join(reply); reply.finish_reason                  # then "stop"/"length" and token counts
 
-    engine = InferenceEngine.from_adapters(["runs/a/adapter", "runs/b/adapter"])  # base read from the adapters
+    engine = InferenceEngine.from_adapters([adapter_folder("a"), adapter_folder("b")])  # base read from the adapters
 
 `messages` are OpenAI-style dicts: {"role": "system"|"user"|"assistant", "content": str}. Generation
 settings are a `generation.GenerationSettings` (max_new_tokens, temperature: 0 = greedy, the default,

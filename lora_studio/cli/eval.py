@@ -1,6 +1,6 @@
 """`lora-studio eval` and `lora-studio fit`: did the fine-tune work, and does a base fit the data?
 
-lora-studio eval runs/smollm2-lora-cpu --data examples/json_extraction/test.jsonl
+lora-studio eval smollm2-lora-cpu --data examples/json_extraction/test.jsonl
 lora-studio eval ADAPTER --data TEST --limit 20 --metric labels --baseline scratch --forgetting
 lora-studio fit examples/json_extraction/train.jsonl --models smollm2-135m-instruct,./my-model
 """

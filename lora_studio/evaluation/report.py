@@ -1,6 +1,6 @@
 """`lora-studio eval`: how much better is the adapter than its base, and what did it cost?
 
-    report = run_eval(EvalOptions(adapter="runs/smollm2-lora-cpu", data="test.jsonl"))
+    report = run_eval(EvalOptions(adapter="smollm2-lora-cpu", data="test.jsonl"))
     print("\\n".join(report.table()))        # the terminal table
     report.out_dir                          # report.md, report.json, examples.jsonl, *.png
 

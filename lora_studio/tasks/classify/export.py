@@ -1,7 +1,7 @@
 """Ship a classification adapter: merge it into a standalone model, and check it agrees everywhere.
 
-    report = merge_classifier("runs/tickets/adapter", "merged/tickets")   # checked before it appears
-    report = verify_classifier("runs/tickets/adapter")    # adapter vs merged folder vs server
+    report = merge_classifier(adapter_folder("tickets"), "merged/tickets")   # checked before it appears
+    report = verify_classifier(adapter_folder("tickets"))    # adapter vs merged folder vs server
 
 The merged folder is a plain transformers sequence classifier:
 `AutoModelForSequenceClassification.from_pretrained(folder)` loads it without PEFT, with `id2label`,

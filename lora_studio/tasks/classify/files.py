@@ -2,7 +2,7 @@
 
     result = classify_file(classifier, "test.csv", "predictions.csv")   # -> FileResult
     result.scores.lines()      # when test.csv has a label column: accuracy, macro F1, per class
-    scores = evaluate_classifier("runs/tickets/adapter", "test.csv")    # scores only (`lora-studio eval`)
+    scores = evaluate_classifier(adapter_folder("tickets"), "test.csv")    # scores only (`lora-studio eval`)
 
 The output keeps every input field and adds `predicted` and the probability of each label: in a
 .jsonl file as a `probabilities` object, in a .csv file as one `prob_<label>` column per label. It is

@@ -2,7 +2,7 @@
 
     model, ref = load_classification_base(settings, labels, pad_token_id)  # *ForSequenceClassification
     model = attach_classification_lora(model, lora_settings)   # LoRA on the body, the head trained in full
-    clf = Classifier.from_adapter("runs/tickets/adapter")       # or Classifier.from_merged("merged/tickets")
+    clf = Classifier.from_adapter(adapter_folder("tickets"))       # or Classifier.from_merged("merged/tickets")
     clf.predict(["my parcel never came"])   # -> [Prediction(label="shipping", probabilities={...})]
 
 transformers' `AutoModelForSequenceClassification` puts a linear `score` head (hidden size x labels,

@@ -2,7 +2,7 @@
 
     scores = score_predictions(true_ids, predicted_ids, labels)   # -> ClassScores
     scores.accuracy, scores.macro_f1, scores.per_class()
-    write_scores(scores, "runs/x/eval")     # scores.json (with the confusion matrix) and confusion.png
+    write_scores(scores, "RUN_DIR/eval")     # scores.json (with the confusion matrix) and confusion.png
 
 Macro F1 averages the per-class F1 over the classes that occur in the true or the predicted labels
 (scikit-learn's default), so a class absent from a small validation set does not count as a zero.
