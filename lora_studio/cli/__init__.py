@@ -13,7 +13,7 @@ import logging
 import sys
 
 from ..errors import LoraStudioError
-from ..remote_code import REMOTE_CODE_FLAG, allow_remote_code
+from ..remote_code import REMOTE_CODE_FLAG, take_operator_word
 
 # Command groups, in the order `--help` lists them.
 GROUPS = ["train", "runs", "eval", "jobs", "ui", "use", "classify", "bench"]
@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     if not args.verbose:
         hide_known_noise()  # before anything imports the libraries that log it
-    if getattr(args, "trust_remote_code", False):
-        allow_remote_code()
+    # The operator's word holds for this command alone; a worker takes it from each job's record.
+    take_operator_word(getattr(args, "trust_remote_code", False), from_env=args.command != "worker")
     try:
         return args.run(args) or 0
     except LoraStudioError as e:

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..config import add_set_argument
 from ..jobs import JOB_STATES, Job, JobStore
 from ..overfit import warning_lines
+from ..remote_code import remote_code_allowed
 from . import add_remote_code_flag
 
 
@@ -90,13 +91,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="the job store file (default: <LORA_STUDIO_HOME>/jobs.sqlite)",
     )
-    add_remote_code_flag(p)
+    # No --trust-remote-code here: each job carries its own, given at `jobs submit`/`resume`.
     p.set_defaults(run=run_worker_command)
 
 
 def run_submit(args: argparse.Namespace) -> int:
     store = JobStore()
-    job_id = store.submit(args.recipe, args.overrides)
+    job_id = store.submit(args.recipe, args.overrides, trust_remote_code=remote_code_allowed())
     job = store.get(job_id)
     started = None if args.no_worker else store.ensure_worker()
     worker = (
@@ -196,7 +197,7 @@ def run_cancel(args: argparse.Namespace) -> int:
 
 def run_resume(args: argparse.Namespace) -> int:
     store = JobStore()
-    job = store.resume(args.job_id, restart=args.restart)
+    job = store.resume(args.job_id, restart=args.restart, trust_remote_code=remote_code_allowed())
     how = (
         "from its last checkpoint"
         if job.resumes_from_checkpoint
