@@ -103,10 +103,13 @@ def to_labeled(where: str, row: Any, text_column: str, label_column: str) -> Lab
 
 
 def load_labeled(
-    path: str | Path, text_column: str = "text", label_column: str = "label"
+    path: str | Path, text_column: str = "text", label_column: str = "label", max_length: int | None = None
 ) -> list[LabeledText]:
-    """Every row of a file as a checked LabeledText; the first bad row raises a DataError naming it."""
-    return [to_labeled(where, row, text_column, label_column) for where, row in read_rows(path)]
+    """Every row of a file as a checked LabeledText; the first bad row raises a DataError naming it.
+
+    Texts are cut as they are read to what `max_length` tokens can hold (data_files.text_limit)."""
+    rows = read_rows(path, max_length)
+    return [to_labeled(where, row, text_column, label_column) for where, row in rows]
 
 
 # --- splitting and checking ------------------------------------------------------------------------
@@ -222,9 +225,10 @@ class ClassifyData:
 
 def prepare_classification(settings: Any, tokenizer: Any, seed: int = 42) -> ClassifyData:
     """Load, check, split, tokenize and report on the data of a classify recipe's `data` section."""
-    train_rows = load_labeled(settings.train_file, settings.text_column, settings.label_column)
+    columns = (settings.text_column, settings.label_column, settings.max_length)
+    train_rows = load_labeled(settings.train_file, *columns)
     if settings.val_file:
-        val_rows = load_labeled(settings.val_file, settings.text_column, settings.label_column)
+        val_rows = load_labeled(settings.val_file, *columns)
     else:
         train_rows, val_rows = stratified_split(train_rows, settings.val_fraction, seed)
     check_label_sets(train_rows, val_rows, Path(settings.train_file).name)

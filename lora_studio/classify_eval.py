@@ -35,11 +35,13 @@ class FileResult:
 
 
 def read_texts(
-    path: str | Path, text_column: str, label_column: str | None
+    path: str | Path, text_column: str, label_column: str | None, max_length: int | None = None
 ) -> tuple[list[dict[str, Any]], list[str], list[str] | None]:
-    """(rows, texts, labels or None): labels only when every row has the label column."""
+    """(rows, texts, labels or None): labels only when every row has the label column.
+
+    Texts are cut as they are read to what `max_length` tokens can hold (data_files.text_limit)."""
     rows, texts, labels = [], [], []
-    for where, row in read_rows(path):
+    for where, row in read_rows(path, max_length):
         if (
             not isinstance(row, dict)
             or not isinstance(row.get(text_column), str)
@@ -82,7 +84,7 @@ def classify_file(
         raise ConfigError(
             f"--out: expected a file ending in {' or '.join(OUTPUT_SUFFIXES)}, got {str(out)!r}"
         )
-    rows, texts, labels = read_texts(path, text_column, label_column)
+    rows, texts, labels = read_texts(path, text_column, label_column, classifier.max_length)
     predictions = classifier.predict(texts, batch_size=batch_size, progress=progress)
     if out is not None:
         write_predictions(out, rows, predictions, classifier.labels)

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import field_range
+from .data_files import CHARS_PER_TOKEN, parse_json_cell, read_rows
 from .data_files import SUFFIXES as SUFFIXES  # re-exported: file reading lives in data_files
-from .data_files import parse_json_cell, read_rows
 from .errors import DataError
 
 FORMAT_FIELDS = {
@@ -36,8 +36,8 @@ ROLES = {"system", "user", "assistant"}
 IGNORE_INDEX = -100  # label of tokens that do not count in the loss
 # Before a row is rendered and tokenised it is cut to (max_length + 1) * CHARS_PER_TOKEN characters:
 # ordinary text averages 3-5 characters per token, so the cut keeps every token training sees, and
-# one 60 MB line costs what a long row costs (tokenising all of it took 9 GB).
-CHARS_PER_TOKEN = 16
+# one 60 MB line costs what a long row costs (tokenising all of it took 9 GB). The reader
+# (data_files.read_rows) has already cut each text to about that as it read it.
 MESSAGE_OVERHEAD = 16  # characters counted for each message of a chat, so endless empty turns are cut too
 _BAD_CHARS = re.compile("[\x00\ud800-\udfff]")  # NUL, and surrogates that no UTF-8 text holds
 
@@ -188,11 +188,14 @@ def _message(m: Any, place: str) -> dict[str, str]:
 
 
 def load_examples(
-    path: str | Path, fmt: str = "auto", system_prompt: str | None = None
+    path: str | Path, fmt: str = "auto", system_prompt: str | None = None, max_length: int | None = None
 ) -> tuple[str, list[Example]]:
-    """Read, detect and check a whole file; the first bad row raises a DataError naming it."""
+    """Read, detect and check a whole file; the first bad row raises a DataError naming it.
+
+    Texts are cut as they are read to what `max_length` tokens can hold (data_files.text_limit).
+    """
     check_format(fmt)
-    rows = read_rows(path)
+    rows = read_rows(path, max_length)
     if fmt == "auto":
         fmt = detect_format(rows, Path(path).name)
     return fmt, [to_example(where, row, fmt, system_prompt) for where, row in rows]
@@ -349,11 +352,13 @@ class PreparedData:
 
 def prepare(settings: Any, tokenizer: Any, seed: int = 42) -> PreparedData:
     """Load, check, split, tokenize and report on the data of a recipe's `data` section."""
-    fmt, train_examples = load_examples(settings.train_file, settings.format, settings.system_prompt)
+    fmt, train_examples = load_examples(
+        settings.train_file, settings.format, settings.system_prompt, settings.max_length
+    )
     if settings.dedupe:  # before the split, so no row can land on both sides
         train_examples = dedupe(train_examples)
     if settings.val_file:
-        _, val_examples = load_examples(settings.val_file, fmt, settings.system_prompt)
+        _, val_examples = load_examples(settings.val_file, fmt, settings.system_prompt, settings.max_length)
     else:
         train_examples, val_examples = split(train_examples, settings.val_fraction, seed)
     train = [encode(e, tokenizer, settings.max_length) for e in train_examples]
@@ -461,7 +466,7 @@ def check_file(
 ) -> FileCheck:
     """Parse, detect, split and report on a file as training would, without training."""
     check_options(fmt, max_length)
-    fmt, examples = load_examples(path, fmt)
+    fmt, examples = load_examples(path, fmt, max_length=max_length)
     train_examples, val_examples = split(examples, val_fraction, seed=42)
     encoded = [encode(e, tokenizer, max_length) for e in examples]
     report = make_report(fmt, train_examples, val_examples, encoded, max_length)

@@ -408,9 +408,9 @@ def _check_data(recipe: Recipe) -> None:
 
     for path in (recipe.data.train_file, recipe.data.val_file):
         if path and recipe.task == "classify":
-            load_labeled(path, recipe.data.text_column, recipe.data.label_column)
+            load_labeled(path, recipe.data.text_column, recipe.data.label_column, recipe.data.max_length)
         elif path:
-            load_examples(path, recipe.data.format, recipe.data.system_prompt)
+            load_examples(path, recipe.data.format, recipe.data.system_prompt, recipe.data.max_length)
 
 
 def _first_save_step(recipe: dict[str, Any]) -> int:
