@@ -30,6 +30,7 @@ from .errors import ConfigError, ModelError
 from .models import BaseModelRef, load_tokenizer, pick_device, pick_dtype, resolve_base
 from .models import quantization_config as bnb_config
 from .remote_code import check_remote_code
+from .text_checks import check_text
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +217,8 @@ class Classifier:
         self, texts: Sequence[str], batch_size: int = 16, progress: bool = False
     ) -> torch.Tensor:
         """Label probabilities (rows x labels, float32 on the CPU), in the order of `texts`."""
+        for i, text in enumerate(texts, start=1):  # one line naming the text, not a tokenizer TypeError
+            check_text(text, f"text {i}", fix="remove it from the text")
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
         out = torch.empty(len(texts), len(self.labels))
         batches = range(0, len(order), batch_size)

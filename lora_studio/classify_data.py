@@ -25,6 +25,7 @@ from typing import Any
 
 from .data import data_fingerprint, read_rows
 from .errors import DataError
+from .text_checks import check_text
 
 IMBALANCE_RATIO = 3.0  # largest / smallest class size that counts as real skew
 FEW_ROWS = 5  # a class with fewer training rows than this is hard to learn
@@ -99,6 +100,7 @@ def to_labeled(where: str, row: Any, text_column: str, label_column: str) -> Lab
         raise DataError(f"{where}, field {text_column!r}: expected text, got {type(text).__name__}")
     if not text.strip():
         raise DataError(f"{where}, field {text_column!r}: the text is empty")
+    check_text(text, f"{where}, field {text_column!r}")
     return LabeledText(where, text, label_text(row[label_column], where, label_column))
 
 

@@ -23,6 +23,7 @@ from .classify_data import label_text
 from .classify_metrics import ClassScores, score_predictions
 from .data import read_rows
 from .errors import ConfigError, DataError
+from .text_checks import check_text
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
 
@@ -48,6 +49,7 @@ def read_texts(
             or not row[text_column].strip()
         ):
             raise DataError(f"{where}: expected a non-empty text in the field {text_column!r}")
+        check_text(row[text_column], f"{where}, field {text_column!r}")
         rows.append(dict(row))
         texts.append(row[text_column])
         if label_column and row.get(label_column) not in (None, ""):

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from .config import field_range
 from .data_files import CHARS_PER_TOKEN, parse_json_cell, read_rows
 from .data_files import SUFFIXES as SUFFIXES  # re-exported: file reading lives in data_files
 from .errors import DataError
+from .text_checks import check_text
 
 FORMAT_FIELDS = {
     "messages": ("messages",),
@@ -39,7 +39,6 @@ IGNORE_INDEX = -100  # label of tokens that do not count in the loss
 # one 60 MB line costs what a long row costs (tokenising all of it took 9 GB). The reader
 # (data_files.read_rows) has already cut each text to about that as it read it.
 MESSAGE_OVERHEAD = 16  # characters counted for each message of a chat, so endless empty turns are cut too
-_BAD_CHARS = re.compile("[\x00\ud800-\udfff]")  # NUL, and surrogates that no UTF-8 text holds
 
 
 @dataclass(frozen=True)
@@ -149,15 +148,7 @@ def _string(row: dict, name: str, where: str, required: bool = True) -> str:
     return _checked_text(value, f"{where}, field {name!r}")
 
 
-def _checked_text(value: str, place: str) -> str:
-    """Refuse text no tokenizer should see: NUL characters and unpaired surrogates."""
-    bad = _BAD_CHARS.search(value)
-    if bad:
-        nul = bad.group() == "\x00"
-        what = "a NUL character (\\x00)" if nul else f"an unpaired surrogate (\\u{ord(bad.group()):04x})"
-        why = "" if nul else ", which is not valid Unicode"
-        raise DataError(f"{place}: holds {what} at character {bad.start() + 1}{why}; remove it from the file")
-    return value
+_checked_text = check_text  # refuse text no tokenizer should see: NUL characters and unpaired surrogates
 
 
 def _messages(value: Any, where: str) -> list[dict[str, str]]:

@@ -94,6 +94,7 @@ class Job:
     pid: int | None  # the process running it (the worker's until the job process starts)
     queue_position: int | None  # 1 = next to start; None unless queued
     trust_remote_code: bool = False  # the operator allowed this job's base to run its own code
+    damaged: str | None = None  # why its row in the store cannot be read (it is listed, never run)
 
     @property
     def finished(self) -> bool:
@@ -230,6 +231,8 @@ class JobStore:
         `restart` (start over from step 0).
         """
         job = self.get(job_id)
+        if job.damaged:
+            raise JobError(f"job {job.id} cannot be resumed: {job.damaged}; submit its recipe again")
         if job.state not in RESUMABLE_STATES:
             raise JobError(
                 f"job {job.id} is {job.state}; only {', '.join(RESUMABLE_STATES)} jobs can be resumed"
@@ -291,7 +294,15 @@ class JobStore:
 
     # --- worker side (lora_studio.worker) ---------------------------------------------------------
     def claim_next(self, worker_pid: int) -> Job | None:
-        """Move the oldest queued job to running for a worker; None when the queue is empty."""
+        """Move the oldest queued job to running for a worker; None when the queue is empty.
+
+        A job whose row is damaged is marked failed with the reason, and the next one is claimed.
+        """
+        while (job := self._claim_one(worker_pid)) is not None and job.damaged:
+            self.finish(job.id, job.attempts, "failed", error=job.damaged)
+        return job
+
+    def _claim_one(self, worker_pid: int) -> Job | None:
         with self._db.transaction() as db:
             row = db.execute(
                 "SELECT id FROM jobs WHERE state = 'queued' ORDER BY queued_at, seq LIMIT 1"
@@ -419,15 +430,43 @@ def _first_save_step(recipe: dict[str, Any]) -> int:
 
 
 def _to_job(row: sqlite3.Row, queue: dict[str, int]) -> Job:
-    """The store's queue facts joined with its run folder's progress and metrics."""
-    r = dict(row)
+    """The store's queue facts joined with its run folder's progress and metrics.
+
+    A row that cannot be read (say its recipe is not JSON) becomes a Job marked `damaged`, so
+    listing shows it beside the others and the worker fails it instead of stopping.
+    """
+    try:
+        return _read_job(dict(row), queue)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        return _damaged_job(dict(row), f"its record in the job store is damaged ({type(e).__name__}: {e})")
+
+
+def _damaged_job(r: dict[str, Any], why: str) -> Job:
+    number = lambda v: v if isinstance(v, (int, float)) else None  # noqa: E731
+    run_dir = Path(str(r.get("run_dir") or "."))
+    return Job(
+        id=str(r.get("id")), name=str(r.get("name")), state=r.get("state") if r.get("state") in JOB_STATES else "failed",
+        recipe={}, run_dir=run_dir, created_at=number(r.get("created_at")) or 0.0,
+        started_at=number(r.get("started_at")), finished_at=number(r.get("finished_at")), step=0,
+        total_steps=None, eta_seconds=None, metrics={}, adapter_dir=None, error=why,
+        log_path=run_dir / LOG_FILE, cancel_requested=False, attempts=number(r.get("attempt")) or 0,
+        resumes_from_checkpoint=False, heartbeat_at=None, pid=None, queue_position=None, damaged=why,
+    )  # fmt: skip
+
+
+def _read_job(r: dict[str, Any], queue: dict[str, int]) -> Job:
+    recipe = json.loads(r["recipe"])
+    if not isinstance(recipe, dict) or r["state"] not in JOB_STATES:
+        raise ValueError(
+            "its recipe is not a JSON object" if not isinstance(recipe, dict) else "unknown state"
+        )
     run_dir = Path(r["run_dir"])
     run = runs.read_run(run_dir)
     return Job(
         id=r["id"],
         name=r["name"],
         state=r["state"],
-        recipe=json.loads(r["recipe"]),
+        recipe=recipe,
         run_dir=run_dir,
         created_at=r["created_at"],
         started_at=r["started_at"],

@@ -54,11 +54,11 @@ def peak_mib():
 steps = {
     "train": lambda: main(["train", spec["recipe"]]),
     "data check": lambda: main(["data", "check", spec["chat"], "--base-model", spec["base"], "--max-length", "64"]),
-    "eval --data": lambda: main(["eval", spec["adapter"], "--data", spec["chat"], "--no-base", "--limit", "1"]),
+    "eval --data": lambda: main(["eval", spec["adapter"], "--data", spec["chat"], "--no-base", "--limit", "2"]),
     "classify --file": lambda: main(["classify", spec["classifier"], "--file", spec["texts"], "--out", spec["out"]]),
     "fit": lambda: main(["fit", spec["chat"], "--models", spec["base"], "--sample", "2", "--max-length", "64"]),
     "UI data check": lambda: check_dataset(spec["chat"], spec["base"], "auto", 64),
-    "UI evaluate": lambda: evaluate(spec["adapter"], spec["chat"], 1, False),
+    "UI evaluate": lambda: evaluate(spec["adapter"], spec["chat"], 2, False),
 }
 for name, run in steps.items():
     step[0], start = name, time.perf_counter()

@@ -125,7 +125,7 @@ def run_list(args: argparse.Namespace) -> int:
     )
     for j in jobs:
         print(
-            f"{j.id:<11} {j.name[:20]:<20} {j.state:<12} {_progress(j):<16} {_duration(j.eta_seconds):>8} "
+            f"{j.id:<11} {j.name[:20]:<20} {'damaged' if j.damaged else j.state:<12} {_progress(j):<16} {_duration(j.eta_seconds):>8} "
             f"{_num(j.metrics.get('loss')):>8} {_num(j.metrics.get('val_loss')):>8}  {_when(j.created_at)}"
         )
     return 0
