@@ -23,7 +23,7 @@ from .classify_data import label_text
 from .classify_metrics import ClassScores, score_predictions
 from .data import read_rows
 from .errors import ConfigError, DataError
-from .text_checks import check_text
+from .text_checks import check_text, csv_cell
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
 
@@ -107,12 +107,15 @@ def write_predictions(
         buffer = io.StringIO()
         fields = list(dict.fromkeys(k for row in rows for k in row)) + ["predicted"]
         fields += [f"prob_{label}" for label in labels]
-        writer = csv.DictWriter(buffer, fieldnames=fields)
-        writer.writeheader()
+        writer = csv.writer(buffer)
+        writer.writerow([csv_cell(f) for f in fields])  # cells that start a formula are kept as text
         for row, p in zip(rows, predictions, strict=True):
-            writer.writerow(
-                {**row, "predicted": p.label, **{f"prob_{k}": f"{v:.6f}" for k, v in p.probabilities.items()}}
-            )
+            cells = {
+                **row,
+                "predicted": p.label,
+                **{f"prob_{k}": f"{v:.6f}" for k, v in p.probabilities.items()},
+            }
+            writer.writerow([csv_cell(cells.get(f, "")) for f in fields])
         text = buffer.getvalue()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")

@@ -21,7 +21,7 @@ server has classifiers only (their base may have no chat template), `classify_ap
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from .classifier import Classifier, is_classifier
-from .serve_requests import APIError, api_key_check, parse_body, read_body
+from .serve_requests import APIError, RequestGuard, api_key_check, parse_body, read_body
 
 MAX_INPUTS = 256
 CHAT_PATHS = ("/v1/chat/completions", "/v1/completions")
@@ -135,9 +135,12 @@ def classify_response(
 
 
 # --- a server of classifiers only ----------------------------------------------------------------
-def classify_app(classifiers: dict[str, Classifier], api_key: str | None = None) -> FastAPI:
+def classify_app(
+    classifiers: dict[str, Classifier], api_key: str | None = None, allowed_hosts: Sequence[str] = ()
+) -> FastAPI:
     """The whole app when only classifiers are served: /health, /v1/models, /v1/classify; chat refused."""
     app = FastAPI(title="LoRA Studio classifiers", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(RequestGuard, allowed_hosts=tuple(allowed_hosts))  # Host and JSON, as chat does
 
     authorize = api_key_check(api_key)
 
@@ -172,8 +175,15 @@ def classify_app(classifiers: dict[str, Classifier], api_key: str | None = None)
 
 
 def run_classify_server(
-    classifiers: dict[str, Classifier], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
+    classifiers: dict[str, Classifier],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    allowed_hosts: Sequence[str] = (),
 ) -> None:
     import uvicorn
 
-    uvicorn.run(classify_app(classifiers, api_key), host=host, port=port, log_level="warning")
+    from .serve import served_hosts
+
+    app = classify_app(classifiers, api_key, served_hosts(host, allowed_hosts))
+    uvicorn.run(app, host=host, port=port, log_level="warning")

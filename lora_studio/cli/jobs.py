@@ -19,6 +19,7 @@ from ..config import add_set_argument
 from ..jobs import JOB_STATES, Job, JobStore
 from ..overfit import warning_lines
 from ..remote_code import remote_code_allowed
+from ..text_checks import printable
 from . import add_remote_code_flag
 
 
@@ -125,7 +126,7 @@ def run_list(args: argparse.Namespace) -> int:
     )
     for j in jobs:
         print(
-            f"{j.id:<11} {j.name[:20]:<20} {'damaged' if j.damaged else j.state:<12} {_progress(j):<16} {_duration(j.eta_seconds):>8} "
+            f"{printable(j.id):<11} {printable(j.name)[:20]:<20} {'damaged' if j.damaged else j.state:<12} {_progress(j):<16} {_duration(j.eta_seconds):>8} "
             f"{_num(j.metrics.get('loss')):>8} {_num(j.metrics.get('val_loss')):>8}  {_when(j.created_at)}"
         )
     return 0
@@ -138,7 +139,8 @@ def run_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**job.to_dict(), "metrics_rows": rows}, indent=2, default=str))
         return 0
-    print(f"job {job.id}: {job.name}, {job.state}" + (" (cancel requested)" if job.cancel_requested else ""))
+    cancel = " (cancel requested)" if job.cancel_requested else ""
+    print(printable(f"job {job.id}: {job.name}, {'damaged' if job.damaged else job.state}") + cancel)
     details = {
         "progress": _progress(job)
         + (f", ETA {_duration(job.eta_seconds)}" if job.eta_seconds is not None else ""),
@@ -156,7 +158,7 @@ def run_show(args: argparse.Namespace) -> int:
     }
     for key, value in details.items():
         if value:
-            print(f"  {key:<11} {value}")
+            print(f"  {key:<11} " + "\n".join(printable(line) for line in str(value).split("\n")))
     if rows:
         print(f"  last {min(len(rows), 10)} of {len(rows)} metrics rows:")
         print(f"    {'step':>6} {'loss':>8} {'val_loss':>8} {'lr':>10} {'tokens/s':>9}")

@@ -102,6 +102,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=16,
         help="requests that may wait for the model; more get 429 with Retry-After (default 16)",
     )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name or address clients may reach the server by, besides this machine's loopback "
+        "and --host (repeatable; '*' allows any). Other Host headers get 400 (DNS rebinding)",
+    )
     add_remote_code_flag(p)
     p.set_defaults(run=run_serve)
 
@@ -263,7 +271,9 @@ def run_serve(args: argparse.Namespace) -> int:
             f"serving classifiers {', '.join(classifiers)} at http://{args.host}:{args.port}/v1/classify",
             flush=True,
         )
-        run_classify_server(classifiers, host=args.host, port=args.port, api_key=api_key)
+        run_classify_server(
+            classifiers, host=args.host, port=args.port, api_key=api_key, allowed_hosts=args.allowed_host
+        )
         return 0
     if not paths and args.base is None:
         raise ConfigError(
@@ -284,6 +294,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         insecure_no_auth=args.insecure_no_auth,
         classifiers=classifiers,
+        allowed_hosts=args.allowed_host,
     )
     return 0
 
