@@ -181,9 +181,10 @@ def reproduce_command(job: Job) -> str:
     path = studio_home() / "recipes" / f"{safe_name(job.name)}-{job.id}.yaml"  # the name is typed text
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(Recipe.from_dict(raw).to_yaml())
+    flag = " --trust-remote-code" if job.trust_remote_code else ""  # this job's own permission
     return (
-        f"# the same training in a terminal:\nlora-studio train {path}\n"
-        f"# or queued for the worker, as this page does:\nlora-studio jobs submit {path}"
+        f"# the same training in a terminal:\nlora-studio train {path}{flag}\n"
+        f"# or queued for the worker, as this page does:\nlora-studio jobs submit {path}{flag}"
     )
 
 
