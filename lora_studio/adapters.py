@@ -258,7 +258,9 @@ def apply_adapter(base: Any, folder: Path, meta: dict[str, Any], ref: BaseModelR
 
 
 def check_adapter_base(folder: Path, meta: dict[str, Any], base_hash: str, base_label: str) -> None:
-    """Refuse an adapter whose recorded base weights hash differs from the base it is put on."""
+    """Refuse an adapter whose recorded base weights hash differs from the base it is put on, or
+    whose weights are not all finite: the checks every load makes before weights go on a base."""
+    check_weights_finite(folder / "adapter_model.safetensors")
     expected = meta.get("base_model_hash")
     if expected != base_hash:
         raise ModelError(
@@ -267,6 +269,21 @@ def check_adapter_base(folder: Path, meta: dict[str, Any], base_hash: str, base_
             f"(hash {base_hash[:12]}). Use it with its own base model ({meta.get('base_model')!r}) "
             "or retrain it on this one."
         )
+
+
+def check_weights_finite(path: Path) -> None:
+    """Refuse an adapter whose weights hold NaN or inf: it would answer silently with garbage."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+            tensor = f.get_tensor(name)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise ModelError(
+                    f"{path} holds {bad} NaN or infinite value(s) in {name}: the training that wrote it "
+                    f"diverged or the file was altered. {_RECOVER}"
+                )
 
 
 def base_settings(

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+from .text_checks import CONTROL_CHARS
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +258,8 @@ class Recipe:
         name = raw.get("name", "run")
         if not isinstance(name, str) or not name:
             problems.append(f"name: expected a non-empty string, got {name!r}")
+        elif CONTROL_CHARS.search(name):  # an ESC sequence in a name rewrites terminals that list it
+            problems.append(f"name: control characters are not allowed, got {name!r}")
         task = raw.get("task", "chat")
         if task not in typing.get_args(Task):
             problems.append(f"task: expected {_describe(Task)}, got {task!r}")

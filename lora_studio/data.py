@@ -16,15 +16,15 @@ import hashlib
 import json
 import logging
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import field_range
+from .data_files import CHARS_PER_TOKEN, parse_json_cell, read_rows
 from .data_files import SUFFIXES as SUFFIXES  # re-exported: file reading lives in data_files
-from .data_files import parse_json_cell, read_rows
 from .errors import DataError
+from .text_checks import check_text
 
 FORMAT_FIELDS = {
     "messages": ("messages",),
@@ -36,10 +36,9 @@ ROLES = {"system", "user", "assistant"}
 IGNORE_INDEX = -100  # label of tokens that do not count in the loss
 # Before a row is rendered and tokenised it is cut to (max_length + 1) * CHARS_PER_TOKEN characters:
 # ordinary text averages 3-5 characters per token, so the cut keeps every token training sees, and
-# one 60 MB line costs what a long row costs (tokenising all of it took 9 GB).
-CHARS_PER_TOKEN = 16
+# one 60 MB line costs what a long row costs (tokenising all of it took 9 GB). The reader
+# (data_files.read_rows) has already cut each text to about that as it read it.
 MESSAGE_OVERHEAD = 16  # characters counted for each message of a chat, so endless empty turns are cut too
-_BAD_CHARS = re.compile("[\x00\ud800-\udfff]")  # NUL, and surrogates that no UTF-8 text holds
 
 
 @dataclass(frozen=True)
@@ -149,15 +148,7 @@ def _string(row: dict, name: str, where: str, required: bool = True) -> str:
     return _checked_text(value, f"{where}, field {name!r}")
 
 
-def _checked_text(value: str, place: str) -> str:
-    """Refuse text no tokenizer should see: NUL characters and unpaired surrogates."""
-    bad = _BAD_CHARS.search(value)
-    if bad:
-        nul = bad.group() == "\x00"
-        what = "a NUL character (\\x00)" if nul else f"an unpaired surrogate (\\u{ord(bad.group()):04x})"
-        why = "" if nul else ", which is not valid Unicode"
-        raise DataError(f"{place}: holds {what} at character {bad.start() + 1}{why}; remove it from the file")
-    return value
+_checked_text = check_text  # refuse text no tokenizer should see: NUL characters and unpaired surrogates
 
 
 def _messages(value: Any, where: str) -> list[dict[str, str]]:
@@ -188,11 +179,14 @@ def _message(m: Any, place: str) -> dict[str, str]:
 
 
 def load_examples(
-    path: str | Path, fmt: str = "auto", system_prompt: str | None = None
+    path: str | Path, fmt: str = "auto", system_prompt: str | None = None, max_length: int | None = None
 ) -> tuple[str, list[Example]]:
-    """Read, detect and check a whole file; the first bad row raises a DataError naming it."""
+    """Read, detect and check a whole file; the first bad row raises a DataError naming it.
+
+    Texts are cut as they are read to what `max_length` tokens can hold (data_files.text_limit).
+    """
     check_format(fmt)
-    rows = read_rows(path)
+    rows = read_rows(path, max_length)
     if fmt == "auto":
         fmt = detect_format(rows, Path(path).name)
     return fmt, [to_example(where, row, fmt, system_prompt) for where, row in rows]
@@ -349,11 +343,13 @@ class PreparedData:
 
 def prepare(settings: Any, tokenizer: Any, seed: int = 42) -> PreparedData:
     """Load, check, split, tokenize and report on the data of a recipe's `data` section."""
-    fmt, train_examples = load_examples(settings.train_file, settings.format, settings.system_prompt)
+    fmt, train_examples = load_examples(
+        settings.train_file, settings.format, settings.system_prompt, settings.max_length
+    )
     if settings.dedupe:  # before the split, so no row can land on both sides
         train_examples = dedupe(train_examples)
     if settings.val_file:
-        _, val_examples = load_examples(settings.val_file, fmt, settings.system_prompt)
+        _, val_examples = load_examples(settings.val_file, fmt, settings.system_prompt, settings.max_length)
     else:
         train_examples, val_examples = split(train_examples, settings.val_fraction, seed)
     train = [encode(e, tokenizer, settings.max_length) for e in train_examples]
@@ -461,7 +457,7 @@ def check_file(
 ) -> FileCheck:
     """Parse, detect, split and report on a file as training would, without training."""
     check_options(fmt, max_length)
-    fmt, examples = load_examples(path, fmt)
+    fmt, examples = load_examples(path, fmt, max_length=max_length)
     train_examples, val_examples = split(examples, val_fraction, seed=42)
     encoded = [encode(e, tokenizer, max_length) for e in examples]
     report = make_report(fmt, train_examples, val_examples, encoded, max_length)

@@ -4,6 +4,12 @@ Each row comes with where it came from ("file.jsonl, line 3"). Whatever a file h
 training cannot use is refused with that place, as a DataError, never a traceback: bytes that
 are not UTF-8 text, JSON nested deeper than MAX_DEPTH, integers longer than MAX_DIGITS, CSV
 cells over the csv module's field limit. A UTF-8 byte order mark is accepted.
+
+It is also the one bounded reader every command reading a user's data file goes through (train,
+data check, eval, classify --file, fit, the UI's data and eval actions): each text in a row is cut
+as it is read to what `max_length` tokens can hold (`text_limit`), so one 60 MB line costs what a
+long row costs on every path, not the gigabytes that tokenising all of it takes. (CSV cells are
+bounded by the csv module's field limit already, and are not cut.)
 """
 
 from __future__ import annotations
@@ -23,10 +29,24 @@ MAX_DIGITS = 4300  # Python's own limit for turning digits into an int (sys.get_
 # Text is decoded with errors="surrogateescape": a byte that is not UTF-8 becomes one of these.
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")
 _RESAVE = "re-save the file as UTF-8 (e.g. 'Save as' > 'UTF-8' in a spreadsheet or text editor)"
+# Ordinary text averages 3-5 characters per token, so (max_length + 1) * CHARS_PER_TOKEN characters
+# hold every token a model reads (tokenising one 60 MB line whole took 9 GB).
+CHARS_PER_TOKEN = 16
+MAX_LENGTH_LIMIT = 131072  # the largest max_length a recipe allows: the bound when none is known
 
 
-def read_rows(path: str | Path) -> list[tuple[str, Any]]:
-    """Rows of a data file as (location, row) pairs; malformed content names its line."""
+def text_limit(max_length: int | None) -> int:
+    """The characters kept of each text read for a model reading `max_length` tokens: one more than
+    `data.bounded` keeps, so a row cut here still counts as cut there."""
+    return ((max_length or MAX_LENGTH_LIMIT) + 1) * CHARS_PER_TOKEN + 1
+
+
+def read_rows(path: str | Path, max_length: int | None = None) -> list[tuple[str, Any]]:
+    """Rows of a data file as (location, row) pairs; malformed content names its line.
+
+    Every text in a row is cut to `text_limit(max_length)` characters (None: the largest
+    max_length), so nothing downstream holds or tokenises more than a model can read.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path}")
@@ -44,7 +64,21 @@ def read_rows(path: str | Path) -> list[tuple[str, Any]]:
         raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not rows:
         raise DataError(f"{path} is empty: it has no rows")
-    return rows
+    if path.suffix == ".csv":  # cells are bounded already (the csv field limit), and a cell may hold
+        return rows  # a chat as JSON text (a `messages` column), which a cut would break
+    limit = text_limit(max_length)
+    return [(where, _cut_texts(row, limit)) for where, row in rows]
+
+
+def _cut_texts(value: Any, limit: int) -> Any:
+    """The row with every string longer than `limit` cut to it (nesting is bounded by _check_row)."""
+    if isinstance(value, str):
+        return value[:limit] if len(value) > limit else value
+    if isinstance(value, dict):
+        return {k: _cut_texts(v, limit) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cut_texts(v, limit) for v in value]
+    return value
 
 
 # --- text --------------------------------------------------------------------------------------

@@ -26,9 +26,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from .version import __version__
 from .adapters import decoder_blocks
 from .config import Recipe
 from .data import IGNORE_INDEX, PreparedData
@@ -217,9 +219,13 @@ class FastPath:
         key = cache_key(
             token_rows,
             base=base_hash,
+            revision=getattr(self.base.config, "_commit_hash", None),
             lower_blocks=n_lower,
-            bf16=self.levers.bf16,
-            versions=[torch.__version__, transformers.__version__],
+            bf16=self.levers.bf16,  # autocast
+            weights=str(self.dtype),
+            device=self.device.type,
+            quantization=str(getattr(self.base, "quantization_method", None) or "none"),
+            versions=[torch.__version__, transformers.__version__, np.__version__, __version__],
         )
         self.lower = [self._wrap(blocks, str(i)) for i in range(n_lower)]
         self.cache = FeatureCache(key, token_rows, self.base.config.hidden_size, self._run_lower)

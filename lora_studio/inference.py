@@ -46,6 +46,7 @@ from .errors import ModelError, RequestError
 from .generation import GenerationSettings, stop_token_ids
 from .models import load_base, model_fingerprint
 from .tasks.kinds import require_text
+from .text_checks import check_text
 from .threads import use as use_threads
 
 log = logging.getLogger(__name__)
@@ -366,5 +367,6 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
             raise RequestError(f"messages[{i}].role: expected one of {', '.join(ROLES)}, got {role!r}")
         if not isinstance(content, str):
             raise RequestError(f"messages[{i}].content: expected a string, got {type(content).__name__}")
+        check_text(content, f"messages[{i}].content", "remove it from the message", RequestError)
         checked.append({"role": role, "content": content})
     return checked

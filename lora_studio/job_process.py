@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 from .config import Recipe
 from .errors import LoraStudioError, TrainingCancelled, TrainingInterrupted
 from .jobs import HEARTBEAT_SECONDS, JobStore
+from .remote_code import set_remote_code
 from .training import train
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class StopOnRequest(TrainerCallback):
 def run_job(store: JobStore, job_id: str, attempt: int) -> None:
     """Train one attempt of a job and record how it ended (never raises for a training failure)."""
     job = store.get(job_id)
+    set_remote_code(job.trust_remote_code)  # this job's own permission, never the environment's
     store.attempt_started(job_id, attempt, os.getpid())
     early = store.stop_reason(job_id, attempt)  # cancelled (or taken over) while it was being started
     if early is not None:

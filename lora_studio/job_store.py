@@ -32,9 +32,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempt INTEGER NOT NULL DEFAULT 0,        -- bumped by every claim
     pid INTEGER,
     host TEXT,
-    heartbeat_at REAL
+    heartbeat_at REAL,
+    trust_remote_code INTEGER NOT NULL DEFAULT 0  -- the operator's word at submit/resume, this job's alone
 );
 """
+# Columns added since the first schema, for stores made before them: name -> definition.
+ADDED_COLUMNS = {"trust_remote_code": "INTEGER NOT NULL DEFAULT 0"}
 # Queue facts only: a job's progress and metrics are in its run folder (runs.py). A store made
 # before that keeps its old progress columns and metrics table, unused.
 
@@ -47,6 +50,11 @@ class Database:
         with self.connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            for name, definition in ADDED_COLUMNS.items():
+                if name not in have:
+                    with contextlib.suppress(sqlite3.OperationalError):  # another process added it first
+                        db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:

@@ -56,6 +56,7 @@ from .config import Recipe
 from .errors import ConfigError, JobError, TrainingCancelled
 from .home import studio_home
 from .job_store import Database, is_current, queue_positions
+from .remote_code import check_remote_code
 from .run_folder import last_complete_checkpoint
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
@@ -92,6 +93,8 @@ class Job:
     heartbeat_at: float | None
     pid: int | None  # the process running it (the worker's until the job process starts)
     queue_position: int | None  # 1 = next to start; None unless queued
+    trust_remote_code: bool = False  # the operator allowed this job's base to run its own code
+    damaged: str | None = None  # why its row in the store cannot be read (it is listed, never run)
 
     @property
     def finished(self) -> bool:
@@ -122,14 +125,23 @@ class JobStore:
         self.recover()  # a store opening is a service starting: settle jobs of processes that died
 
     # --- submitting and reading -----------------------------------------------------------------
-    def submit(self, recipe: Recipe | dict[str, Any] | str | Path, overrides: Sequence[str] = ()) -> str:
+    def submit(
+        self,
+        recipe: Recipe | dict[str, Any] | str | Path,
+        overrides: Sequence[str] = (),
+        *,
+        trust_remote_code: bool = False,
+    ) -> str:
         """Validate a recipe (a Recipe, a mapping or a YAML path) and queue it; returns the job id.
 
-        Bad recipes (unknown keys, wrong types, a missing or unreadable data file) raise
-        ConfigError/DataError here and never enter the queue.
+        Bad recipes (unknown keys, wrong types, a missing or unreadable data file, asking for
+        remote code without `trust_remote_code`) raise ConfigError/DataError/ModelError here and
+        never enter the queue. `trust_remote_code` is the submitting operator's word: recorded on
+        this job alone, and the only permission its process gets (remote_code.py).
         """
         job_id = uuid.uuid4().hex[:10]
         recipe = Recipe.load(recipe, overrides)
+        check_remote_code(recipe.model, allowed=trust_remote_code)
         recipe = runs.pin(recipe, run_dir=runs.default_folder(recipe.name, job_id, self.home))
         _check_data(recipe)
         now = time.time()
@@ -144,9 +156,17 @@ class JobStore:
                     "set a different output_dir, or leave it empty for a fresh folder per job"
                 )
             db.execute(
-                "INSERT INTO jobs (id, name, state, recipe, run_dir, created_at, queued_at) "
-                "VALUES (?, ?, 'queued', ?, ?, ?, ?)",
-                (job_id, recipe.name, json.dumps(recipe.to_dict()), str(recipe.output_dir), now, now),
+                "INSERT INTO jobs (id, name, state, recipe, run_dir, created_at, queued_at, trust_remote_code) "
+                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    recipe.name,
+                    json.dumps(recipe.to_dict()),
+                    str(recipe.output_dir),
+                    now,
+                    now,
+                    int(trust_remote_code),
+                ),
             )
         return job_id
 
@@ -201,18 +221,23 @@ class JobStore:
                 )
         return self.get(job_id)
 
-    def resume(self, job_id: str, *, restart: bool = False) -> Job:
+    def resume(self, job_id: str, *, restart: bool = False, trust_remote_code: bool = False) -> Job:
         """Queue an interrupted, cancelled or failed job again, to continue from its last whole checkpoint.
+
+        `trust_remote_code` is the resuming operator's word, recorded anew (as at submit).
 
         A job stopped before its first checkpoint was whole starts over (it lost at most one
         checkpoint interval). If checkpoints were written but are gone, this refuses unless
         `restart` (start over from step 0).
         """
         job = self.get(job_id)
+        if job.damaged:
+            raise JobError(f"job {job.id} cannot be resumed: {job.damaged}; submit its recipe again")
         if job.state not in RESUMABLE_STATES:
             raise JobError(
                 f"job {job.id} is {job.state}; only {', '.join(RESUMABLE_STATES)} jobs can be resumed"
             )
+        check_remote_code(Recipe.from_dict(job.recipe).model, allowed=trust_remote_code)
         has_checkpoint = last_complete_checkpoint(job.run_dir) is not None
         # Past the first save step, that save finished (the Trainer saves before the next step).
         if not has_checkpoint and not restart and job.step > _first_save_step(job.recipe):
@@ -224,8 +249,8 @@ class JobStore:
         with self._db.transaction() as db:
             changed = db.execute(
                 "UPDATE jobs SET state = 'queued', queued_at = ?, finished_at = NULL, error = NULL, "
-                "cancel_requested = 0, resume = ? WHERE id = ? AND state = ?",
-                (time.time(), int(has_checkpoint), job.id, job.state),
+                "cancel_requested = 0, resume = ?, trust_remote_code = ? WHERE id = ? AND state = ?",
+                (time.time(), int(has_checkpoint), int(trust_remote_code), job.id, job.state),
             ).rowcount
         if not changed:
             raise JobError(f"job {job.id} changed state while resuming it; look at it again with `jobs show`")
@@ -269,7 +294,15 @@ class JobStore:
 
     # --- worker side (lora_studio.worker) ---------------------------------------------------------
     def claim_next(self, worker_pid: int) -> Job | None:
-        """Move the oldest queued job to running for a worker; None when the queue is empty."""
+        """Move the oldest queued job to running for a worker; None when the queue is empty.
+
+        A job whose row is damaged is marked failed with the reason, and the next one is claimed.
+        """
+        while (job := self._claim_one(worker_pid)) is not None and job.damaged:
+            self.finish(job.id, job.attempts, "failed", error=job.damaged)
+        return job
+
+    def _claim_one(self, worker_pid: int) -> Job | None:
         with self._db.transaction() as db:
             row = db.execute(
                 "SELECT id FROM jobs WHERE state = 'queued' ORDER BY queued_at, seq LIMIT 1"
@@ -392,15 +425,43 @@ def _first_save_step(recipe: dict[str, Any]) -> int:
 
 
 def _to_job(row: sqlite3.Row, queue: dict[str, int]) -> Job:
-    """The store's queue facts joined with its run folder's progress and metrics."""
-    r = dict(row)
+    """The store's queue facts joined with its run folder's progress and metrics.
+
+    A row that cannot be read (say its recipe is not JSON) becomes a Job marked `damaged`, so
+    listing shows it beside the others and the worker fails it instead of stopping.
+    """
+    try:
+        return _read_job(dict(row), queue)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        return _damaged_job(dict(row), f"its record in the job store is damaged ({type(e).__name__}: {e})")
+
+
+def _damaged_job(r: dict[str, Any], why: str) -> Job:
+    number = lambda v: v if isinstance(v, (int, float)) else None  # noqa: E731
+    run_dir = Path(str(r.get("run_dir") or "."))
+    return Job(
+        id=str(r.get("id")), name=str(r.get("name")), state=r.get("state") if r.get("state") in JOB_STATES else "failed",
+        recipe={}, run_dir=run_dir, created_at=number(r.get("created_at")) or 0.0,
+        started_at=number(r.get("started_at")), finished_at=number(r.get("finished_at")), step=0,
+        total_steps=None, eta_seconds=None, metrics={}, adapter_dir=None, error=why,
+        log_path=run_dir / LOG_FILE, cancel_requested=False, attempts=number(r.get("attempt")) or 0,
+        resumes_from_checkpoint=False, heartbeat_at=None, pid=None, queue_position=None, damaged=why,
+    )  # fmt: skip
+
+
+def _read_job(r: dict[str, Any], queue: dict[str, int]) -> Job:
+    recipe = json.loads(r["recipe"])
+    if not isinstance(recipe, dict) or r["state"] not in JOB_STATES:
+        raise ValueError(
+            "its recipe is not a JSON object" if not isinstance(recipe, dict) else "unknown state"
+        )
     run_dir = Path(r["run_dir"])
     run = runs.read_run(run_dir)
     return Job(
         id=r["id"],
         name=r["name"],
         state=r["state"],
-        recipe=json.loads(r["recipe"]),
+        recipe=recipe,
         run_dir=run_dir,
         created_at=r["created_at"],
         started_at=r["started_at"],
@@ -418,4 +479,5 @@ def _to_job(row: sqlite3.Row, queue: dict[str, int]) -> Job:
         heartbeat_at=r["heartbeat_at"],
         pid=r["pid"],
         queue_position=queue.get(r["id"]),
+        trust_remote_code=bool(r.get("trust_remote_code")),
     )

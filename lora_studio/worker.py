@@ -34,6 +34,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .files import pid_exists
+from .remote_code import without_permission
 
 if TYPE_CHECKING:  # jobs imports this module: no import back at run time
     from .jobs import Job, JobStore
@@ -173,8 +174,9 @@ def _spawn(store: JobStore, job: Job | None, stdout: IO[bytes] | None) -> subpro
     cmd = [sys.executable, "-m", "lora_studio.job_process", "--store", str(store.path)]
     if job is not None:
         cmd += [job.id, str(job.attempts)]
-    # No progress bars in logs; logs written as they happen.
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    # No progress bars in logs; logs written as they happen. Never remote code from the worker's
+    # environment: a job process takes that permission from its own job's record (remote_code.py).
+    env = {**without_permission(os.environ), "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         cmd,
         stdin=subprocess.PIPE if job is None else subprocess.DEVNULL,

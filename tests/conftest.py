@@ -104,3 +104,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def no_remote_code_left_over():
+    """A test that gives the operator's --trust-remote-code in-process must not lend it to the next."""
+    yield
+    from lora_studio.remote_code import set_remote_code
+
+    set_remote_code(False)

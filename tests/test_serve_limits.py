@@ -69,7 +69,12 @@ def test_a_body_over_the_limit_gets_413(server):
 def test_a_chunked_body_over_the_limit_gets_413(server):
     body = big_prompt(2)
     chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))  # no Content-Length: chunked
-    response = httpx.post(f"{server}/v1/chat/completions", content=chunks, timeout=60)
+    response = httpx.post(
+        f"{server}/v1/chat/completions",
+        content=chunks,
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
     assert response.request.headers.get("transfer-encoding") == "chunked"
     assert_openai_error(response, 413, "larger than this server's limit")
 

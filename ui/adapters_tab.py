@@ -11,6 +11,7 @@ written under the studio's exports folder, the only folder the app serves files 
 
 from __future__ import annotations
 
+import functools
 import html
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import yaml
 from lora_studio.downloads import adapter_archive, merged_archive
 from lora_studio.evaluation.report import EvalOptions, run_eval
 
-from .common import TrainedAdapter, dataset_choices, shows_errors, trained_adapters
+from .common import TrainedAdapter, check_data_path, dataset_choices, shows_errors, trained_adapters
 from .eval_views import eval_frame, warnings_banner
 
 COLUMNS = [
@@ -117,14 +118,23 @@ def download_merged(folder: str | None) -> tuple[str, str]:
 
 
 def evaluate(
-    folder: str | None, test_file: str | None, limit: float | None, with_base: bool, forgetting: bool = False
+    folder: str | None,
+    test_file: str | None,
+    limit: float | None,
+    with_base: bool,
+    forgetting: bool = False,
+    public: bool = False,
 ) -> tuple:
-    """(table, summary markdown, loss curves image, confusion matrix image) of an adapter on a test file."""
+    """(table, summary markdown, loss curves image, confusion matrix image) of an adapter on a test file.
+
+    `public`: the UI is reachable from other machines, so typed paths are limited (common.py).
+    """
     from PIL import Image
 
     adapter = _find(folder)
     if not (test_file or "").strip():
         raise gr.Error("Pick a test file first: rows the adapter never saw in training.")
+    check_data_path(test_file.strip(), public)
     report = run_eval(
         EvalOptions(
             str(adapter.folder),
@@ -172,7 +182,7 @@ def _short(name: str) -> str:
 
 
 # --- layout ---------------------------------------------------------------------------------------
-def build() -> AdaptersTab:
+def build(public: bool = False) -> AdaptersTab:
     table = gr.Dataframe(
         adapters_table([]),
         label="Trained adapters (newest first)",
@@ -238,7 +248,7 @@ def build() -> AdaptersTab:
         shows_errors(download_merged), inputs=adapter, outputs=[archive, note], api_name="download_merged"
     )
     run.click(
-        shows_errors(evaluate),
+        shows_errors(functools.partial(evaluate, public=public)),
         inputs=[adapter, test_file, limit, with_base, forgetting],
         outputs=[scores, verdict, curves, confusion],
         api_name="evaluate_adapter",

@@ -50,7 +50,7 @@ def build_app(max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, host: str = "127.0.0
             with gr.Tab("Chat", id="chat") as chat_page:
                 chat = chat_tab.build(EnginePool(max_bases=2))
             with gr.Tab("Adapters", id="adapters") as adapters_page:
-                adapters = adapters_tab.build()
+                adapters = adapters_tab.build(public)
             with gr.Tab("Classify", id="classify") as classify_page:
                 classify = classify_tab.build()
         # The Train tab follows the dataset chosen on the Data tab.

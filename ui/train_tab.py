@@ -26,6 +26,7 @@ from lora_studio.config import (
 )
 from lora_studio.home import studio_home
 from lora_studio.jobs import Job, JobStore
+from lora_studio.remote_code import remote_code_allowed
 
 from .common import (
     base_model_choices,
@@ -114,7 +115,7 @@ def start_training(*form: Any, public: bool = False) -> tuple[str, str]:
     check_data_path(recipe.data.train_file, public)
     check_model_path(recipe.model.base_model, public)
     store = JobStore()
-    job_id = store.submit(recipe)
+    job_id = store.submit(recipe, trust_remote_code=remote_code_allowed())  # the UI operator's word
     store.ensure_worker()
     return job_id, reproduce_command(store.get(job_id))
 
@@ -136,7 +137,7 @@ def resume_job(job_id: str | None) -> str:
     if not job_id:
         raise gr.Error("Pick a job to resume first.")
     store = JobStore()
-    job = store.resume(job_id)
+    job = store.resume(job_id, trust_remote_code=remote_code_allowed())
     store.ensure_worker()
     return f"Job {job.id} is queued again; it continues from its last checkpoint."
 
@@ -180,9 +181,10 @@ def reproduce_command(job: Job) -> str:
     path = studio_home() / "recipes" / f"{safe_name(job.name)}-{job.id}.yaml"  # the name is typed text
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(Recipe.from_dict(raw).to_yaml())
+    flag = " --trust-remote-code" if job.trust_remote_code else ""  # this job's own permission
     return (
-        f"# the same training in a terminal:\nlora-studio train {path}\n"
-        f"# or queued for the worker, as this page does:\nlora-studio jobs submit {path}"
+        f"# the same training in a terminal:\nlora-studio train {path}{flag}\n"
+        f"# or queued for the worker, as this page does:\nlora-studio jobs submit {path}{flag}"
     )
 
 

@@ -13,7 +13,7 @@ import logging
 import sys
 
 from ..errors import LoraStudioError
-from ..remote_code import REMOTE_CODE_FLAG, allow_remote_code
+from ..remote_code import REMOTE_CODE_FLAG, take_operator_word
 from ..threads import set_explicit
 
 # Command groups, in the order `--help` lists them.
@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     if not args.verbose:
         hide_known_noise()  # before anything imports the libraries that log it
-    if getattr(args, "trust_remote_code", False):
-        allow_remote_code()
+    # The operator's word holds for this command alone; a worker takes it from each job's record.
+    take_operator_word(getattr(args, "trust_remote_code", False), from_env=args.command != "worker")
     if (
         getattr(args, "threads", None) is not None and args.command != "bench"
     ):  # bench hands its own to each run

@@ -18,7 +18,9 @@ from pathlib import Path
 from ..config import add_set_argument
 from ..evaluation.overfit import warning_lines
 from ..jobs import JOB_STATES, Job, JobStore
+from ..remote_code import remote_code_allowed
 from ..runs import read_status
+from ..text_checks import printable
 from . import add_remote_code_flag, add_threads_flag
 
 
@@ -92,13 +94,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the job store file (default: <LORA_STUDIO_HOME>/jobs.sqlite)",
     )
     add_threads_flag(p, "each job")
-    add_remote_code_flag(p)
+    # No --trust-remote-code here: each job carries its own, given at `jobs submit`/`resume`.
     p.set_defaults(run=run_worker_command)
 
 
 def run_submit(args: argparse.Namespace) -> int:
     store = JobStore()
-    job_id = store.submit(args.recipe, args.overrides)
+    job_id = store.submit(args.recipe, args.overrides, trust_remote_code=remote_code_allowed())
     job = store.get(job_id)
     started = None if args.no_worker else store.ensure_worker()
     worker = (
@@ -126,7 +128,7 @@ def run_list(args: argparse.Namespace) -> int:
     )
     for j in jobs:
         print(
-            f"{j.id:<11} {j.name[:20]:<20} {j.state:<12} {_progress(j):<16} {_duration(j.eta_seconds):>8} "
+            f"{printable(j.id):<11} {printable(j.name)[:20]:<20} {'damaged' if j.damaged else j.state:<12} {_progress(j):<16} {_duration(j.eta_seconds):>8} "
             f"{_num(j.metrics.get('loss')):>8} {_num(j.metrics.get('val_loss')):>8}  {_when(j.created_at)}"
         )
     return 0
@@ -139,7 +141,8 @@ def run_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**job.to_dict(), "metrics_rows": rows}, indent=2, default=str))
         return 0
-    print(f"job {job.id}: {job.name}, {job.state}" + (" (cancel requested)" if job.cancel_requested else ""))
+    cancel = " (cancel requested)" if job.cancel_requested else ""
+    print(printable(f"job {job.id}: {job.name}, {'damaged' if job.damaged else job.state}") + cancel)
     details = {
         "progress": _progress(job)
         + (f", ETA {_duration(job.eta_seconds)}" if job.eta_seconds is not None else ""),
@@ -158,7 +161,7 @@ def run_show(args: argparse.Namespace) -> int:
     }
     for key, value in details.items():
         if value:
-            print(f"  {key:<11} {value}")
+            print(f"  {key:<11} " + "\n".join(printable(line) for line in str(value).split("\n")))
     if rows:
         print(f"  last {min(len(rows), 10)} of {len(rows)} metrics rows:")
         print(f"    {'step':>6} {'loss':>8} {'val_loss':>8} {'lr':>10} {'tokens/s':>9}")
@@ -199,7 +202,7 @@ def run_cancel(args: argparse.Namespace) -> int:
 
 def run_resume(args: argparse.Namespace) -> int:
     store = JobStore()
-    job = store.resume(args.job_id, restart=args.restart)
+    job = store.resume(args.job_id, restart=args.restart, trust_remote_code=remote_code_allowed())
     how = (
         "from its last checkpoint"
         if job.resumes_from_checkpoint

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .. import runs
 from ..errors import LoraStudioError
+from ..text_checks import printable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,7 +64,7 @@ def run_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**run.to_dict(), "metrics_rows": rows}, indent=2, default=str))
         return 0
-    print(f"run {run.name} ({run.id}): {run.state}")
+    print(printable(f"run {run.name} ({run.id}): {run.state}"))
     details = {
         "base": run.base_model,
         "task": run.task,
@@ -78,9 +79,9 @@ def run_show(args: argparse.Namespace) -> int:
     }
     for key, value in details.items():
         if value:
-            print(f"  {key:<9} {value}")
+            print(f"  {key:<9} {printable(value)}")
     if run.adapter:
-        print(f"  try it:   lora-studio chat {run.name if _unique(run) else run.id} --compare")
+        print(printable(f"  try it:   lora-studio chat {run.name if _unique(run) else run.id} --compare"))
     return 0
 
 
@@ -96,9 +97,10 @@ def _print(found: list[runs.Run], as_json: bool, empty: str) -> int:
     )
     for r in found:
         print(
-            f"{r.name[:20]:<20} {r.id[:10]:<10} {_short(r.base_model):<24} {r.state:<11} {_steps(r):>9} "
-            f"{_num(r.best_val_loss):>8} {_age(r.created_at):>5}  {r.folder}"
-        )
+            f"{printable(r.name)[:20]:<20} {printable(r.id)[:10]:<10} {printable(_short(r.base_model)):<24} "
+            f"{printable(r.state):<11} {_steps(r):>9} {_num(r.best_val_loss):>8} {_age(r.created_at):>5}  "
+            f"{printable(r.folder)}"
+        )  # fields of an index anyone could have written: never raw control characters
     return 0
 
 

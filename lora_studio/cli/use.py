@@ -104,6 +104,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="requests that may wait for the model; more get 429 with Retry-After (default 16)",
     )
     add_threads_flag(p, "the server")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name or address clients may reach the server by, besides this machine's loopback "
+        "and --host (repeatable; '*' allows any). Other Host headers get 400 (DNS rebinding)",
+    )
     add_remote_code_flag(p)
     p.set_defaults(run=run_serve)
 
@@ -286,6 +294,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         insecure_no_auth=args.insecure_no_auth,
         classifiers=classifiers,
+        allowed_hosts=args.allowed_host,
     )
     return 0
 

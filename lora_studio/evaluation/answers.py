@@ -147,7 +147,10 @@ def base_fit(
     finally:
         model.train(was_training)
     if total_tokens == 0:
-        raise ValueError("the sampled examples have no answer tokens within max_length; raise max_length")
+        raise DataError(
+            f"no answer of the {len(rows)} examples starts within max_length={max_length} tokens: their "
+            "prompts are longer; use shorter prompts or train with a larger max_length"
+        )
     mean = total_loss / total_tokens
     return Fit(loss=mean, perplexity=math.exp(min(mean, 50.0)), examples=len(rows), tokens=total_tokens)
 

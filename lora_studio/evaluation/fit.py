@@ -235,7 +235,7 @@ def fit_models(
     from ..config import ModelSettings
     from ..models import load_base
 
-    _, examples = load_examples(path, fmt)
+    _, examples = load_examples(path, fmt, max_length=max_length)
     reports, failed = [], {}
     for name in names:
         start = time.perf_counter()

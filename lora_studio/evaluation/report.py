@@ -217,8 +217,8 @@ def default_out_dir(adapter_dir: Path, run_dir: Path | None) -> Path:
     return run_dir / "eval" if run_dir else adapter_dir.parent / f"{adapter_dir.name}-eval"
 
 
-def load_test_examples(path: str, limit: int | None) -> list:
-    _, examples = load_examples(path)
+def load_test_examples(path: str, limit: int | None, max_length: int | None = None) -> list:
+    _, examples = load_examples(path, max_length=max_length)
     if limit is not None:
         if limit <= 0:
             raise DataError(f"--limit must be a positive number of rows, got {limit}")
@@ -234,10 +234,10 @@ def run_eval(opts: EvalOptions) -> EvalReport:
         raise DataError(f"unknown baseline {opts.baseline!r}; expected one of {', '.join(BASELINES)}")
     adapter_dir, run_dir = resolve_adapter(opts.adapter)
     out_dir = Path(opts.out_dir).resolve() if opts.out_dir else default_out_dir(adapter_dir, run_dir)
-    examples = load_test_examples(opts.data, opts.limit)
     max_length = int(
         ((read_metadata(adapter_dir).get("recipe") or {}).get("data") or {}).get("max_length", 512)
     )
+    examples = load_test_examples(opts.data, opts.limit, max_length)
     adapted = load_adapted(adapter_dir)
     model, tokenizer = adapted.model, adapted.tokenizer
     settings = {

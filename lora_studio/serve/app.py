@@ -34,7 +34,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import anyio.to_thread
@@ -54,6 +54,7 @@ from .requests import (
     BASE_ALIAS,
     APIError,
     ChatRequest,
+    RequestGuard,
     api_key_check,
     engine_error_message,
     max_prompt_chars,
@@ -79,9 +80,13 @@ def build_app(
     max_body_mb: float = DEFAULT_MAX_BODY_MB,
     max_queue: int = DEFAULT_MAX_QUEUE,
     classifiers: dict | None = None,
+    allowed_hosts: Sequence[str] = (),
 ) -> FastAPI:
     """The FastAPI app serving `engine` (None: classifiers only) and `classifiers` (name -> Classifier);
-    with `api_key`, /v1 routes need `Authorization: Bearer <key>`."""
+    with `api_key`, /v1 routes need `Authorization: Bearer <key>`.
+
+    Every request passes `RequestGuard` first: a Host of this machine or of `allowed_hosts`, and
+    JSON bodies only."""
     admission = Admission(max_queue)
     guards = Guards(admission, api_key_check(api_key), int(max_body_mb * 2**20))
     classifiers = classifiers or {}
@@ -96,6 +101,7 @@ def build_app(
     app = FastAPI(title="LoRA Studio", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     created = int(time.time())
     add_error_handlers(app)
+    app.add_middleware(RequestGuard, allowed_hosts=tuple(allowed_hosts))
 
     # async handlers run on the event loop, so they never wait for a worker thread
     @app.get("/health")
@@ -274,13 +280,27 @@ def run_server(
     max_queue: int = DEFAULT_MAX_QUEUE,
     insecure_no_auth: bool = False,
     classifiers: dict | None = None,
+    allowed_hosts: Sequence[str] = (),
 ) -> None:
     """Serve until interrupted; beyond loopback only with an API key, or with `insecure_no_auth`."""
     import uvicorn
 
     check_exposure(host, api_key, insecure_no_auth)
-    app = build_app(engine, api_key, max_body_mb=max_body_mb, max_queue=max_queue, classifiers=classifiers)
+    app = build_app(
+        engine,
+        api_key,
+        max_body_mb=max_body_mb,
+        max_queue=max_queue,
+        classifiers=classifiers,
+        allowed_hosts=served_hosts(host, allowed_hosts),
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def served_hosts(host: str, allowed_hosts: Sequence[str]) -> tuple[str, ...]:
+    """The Host names the server answers to besides loopback: the bound address (unless a wildcard)
+    and the operator's --allowed-host names."""
+    return (*allowed_hosts, *((host,) if host not in ("0.0.0.0", "::", "") else ()))
 
 
 def check_exposure(host: str, api_key: str | None, insecure_no_auth: bool) -> None:

@@ -23,7 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..access import is_loopback
 from ..generation import DEFAULT_MAX_NEW_TOKENS, GenerationSettings
 from ..inference import InferenceEngine
 
@@ -71,6 +74,60 @@ class ChatRequest:
     settings: GenerationSettings  # unchecked: the engine checks the ranges when it starts
     stream: bool
     include_usage: bool
+
+
+# --- the guard every request passes ------------------------------------------------------------
+BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+class RequestGuard:
+    """ASGI middleware: before any route, refuse a `Host` that is not this machine or an allowed
+    host (400: DNS rebinding would let a web page read the answers), and a body that is not JSON
+    (415: a web page can send text/plain or a form to any server without asking first).
+
+    `allowed_hosts`: names or addresses clients may use besides loopback (the operator's
+    --allowed-host; "*" allows any). Every app (chat, classify, classifiers only) installs it.
+    """
+
+    def __init__(self, app: ASGIApp, allowed_hosts: tuple[str, ...] = ()):
+        self.app = app
+        self.any_host = "*" in allowed_hosts
+        self.allowed = {h.lower().strip("[]") for h in allowed_hosts}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = self.refusal(scope)
+            if refusal is not None:
+                await JSONResponse(refusal.body(), status_code=refusal.status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def refusal(self, scope: Scope) -> APIError | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = host_name(headers.get("host", ""))
+        if not (self.any_host or host in self.allowed or is_loopback(host)):
+            return APIError(
+                400,
+                f"the Host header {show(headers.get('host', ''))} is not this server's; the operator can "
+                "allow a name clients use with --allowed-host",
+                code="invalid_host",
+            )
+        media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if scope["method"] in BODY_METHODS and media != "application/json":
+            return APIError(
+                415,
+                f"expected a JSON body sent with 'Content-Type: application/json', got {show(media or None)}",
+                code="unsupported_media_type",
+            )
+        return None
+
+
+def host_name(header: str) -> str:
+    """The name or address of a Host header, without its port ("[::1]:8000" -> "::1")."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 # --- the body ----------------------------------------------------------------------------------

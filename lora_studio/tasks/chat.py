@@ -29,7 +29,7 @@ class ChatTask:
     def check_data(self, recipe: Recipe) -> None:
         for path in (recipe.data.train_file, recipe.data.val_file):
             if path:
-                load_examples(path, recipe.data.format, recipe.data.system_prompt)
+                load_examples(path, recipe.data.format, recipe.data.system_prompt, recipe.data.max_length)
 
     def prepare(self, recipe: Recipe, tokenizer: Any) -> PreparedData:
         return prepare(recipe.data, tokenizer, recipe.train.seed)

@@ -37,7 +37,8 @@ class ClassifyTask:
 
         for path in (recipe.data.train_file, recipe.data.val_file):
             if path:
-                load_labeled(path, recipe.classify.text_column, recipe.classify.label_column)
+                columns = recipe.classify
+                load_labeled(path, columns.text_column, columns.label_column, recipe.data.max_length)
 
     def prepare(self, recipe: Recipe, tokenizer: Any) -> Any:
         from .data import prepare_classification

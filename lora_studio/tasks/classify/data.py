@@ -26,6 +26,7 @@ from typing import Any
 from ...config import ClassifySettings
 from ...data import data_fingerprint, read_rows
 from ...errors import DataError
+from ...text_checks import check_text
 
 IMBALANCE_RATIO = 3.0  # largest / smallest class size that counts as real skew
 FEW_ROWS = 5  # a class with fewer training rows than this is hard to learn
@@ -100,14 +101,18 @@ def to_labeled(where: str, row: Any, text_column: str, label_column: str) -> Lab
         raise DataError(f"{where}, field {text_column!r}: expected text, got {type(text).__name__}")
     if not text.strip():
         raise DataError(f"{where}, field {text_column!r}: the text is empty")
+    check_text(text, f"{where}, field {text_column!r}")
     return LabeledText(where, text, label_text(row[label_column], where, label_column))
 
 
 def load_labeled(
-    path: str | Path, text_column: str = "text", label_column: str = "label"
+    path: str | Path, text_column: str = "text", label_column: str = "label", max_length: int | None = None
 ) -> list[LabeledText]:
-    """Every row of a file as a checked LabeledText; the first bad row raises a DataError naming it."""
-    return [to_labeled(where, row, text_column, label_column) for where, row in read_rows(path)]
+    """Every row of a file as a checked LabeledText; the first bad row raises a DataError naming it.
+
+    Texts are cut as they are read to what `max_length` tokens can hold (data_files.text_limit)."""
+    rows = read_rows(path, max_length)
+    return [to_labeled(where, row, text_column, label_column) for where, row in rows]
 
 
 # --- splitting and checking ------------------------------------------------------------------------
@@ -238,11 +243,11 @@ def prepare_classification(
     """Load, check, split, tokenize and report on the data of a classify recipe (`data` and `classify`)."""
     columns = columns or ClassifySettings()
     text, label = columns.text_column, columns.label_column
-    train_rows = load_labeled(settings.train_file, text, label)
+    train_rows = load_labeled(settings.train_file, text, label, settings.max_length)
     if settings.dedupe:  # before the split, so no row can land on both sides
         train_rows = dedupe_rows(train_rows)
     if settings.val_file:
-        val_rows = load_labeled(settings.val_file, text, label)
+        val_rows = load_labeled(settings.val_file, text, label, settings.max_length)
     else:
         train_rows, val_rows = stratified_split(train_rows, settings.val_fraction, seed)
     check_label_sets(train_rows, val_rows, Path(settings.train_file).name)

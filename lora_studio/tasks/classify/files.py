@@ -20,6 +20,7 @@ from typing import Any
 
 from ...data import read_rows
 from ...errors import ConfigError, DataError
+from ...text_checks import check_text, csv_cell
 from .data import label_text
 from .model import Classifier, Prediction
 from .scores import ClassScores, score_predictions
@@ -35,17 +36,20 @@ class FileResult:
 
 
 def read_texts(
-    path: str | Path, text_column: str, label_column: str | None
+    path: str | Path, text_column: str, label_column: str | None, max_length: int | None = None
 ) -> tuple[list[dict[str, Any]], list[str], list[str] | None]:
-    """(rows, texts, labels or None): labels only when every row has the label column."""
+    """(rows, texts, labels or None): labels only when every row has the label column.
+
+    Texts are cut as they are read to what `max_length` tokens can hold (data_files.text_limit)."""
     rows, texts, labels = [], [], []
-    for where, row in read_rows(path):
+    for where, row in read_rows(path, max_length):
         if (
             not isinstance(row, dict)
             or not isinstance(row.get(text_column), str)
             or not row[text_column].strip()
         ):
             raise DataError(f"{where}: expected a non-empty text in the field {text_column!r}")
+        check_text(row[text_column], f"{where}, field {text_column!r}")
         rows.append(dict(row))
         texts.append(row[text_column])
         if label_column and row.get(label_column) not in (None, ""):
@@ -82,7 +86,7 @@ def classify_file(
         raise ConfigError(
             f"--out: expected a file ending in {' or '.join(OUTPUT_SUFFIXES)}, got {str(out)!r}"
         )
-    rows, texts, labels = read_texts(path, text_column, label_column)
+    rows, texts, labels = read_texts(path, text_column, label_column, classifier.max_length)
     predictions = classifier.predict(texts, batch_size=batch_size, progress=progress)
     if out is not None:
         write_predictions(out, rows, predictions, classifier.labels)
@@ -103,12 +107,15 @@ def write_predictions(
         buffer = io.StringIO()
         fields = list(dict.fromkeys(k for row in rows for k in row)) + ["predicted"]
         fields += [f"prob_{label}" for label in labels]
-        writer = csv.DictWriter(buffer, fieldnames=fields)
-        writer.writeheader()
+        writer = csv.writer(buffer)
+        writer.writerow([csv_cell(f) for f in fields])  # cells that start a formula are kept as text
         for row, p in zip(rows, predictions, strict=True):
-            writer.writerow(
-                {**row, "predicted": p.label, **{f"prob_{k}": f"{v:.6f}" for k, v in p.probabilities.items()}}
-            )
+            cells = {
+                **row,
+                "predicted": p.label,
+                **{f"prob_{k}": f"{v:.6f}" for k, v in p.probabilities.items()},
+            }
+            writer.writerow([csv_cell(cells.get(f, "")) for f in fields])
         text = buffer.getvalue()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")

@@ -28,6 +28,7 @@ from ...adapters import apply_adapter, base_settings, read_metadata
 from ...config import LoraSettings, ModelSettings
 from ...errors import ConfigError, ModelError
 from ...models import BaseModelRef, load_tokenizer, loading_kwargs, resolve_base
+from ...text_checks import check_text
 from ...threads import use as use_threads
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,8 @@ class Classifier:
         self, texts: Sequence[str], batch_size: int = 16, progress: bool = False
     ) -> torch.Tensor:
         """Label probabilities (rows x labels, float32 on the CPU), in the order of `texts`."""
+        for i, text in enumerate(texts, start=1):  # one line naming the text, not a tokenizer TypeError
+            check_text(text, f"text {i}", fix="remove it from the text")
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
         out = torch.empty(len(texts), len(self.labels))
         batches = range(0, len(order), batch_size)
