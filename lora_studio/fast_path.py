@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .version import __version__
 from .adapters import decoder_blocks
 from .config import Recipe
 from .data import IGNORE_INDEX, PreparedData
@@ -38,6 +37,7 @@ from .feature_cache import FeatureCache, cache_key
 from .hardware import cpu_has_native_bf16
 from .label_loss import label_only_loss
 from .models import model_fingerprint
+from .version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .options import command
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..bench import CONFIGS, DEFAULT_DATA, DEFAULT_RECIPE, BenchOptions
 
     defaults = BenchOptions()
-    p = sub.add_parser(
+    p = command(
+        sub,
         "bench",
-        help="measure training speed, memory and held-out loss against plain TRL + PEFT",
-        description="Train the same data with plain TRL + PEFT and with LoRA Studio (its default recipe and "
-        "each speedup on its own), each in its own process, and report tokens/s, peak memory, held-out "
-        "loss and utilisation as ratios to the faster TRL setup.",
+        run_bench,
         epilog="configurations:\n"
         + "\n".join(f"  {name:<13} {title}" for name, (_, _, title) in CONFIGS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -57,7 +57,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="run every TRL setup in full (default: one a short probe finds 2x slower or worse is not)",
     )
-    p.set_defaults(run=run_bench)
 
 
 def _shown(path: Path) -> str:
@@ -66,6 +65,11 @@ def _shown(path: Path) -> str:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    """Measure training speed, memory and held-out loss against plain TRL + PEFT.
+
+    Train the same data with plain TRL + PEFT and with LoRA Studio (its default recipe and each
+    speedup on its own), each in its own process, and report tokens/s, peak memory, held-out loss
+    and utilisation as ratios to the faster TRL setup."""
     from .. import bench
 
     options = bench.BenchOptions(

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from . import add_threads_flag
+from .options import command
 from .runs import adapter_arg
 
 if TYPE_CHECKING:
@@ -15,13 +16,7 @@ if TYPE_CHECKING:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "classify",
-        help="label texts with a classification adapter: the label and every label's probability",
-        description="Classify the given texts, or a whole --file (CSV, JSONL, JSON, Parquet) in batches "
-        "into --out (.csv or .jsonl). When the file has a label column, accuracy, macro F1 and "
-        "per-class scores are printed (and written with a confusion matrix to --scores-dir).",
-    )
+    p = command(sub, "classify", run_classify)
     p.add_argument("adapter", type=adapter_arg, help="a classification adapter folder, or a run name or id")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
     p.add_argument("--file", help="a data file to classify row by row")
@@ -31,10 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scores-dir", help="write scores.json and confusion.png here (needs labels)")
     p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default 16)")
     add_threads_flag(p, "classifying")
-    p.set_defaults(run=run_classify)
 
 
 def run_classify(args: argparse.Namespace) -> int:
+    """Label texts with a classification adapter: the label and every label's probability.
+
+    Classify the given texts, or a whole --file (CSV, JSONL, JSON, Parquet) in batches into --out
+    (.csv or .jsonl). When the file has a label column, accuracy, macro F1 and per-class scores are
+    printed (and written with a confusion matrix to --scores-dir)."""
     from ..tasks.classify.model import Classifier, require_classifier
 
     if bool(args.texts) == bool(args.file):

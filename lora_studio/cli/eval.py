@@ -14,16 +14,12 @@ import typing
 from ..config import Baseline
 from ..evaluation.scoring import METRICS
 from . import add_threads_flag
+from .options import command
 from .runs import adapter_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="score an adapter against its base on a test file and write a report beside it",
-        description="Answer a test file's prompts with the base and the adapter, score both, and write "
-        "eval/report.md, report.json, examples.jsonl and plots beside the adapter.",
-    )
+    p = command(sub, "eval", run_eval_command)
     p.add_argument(
         "adapter",
         type=adapter_arg,
@@ -63,14 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print report.json instead of the table")
     add_threads_flag(p, "the evaluation")
-    p.set_defaults(run=run_eval_command)
 
-    p = sub.add_parser(
-        "fit",
-        help="check how well base models fit a data file before training (zero-shot score and answer loss)",
-        description="Answer a seeded sample of the data zero-shot and measure the answer loss, for one "
-        "or several base models; give a verdict (format, task or language mismatch) and rank them.",
-    )
+    p = command(sub, "fit", run_fit_command)
     p.add_argument("file", help="a data file (.jsonl, .json, .csv, .parquet or a datasets folder)")
     p.add_argument(
         "--models",
@@ -82,10 +72,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample", type=int, default=32, help="rows in the seeded sample (default 32)")
     p.add_argument("--max-length", type=int, default=512, help="token limit per example (default 512)")
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
-    p.set_defaults(run=run_fit_command)
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
+    """Score an adapter against its base on a test file and write a report beside it.
+
+    Answer a test file's prompts with the base and the adapter, score both, and write
+    eval/report.md, report.json, examples.jsonl and plots beside the adapter."""
     from ..evaluation.report import EvalOptions, run_eval
 
     if args.checkpoints and not args.forgetting:
@@ -114,6 +107,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 
 def run_fit_command(args: argparse.Namespace) -> int:
+    """Check how well base models fit a data file before training (zero-shot score and answer loss).
+
+    Answer a seeded sample of the data zero-shot and measure the answer loss, for one or several
+    base models; give a verdict (format, task or language mismatch) and rank them."""
     from ..config import DEFAULT_BASE_MODEL
     from ..evaluation.fit import fit_models, ranking_lines
 

@@ -22,6 +22,7 @@ from ..remote_code import remote_code_allowed
 from ..runs import read_status
 from ..text_checks import printable
 from . import add_remote_code_flag, add_threads_flag
+from .options import duration, num, when
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -128,8 +129,8 @@ def run_list(args: argparse.Namespace) -> int:
     )
     for j in jobs:
         print(
-            f"{printable(j.id):<11} {printable(j.name)[:20]:<20} {'damaged' if j.damaged else j.state:<12} {_progress(j):<16} {_duration(j.eta_seconds):>8} "
-            f"{_num(j.metrics.get('loss')):>8} {_num(j.metrics.get('val_loss')):>8}  {_when(j.created_at)}"
+            f"{printable(j.id):<11} {printable(j.name)[:20]:<20} {'damaged' if j.damaged else j.state:<12} {_progress(j):<16} {duration(j.eta_seconds):>8} "
+            f"{num(j.metrics.get('loss')):>8} {num(j.metrics.get('val_loss')):>8}  {when(j.created_at)}"
         )
     return 0
 
@@ -145,11 +146,11 @@ def run_show(args: argparse.Namespace) -> int:
     print(printable(f"job {job.id}: {job.name}, {'damaged' if job.damaged else job.state}") + cancel)
     details = {
         "progress": _progress(job)
-        + (f", ETA {_duration(job.eta_seconds)}" if job.eta_seconds is not None else ""),
+        + (f", ETA {duration(job.eta_seconds)}" if job.eta_seconds is not None else ""),
         "queue": f"position {job.queue_position}" if job.queue_position else None,
-        "created": _when(job.created_at),
-        "started": _when(job.started_at),
-        "finished": _when(job.finished_at),
+        "created": when(job.created_at),
+        "started": when(job.started_at),
+        "finished": when(job.finished_at),
         "attempts": str(job.attempts),
         "run folder": str(job.run_dir),
         "log": str(job.log_path),
@@ -157,7 +158,7 @@ def run_show(args: argparse.Namespace) -> int:
         "error": job.error,
         "warnings": "\n              ".join(warning_lines(job.run_dir)) or None,  # overfit.py's alarms
         "threads": (read_status(job.run_dir).get("threads") or {}).get("why"),  # thread_tuning.py
-        "metrics": "  ".join(f"{k}={_num(v)}" for k, v in job.metrics.items()) or None,
+        "metrics": "  ".join(f"{k}={num(v)}" for k, v in job.metrics.items()) or None,
     }
     for key, value in details.items():
         if value:
@@ -167,8 +168,8 @@ def run_show(args: argparse.Namespace) -> int:
         print(f"    {'step':>6} {'loss':>8} {'val_loss':>8} {'lr':>10} {'tokens/s':>9}")
         for r in rows[-10:]:
             print(
-                f"    {r['step']:>6} {_num(r.get('loss')):>8} {_num(r.get('val_loss')):>8} "
-                f"{_num(r.get('learning_rate')):>10} {_num(r.get('tokens_per_second')):>9}"
+                f"    {r['step']:>6} {num(r.get('loss')):>8} {num(r.get('val_loss')):>8} "
+                f"{num(r.get('learning_rate')):>10} {num(r.get('tokens_per_second')):>9}"
             )
     return 0
 
@@ -231,20 +232,3 @@ def _progress(job: Job) -> str:
     if job.total_steps:
         return f"{job.step}/{job.total_steps} ({100 * job.progress:.0f}%)"
     return f"step {job.step}" if job.step else "-"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-def _when(timestamp: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
-
-
-def _num(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "-" if value is None else str(value)

@@ -19,24 +19,22 @@ from pathlib import Path
 from .. import runs
 from ..errors import LoraStudioError
 from ..text_checks import printable
+from .options import command, num, when
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     group = sub.add_parser("runs", help="list training runs (CLI, jobs, UI, accelerate) and show one")
     cmds = group.add_subparsers(dest="runs_command", metavar="RUNS_COMMAND", required=True)
-    p = cmds.add_parser("list", help="every indexed run, newest first")
+    p = command(cmds, "list", run_list)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(run=run_list)
-    p = cmds.add_parser("show", help="one run: status, progress, metrics")
+    p = command(cmds, "show", run_show)
     p.add_argument("run_name", metavar="NAME", help="a run name, id (or unique prefix of one) or folder")
     p.add_argument("--json", action="store_true", help="print the run and all its metrics rows as JSON")
-    p.set_defaults(run=run_show)
 
     group = sub.add_parser("adapters", help="list finished adapters")
     cmds = group.add_subparsers(dest="adapters_command", metavar="ADAPTERS_COMMAND", required=True)
-    p = cmds.add_parser("list", help="runs with a finished adapter, newest first")
+    p = command(cmds, "list", run_adapters)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(run=run_adapters)
 
 
 def adapter_arg(text: str) -> str:
@@ -48,16 +46,19 @@ def adapter_arg(text: str) -> str:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    """Every indexed run, newest first."""
     found = runs.list_runs()
     return _print(found, args.json, "no runs yet: `lora-studio train RECIPE` starts one")
 
 
 def run_adapters(args: argparse.Namespace) -> int:
+    """Runs with a finished adapter, newest first."""
     found = runs.list_adapters()
     return _print(found, args.json, "no finished adapters yet: `lora-studio runs list` shows the runs")
 
 
 def run_show(args: argparse.Namespace) -> int:
+    """One run: status, progress, metrics."""
     path = Path(args.run_name).expanduser()
     run = runs.read_run(path.resolve()) if (path / runs.STATUS_FILE).is_file() else runs.find(args.run_name)
     rows = runs.metrics_rows(run.folder)
@@ -69,13 +70,13 @@ def run_show(args: argparse.Namespace) -> int:
         "base": run.base_model,
         "task": run.task,
         "steps": _steps(run),
-        "best val": _num(run.best_val_loss),
+        "best val": num(run.best_val_loss),
         "folder": str(run.folder),
         "adapter": run.adapter and str(run.adapter),
-        "created": _when(run.created_at),
-        "updated": _when(run.updated_at),
+        "created": when(run.created_at),
+        "updated": when(run.updated_at),
         "error": run.error,
-        "metrics": "  ".join(f"{k}={_num(v)}" for k, v in run.latest.items()) or None,
+        "metrics": "  ".join(f"{k}={num(v)}" for k, v in run.latest.items()) or None,
     }
     for key, value in details.items():
         if value:
@@ -98,7 +99,7 @@ def _print(found: list[runs.Run], as_json: bool, empty: str) -> int:
     for r in found:
         print(
             f"{printable(r.name)[:20]:<20} {printable(r.id)[:10]:<10} {printable(_short(r.base_model)):<24} "
-            f"{printable(r.state):<11} {_steps(r):>9} {_num(r.best_val_loss):>8} {_age(r.created_at):>5}  "
+            f"{printable(r.state):<11} {_steps(r):>9} {num(r.best_val_loss):>8} {_age(r.created_at):>5}  "
             f"{printable(r.folder)}"
         )  # fields of an index anyone could have written: never raw control characters
     return 0
@@ -124,13 +125,3 @@ def _age(timestamp: float | None) -> str:
         if s >= size:
             return f"{int(s // size)}{unit}"
     return f"{int(s)}s"
-
-
-def _when(timestamp: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
-
-
-def _num(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "-" if value is None else str(value)

@@ -7,11 +7,14 @@ import argparse
 from ..config import SECTIONS, DataSettings, Recipe, add_set_argument
 from ..data import FORMAT_FIELDS
 from . import add_remote_code_flag, add_threads_flag
+from .options import command
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = command(
+        sub,
         "train",
+        run=run_train,
         help="fine-tune an adapter from a YAML recipe",
         description="Fine-tune a LoRA adapter as a recipe says.",
         epilog=settings_help(),
@@ -22,15 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     add_threads_flag(p, "training")
     add_remote_code_flag(p)
-    p.set_defaults(run=run_train)
 
-    p = sub.add_parser("models", help="list the base models available without a download")
-    p.set_defaults(run=run_models)
+    p = command(sub, "models", run_models)
 
     data = sub.add_parser("data", help="work with data files").add_subparsers(
         dest="data_command", required=True
     )
-    p = data.add_parser("check", help="parse a data file, detect its format and report problems")
+    p = command(data, "check", run_data_check)
     p.add_argument("file", help="a .jsonl, .json, .csv or .parquet file, or a saved datasets folder")
     p.add_argument(
         "--format",
@@ -45,7 +46,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also check how well the base fits: zero-shot score and answer loss, with a verdict (loads the model)",
     )
     add_remote_code_flag(p)
-    p.set_defaults(run=run_data_check)
 
 
 def settings_help() -> str:
@@ -81,6 +81,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
+    """List the base models available without a download."""
     from ..models import list_models
 
     for row in list_models():
@@ -89,6 +90,7 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def run_data_check(args: argparse.Namespace) -> int:
+    """Parse a data file, detect its format and report problems."""
     from ..config import DEFAULT_BASE_MODEL
     from ..data import check_file, check_options
     from ..models import load_tokenizer, resolve_base

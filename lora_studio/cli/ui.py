@@ -8,6 +8,7 @@ import os
 
 from ..errors import ConfigError
 from . import add_remote_code_flag, add_threads_flag
+from .options import add_exposure_options, command
 
 log = logging.getLogger(__name__)
 
@@ -15,28 +16,15 @@ UI_AUTH_ENV = "LORA_STUDIO_UI_AUTH"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "ui",
-        help="start the web UI (train, watch, chat, compare, export in a browser)",
-        description="Start the LoRA Studio web UI. It binds 127.0.0.1 unless --host is given; "
-        "another --host needs a login (--auth-file, $LORA_STUDIO_UI_AUTH or --auth).",
-    )
-    p.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
-    )
-    p.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
-    p.add_argument(
-        "--auth",
-        default=None,
-        metavar="USER:PASSWORD",
-        help=f"require this login for every page (visible in ps: prefer --auth-file or ${UI_AUTH_ENV}, "
-        "used when neither option is given)",
-    )
-    p.add_argument("--auth-file", default=None, metavar="FILE", help="read USER:PASSWORD from this file")
-    p.add_argument(
-        "--insecure-no-auth",
-        action="store_true",
-        help="allow a --host beyond this machine without a login (anyone who connects can train and download)",
+    p = command(sub, "ui", run_ui)
+    add_exposure_options(
+        p,
+        port=7860,
+        secret="auth",
+        secret_help=f"require this USER:PASSWORD login for every page (visible in ps: prefer --auth-file "
+        f"or ${UI_AUTH_ENV}, used when neither option is given)",
+        file_help="read USER:PASSWORD from this file",
+        exposed="anyone who connects can train and download",
     )
     p.add_argument(
         "--max-upload-mb",
@@ -46,7 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_threads_flag(p, "the UI's chat")
     add_remote_code_flag(p)
-    p.set_defaults(run=run_ui)
 
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:
@@ -59,6 +46,10 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 
 def run_ui(args: argparse.Namespace) -> int:
+    """Start the web UI (train, watch, chat, compare, export in a browser).
+
+    Start the LoRA Studio web UI. It binds 127.0.0.1 unless --host is given; another --host needs a
+    login (--auth-file, $LORA_STUDIO_UI_AUTH or --auth)."""
     from ..access import read_secret, require_auth_beyond_loopback
 
     auth = parse_auth(read_secret(args.auth, args.auth_file, UI_AUTH_ENV, "--auth"))

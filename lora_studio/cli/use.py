@@ -13,15 +13,12 @@ from typing import Any
 from ..config import DEFAULT_BASE_MODEL, DType, GgufQuant, VerifyTarget
 from ..errors import ConfigError
 from . import add_remote_code_flag, add_threads_flag
+from .options import add_exposure_options, command
 from .runs import adapter_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "chat",
-        help="chat with an adapter (or the base) in the terminal, streamed",
-        description="Chat in the terminal. Type /reset to start over, /exit (or Ctrl-D) to leave.",
-    )
+    p = command(sub, "chat", run_chat)
     p.add_argument(
         "adapter",
         nargs="?",
@@ -39,9 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _generation_args(p)
     add_threads_flag(p, "the chat")
     add_remote_code_flag(p)
-    p.set_defaults(run=run_chat)
 
-    p = sub.add_parser("merge", help="merge an adapter into its base: a standalone model folder, verified")
+    p = command(sub, "merge", run_merge)
     p.add_argument("adapter", type=adapter_arg, help="an adapter folder, or a run name or id")
     p.add_argument("--out", required=True, help="the folder to write")
     p.add_argument(
@@ -52,9 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     add_remote_code_flag(p)
-    p.set_defaults(run=run_merge)
 
-    p = sub.add_parser("export", help="export the merged model as a GGUF file (llama.cpp, Ollama), verified")
+    p = command(sub, "export", run_export)
     p.add_argument("adapter", type=adapter_arg, help="an adapter folder, or a run name or id")
     p.add_argument("--format", default="gguf", choices=["gguf"], help="the file format (gguf)")
     p.add_argument(
@@ -63,33 +58,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the .gguf file to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     add_remote_code_flag(p)
-    p.set_defaults(run=run_export)
 
-    p = sub.add_parser(
-        "serve",
-        help="serve adapters over an OpenAI-compatible HTTP API",
-        description="Serve the base model and adapters at /v1/models and /v1/chat/completions. "
-        "Each adapter is PATH or NAME=PATH; `model` in a request picks one (or the base).",
-    )
+    p = command(sub, "serve", run_serve)
     p.add_argument(
         "adapters", nargs="*", metavar="ADAPTER", help="adapter folders or run names, optionally as NAME=PATH"
     )
     p.add_argument("--base", default=None, help="the base model (default: the first adapter's)")
-    p.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
-    )
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument(
-        "--api-key",
-        default=None,
-        help="require 'Authorization: Bearer KEY' (visible in ps: prefer --api-key-file or "
+    add_exposure_options(
+        p,
+        port=8000,
+        secret="api-key",
+        secret_help="require 'Authorization: Bearer KEY' (visible in ps: prefer --api-key-file or "
         "$LORA_STUDIO_API_KEY, used when neither option is given)",
-    )
-    p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the API key from this file")
-    p.add_argument(
-        "--insecure-no-auth",
-        action="store_true",
-        help="allow a --host beyond this machine without an API key (anyone who connects can use it)",
+        file_help="read the API key from this file",
+        exposed="anyone who connects can use it",
     )
     p.add_argument(
         "--max-body-mb",
@@ -113,15 +95,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and --host (repeatable; '*' allows any). Other Host headers get 400 (DNS rebinding)",
     )
     add_remote_code_flag(p)
-    p.set_defaults(run=run_serve)
 
-    p = sub.add_parser(
-        "verify",
-        help="check the adapter answers the same unmerged, merged, as GGUF and served",
-        description="Runs the same prompts greedily through the unmerged adapter, the merged model, "
-        "the GGUF export and the server, reports any divergence, and checks the adapter's answers "
-        "differ from the base's. Targets not given are made in a temporary folder.",
-    )
+    p = command(sub, "verify", run_verify)
     p.add_argument("adapter", type=adapter_arg, help="an adapter folder, or a run name or id")
     p.add_argument("--merged", help="an existing merged folder to check (default: merge now)")
     p.add_argument("--gguf", help="an existing GGUF file to check (default: export now)")
@@ -149,7 +124,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length compared (default 32)")
     add_remote_code_flag(p)
-    p.set_defaults(run=run_verify)
 
 
 def _generation_args(p: argparse.ArgumentParser) -> None:
@@ -161,6 +135,9 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
 
 # --- chat --------------------------------------------------------------------------------------
 def run_chat(args: argparse.Namespace) -> int:
+    """Chat with an adapter (or the base) in the terminal, streamed.
+
+    Chat in the terminal. Type /reset to start over, /exit (or Ctrl-D) to leave."""
     from ..adapters import adapter_name
     from ..generation import GenerationSettings
     from ..inference import InferenceEngine
@@ -219,6 +196,7 @@ def _stream(pieces: Any, write: Callable[[str], Any]) -> str:
 
 # --- merge / export ----------------------------------------------------------------------------
 def run_merge(args: argparse.Namespace) -> int:
+    """Merge an adapter into its base: a standalone model folder, verified."""
     from ..tasks.registry import task_of
 
     task = task_of(args.adapter)
@@ -228,6 +206,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    """Export the merged model as a GGUF file (llama.cpp, Ollama), verified."""
     from ..export import export_gguf
 
     report = export_gguf(args.adapter, args.out, quant=args.quant, overwrite=args.force)
@@ -255,6 +234,11 @@ def served_adapters(specs: list[str]) -> tuple[list[str], list[str]]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    """Serve adapters over an OpenAI-compatible HTTP API.
+
+    Serve the base model and chat adapters at /v1/chat/completions and classifiers (task: classify)
+    at /v1/classify, all listed at /v1/models. Each adapter is PATH or NAME=PATH; `model` in a
+    request picks one (or the base)."""
     from ..access import read_secret
     from ..inference import InferenceEngine
     from ..serve.app import API_KEY_ENV, check_exposure, model_ids, run_server
@@ -301,6 +285,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
 # --- verify ------------------------------------------------------------------------------------
 def run_verify(args: argparse.Namespace) -> int:
+    """Check the adapter answers the same unmerged, merged, as GGUF and served.
+
+    Runs the same prompts greedily through the unmerged adapter, the merged model, the GGUF export
+    and the server, reports any divergence, and checks the adapter's answers differ from the base's.
+    Targets not given are made in a temporary folder."""
     from ..serve.app import API_KEY_ENV
     from ..tasks.registry import task_of
 

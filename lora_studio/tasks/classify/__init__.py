@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import typing
 from pathlib import Path
 from typing import Any
 
-from ...config import Recipe
+from ...config import Recipe, VerifyTarget
 from ...models import BaseModelRef
 from ..base import Results
 
@@ -104,6 +105,7 @@ class ClassifyTask:
     def verify(self, adapter_dir: Path, **targets: Any) -> Any:
         from .export import verify_classifier
 
+        targets.setdefault("targets", typing.get_args(VerifyTarget))  # GGUF: reported as not checked
         prompts = targets.pop("prompts", None)
         for chat_only in ("gguf_file", "quant", "max_new_tokens"):
             targets.pop(chat_only, None)
