@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import runs
+from . import classify_fast, runs
 from .adapters import save_adapter
 from .classifier import LABELS_FILE, attach_classification_lora, load_classification_base
 from .classify_data import ClassifyData, LabelMap, class_weights, prepare_classification
@@ -45,6 +45,7 @@ from .training import (
 )
 
 log = logging.getLogger(__name__)
+FEATURE_BATCH = 16  # training rows per forward pass when the head's start is read
 
 # recipe name -> (Trainer metric, greater is better)
 BEST_METRIC = {
@@ -82,8 +83,11 @@ def train_classifier(
         model, ref = load_classification_base(recipe.model, data.label_map.labels, tokenizer.pad_token_id)
         model.config.use_cache = False  # no key/value cache in the outputs: only logits are compared
         model = attach_classification_lora(model, recipe.lora, _use_gradient_checkpointing(recipe))
+        fast = classify_fast.prepare(recipe, model, tokenizer, data, ref.folder)  # None: the plain path
+        if checkpoint is None:  # a resumed run's head comes from its checkpoint
+            informed_head(model, tokenizer, data, fast)
         trainer = build_classifier_trainer(
-            recipe, model, tokenizer, data, callbacks, resuming=checkpoint is not None, fence=fence
+            recipe, model, tokenizer, data, callbacks, resuming=checkpoint is not None, fence=fence, fast=fast
         )
         _log_start(recipe, model, data)
         output = trainer.train(resume_from_checkpoint=checkpoint)
@@ -122,8 +126,11 @@ def build_classifier_trainer(
     callbacks: Sequence[Any] = (),
     resuming: bool = False,
     fence: Fence | None = None,
+    fast: classify_fast.ClassifyFastPath | None = None,
 ) -> Any:
-    """transformers' Trainer set up from the recipe, with validation accuracy and macro F1."""
+    """transformers' Trainer set up from the recipe, with validation accuracy and macro F1.
+
+    With `fast` (classify_fast.py) the same arguments and callbacks run over its batches."""
     from datasets import Dataset
     from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer
 
@@ -139,12 +146,21 @@ def build_classifier_trainer(
     early = (
         [EarlyStoppingCallback(t.early_stopping_patience)] if has_val and t.early_stopping_patience else []
     )
+    args = training_arguments(recipe, model, has_val, quiet=owns_console(callbacks))
+    train_set, val_set = rows(data.train), rows(data.val) if has_val else None
+    collate = DataCollatorWithPadding(tokenizer)
+    if fast is not None:
+        args, collate = fast.arguments(args), fast.collate
+        train_set, val_set = (
+            fast.dataset(validation=False),
+            fast.dataset(validation=True) if has_val else None,
+        )
     trainer = Trainer(
         model=model,
-        args=training_arguments(recipe, model, has_val, quiet=owns_console(callbacks)),
-        train_dataset=rows(data.train),
-        eval_dataset=rows(data.val) if has_val else None,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=collate,
         processing_class=tokenizer,
         compute_loss_func=cross_entropy_loss(weights),
         compute_metrics=lambda prediction: eval_scores(prediction, data.label_map),
@@ -201,6 +217,34 @@ def training_arguments(recipe: Recipe, model: Any, has_val: bool, quiet: bool = 
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
     )
+
+
+def informed_head(
+    model: Any, tokenizer: Any, data: ClassifyData, fast: classify_fast.ClassifyFastPath | None
+) -> str:
+    """Start the head from the label words or the class prototypes (head_init), reading the training
+    rows' features through the frozen base once (with the fast path, this fills its feature cache)."""
+    from transformers import DataCollatorWithPadding
+
+    from .head_features import head_inputs
+    from .head_init import init_head
+
+    collate = fast.collate if fast is not None else DataCollatorWithPadding(tokenizer)
+    order = sorted(range(len(data.train)), key=lambda i: len(data.train[i]["input_ids"]))  # less padding
+    batches = (
+        collate([{**data.train[i], "row": i} for i in order[start : start + FEATURE_BATCH]])
+        if fast is not None
+        else collate(
+            [{"input_ids": data.train[i]["input_ids"]} for i in order[start : start + FEATURE_BATCH]]
+        )
+        for start in range(0, len(order), FEATURE_BATCH)
+    )
+    with fast.autocast() if fast is not None else contextlib.nullcontext():
+        last, _ = head_inputs(model, batches)
+    features = torch.empty_like(last)
+    features[order] = last
+    label_ids = torch.tensor([row["labels"] for row in data.train])
+    return init_head(model, tokenizer, data.label_map.labels, features, label_ids)
 
 
 def cross_entropy_loss(weights: torch.Tensor | None) -> Any:
