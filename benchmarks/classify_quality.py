@@ -57,11 +57,11 @@ def scores(labels: list[str], predicted: list[str], known: list[str]) -> dict[st
 
 
 # --- the three methods ---------------------------------------------------------------------------
-def run_head(train_file: Path, test: list[dict], out: Path) -> dict:
+def run_head(train_file: Path, test: list[dict], out: Path, extra: list[str]) -> dict:
     from lora_studio import Recipe, train
     from lora_studio.classifier import Classifier
 
-    recipe = Recipe.from_yaml(HEAD_RECIPE, [f"train_file={train_file}", f"output_dir={out}"])
+    recipe = Recipe.from_yaml(HEAD_RECIPE, [f"train_file={train_file}", f"output_dir={out}", *extra])
     started = time.perf_counter()
     result = train(recipe)
     train_s = time.perf_counter() - started
@@ -100,7 +100,7 @@ def label_in(answer: str, labels: list[str]) -> str:
     return min(hits)[1] if hits else NO_LABEL
 
 
-def run_chat(train_rows: list[dict], test: list[dict], out: Path) -> dict:
+def run_chat(train_rows: list[dict], test: list[dict], out: Path, extra: list[str]) -> dict:
     from lora_studio import Recipe, train
     from lora_studio.adapters import load_adapted
     from lora_studio.evaluate import generate_answers
@@ -111,7 +111,7 @@ def run_chat(train_rows: list[dict], test: list[dict], out: Path) -> dict:
         [{"prompt": chat_prompt(r["text"], labels), "completion": r["label"]} for r in train_rows],
     )
     longest = max(len(r["text"]) for r in train_rows) // 3 + 64  # ~3+ characters a token, plus the prompt
-    overrides = [f"train_file={data}", f"output_dir={out}", f"max_length={max(128, longest)}"]
+    overrides = [f"train_file={data}", f"output_dir={out}", f"max_length={max(128, longest)}", *extra]
     recipe = Recipe.from_yaml(CHAT_RECIPE, overrides)
     started = time.perf_counter()
     result = train(recipe)
@@ -135,12 +135,13 @@ def run_chat(train_rows: list[dict], test: list[dict], out: Path) -> dict:
     }
 
 
-def run_probe(train_file: Path, test: list[dict]) -> dict:
+def run_probe(train_file: Path, test: list[dict], extra: list[str]) -> dict:
     from lora_studio import Recipe
     from lora_studio.classify_data import load_labeled, stratified_split
     from lora_studio.linear_probe import train_probe
 
-    recipe = Recipe.from_yaml(HEAD_RECIPE, [f"train_file={train_file}"])  # the head's base, split and length
+    # the head's base, validation split and max_length
+    recipe = Recipe.from_yaml(HEAD_RECIPE, [f"train_file={train_file}", *extra])
     started = time.perf_counter()
     rows = load_labeled(train_file)
     train_rows, val_rows = stratified_split(rows, recipe.data.val_fraction, recipe.train.seed)
@@ -204,6 +205,9 @@ def main() -> int:
     parser.add_argument("--methods", default="head,chat,probe")
     parser.add_argument("--out", type=Path, default=Path("classify-quality-out"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument(
+        "--base-model", default=None, help="another base for every method (a smoke test on a small model)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     import torch
@@ -212,6 +216,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "classify_quality.json"
+    extra = [f"base_model={args.base_model}"] if args.base_model else []
     results: dict = {"load_before": os.getloadavg(), "threads": torch.get_num_threads(), "sets": {}}
     for name in args.sets.split(","):
         train_rows, test = SETS[name]()
@@ -221,11 +226,11 @@ def main() -> int:
         for method in args.methods.split(","):
             log.info("%s: %s (%d training rows, %d test rows)", name, method, len(train_rows), len(test))
             if method == "head":
-                r = run_head(train_file, test, args.out / "runs" / f"{name}-head")
+                r = run_head(train_file, test, args.out / "runs" / f"{name}-head", extra)
             elif method == "chat":
-                r = run_chat(train_rows, test, args.out / "runs" / f"{name}-chat")
+                r = run_chat(train_rows, test, args.out / "runs" / f"{name}-chat", extra)
             else:
-                r = run_probe(train_file, test)
+                r = run_probe(train_file, test, extra)
             r["load_after"] = os.getloadavg()[0]
             results["sets"][name][method] = r
             log.info("%s %s: %s", name, method, {k: v for k, v in r.items() if k != "sample_answers"})

@@ -1,11 +1,15 @@
 """Three generated label sets for benchmarks/classify_quality.py, held out from tuning.
 
     words   4 labels named by words (praise, complaint, question, suggestion) about the same
-            products: the label is the speech act, not a topic word. 60 training rows per label.
-    ids     60 intents named by opaque codes ("K7QX"), each an action on an object ("cancel" x
-            "membership"): 10 training rows per intent, 3 test rows.
+            products: the label is the speech act, not a topic word. 30 training rows per label,
+            10 test rows.
+    ids     50 intents named by opaque codes ("K7QX"), each an action on an object ("cancel" x
+            "membership"): 10 training rows per intent, 2 test rows.
     long    4 labels named by words (hardware, software, network, billing), support e-mails of
-            ~150-250 tokens where two sentences in the middle carry the label, the rest is filler.
+            ~100-160 tokens where two sentences in the middle carry the label, the rest is filler;
+            20 training rows per label, 8 test rows.
+Sizes are small so that all three methods on all three sets fit a busy 2-core CPU in about half
+an hour; the functions take larger sizes.
 
 Test rows use sentence shapes (and, for ids, synonyms) that training never shows, so a model that
 memorised the templates does not score 100%. Everything is seeded: the same rows on every run.
@@ -86,11 +90,11 @@ OPENERS = ["", "", "Hi, ", "Hello! ", "Hey team, ", "Quick note: ", "Order 4821.
 CLOSERS = ["", "", " Thanks.", " Cheers", " Regards, Sam", " Best, Alex"]
 
 
-def words_set(seed: int = 0) -> tuple[list[dict], list[dict]]:
+def words_set(seed: int = 0, per_label: int = 30, test_per_label: int = 10) -> tuple[list[dict], list[dict]]:
     rng = random.Random(seed)
     train, test = [], []
     for label, templates in ACTS.items():
-        for rows, shapes, n in ((train, templates[:8], 60), (test, templates[8:], 20)):
+        for rows, shapes, n in ((train, templates[:8], per_label), (test, templates[8:], test_per_label)):
             for _ in range(n):
                 text = (
                     rng.choice(OPENERS)
@@ -202,9 +206,9 @@ def _codes(n: int, rng: random.Random) -> list[str]:
     return sorted(codes, key=lambda _: rng.random())
 
 
-def ids_set(seed: int = 1) -> tuple[list[dict], list[dict]]:
+def ids_set(seed: int = 1, objects: int = 5, test_per_label: int = 2) -> tuple[list[dict], list[dict]]:
     rng = random.Random(seed)
-    intents = [(a, o) for a in ACTIONS for o in OBJECTS]
+    intents = [(a, o) for a in ACTIONS for o in list(OBJECTS)[:objects]]
     codes = _codes(len(intents), rng)
     train, test = [], []
     for (action, obj), code in zip(intents, codes, strict=True):
@@ -212,7 +216,7 @@ def ids_set(seed: int = 1) -> tuple[list[dict], list[dict]]:
         for _ in range(10):  # training: the first 4 shapes, the first 2 names
             text = rng.choice(shapes[:4]).format(o=rng.choice(names[:2]))
             train.append({"text": rng.choice(["", "", "hi, ", "hello, "]) + text, "label": code})
-        for _ in range(3):  # test: a held-out shape or a held-out name
+        for _ in range(test_per_label):  # test: a held-out shape or a held-out name
             shape = rng.choice(shapes[4:]) if rng.random() < 0.5 else rng.choice(shapes[:4])
             name = names[2] if shape in shapes[:4] else rng.choice(names)
             test.append({"text": shape.format(o=name), "label": code})
@@ -293,11 +297,11 @@ KEY_SHAPES = (
 )  # test only
 
 
-def long_set(seed: int = 2) -> tuple[list[dict], list[dict]]:
+def long_set(seed: int = 2, per_label: int = 20, test_per_label: int = 8) -> tuple[list[dict], list[dict]]:
     rng = random.Random(seed)
     train, test = [], []
     for label, facts in TOPICS.items():
-        for rows, shapes, n in ((train, KEY_SHAPES[0], 40), (test, KEY_SHAPES[1], 15)):
+        for rows, shapes, n in ((train, KEY_SHAPES[0], per_label), (test, KEY_SHAPES[1], test_per_label)):
             for _ in range(n):
                 key = [s.format(t=t) for s, t in zip(shapes, rng.sample(facts, 2), strict=True)]
                 body = rng.sample(FILLER, rng.randint(8, 12))
