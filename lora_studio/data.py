@@ -24,6 +24,7 @@ from .config import field_range
 from .data_files import CHARS_PER_TOKEN, parse_json_cell, read_rows
 from .data_files import SUFFIXES as SUFFIXES  # re-exported: file reading lives in data_files
 from .errors import DataError
+from .label_balance import MIN_SKEW_SHARE, SKEW_RATIO, dominance
 from .text_checks import check_text
 
 FORMAT_FIELDS = {
@@ -309,6 +310,7 @@ class DataReport:
     max_length: int = 0
     token_lengths: dict[str, float] = field(default_factory=dict)
     top_answer_share: float = 0.0  # share of the most common answer among training rows
+    top_answer_ratio: float = 0.0  # its rows / the average rows of each other answer (1: even)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -387,6 +389,7 @@ def make_report(
     for e in train:
         answers[e.answer()] = answers.get(e.answer(), 0) + 1
     report.top_answer_share = max(answers.values()) / len(train)
+    report.top_answer_ratio = min(dominance(list(answers.values())), float(len(train)))  # finite JSON
     report.warnings = _warnings(report)
     return report
 
@@ -399,7 +402,9 @@ def _warnings(r: DataReport) -> list[str]:
         out.append(f"{r.leaked} validation rows also appear in training: validation loss will look too good")
     if r.truncated:
         out.append(f"{r.truncated} rows are cut at max_length={r.max_length}; their endings are not learned")
-    if r.train_rows >= 20 and r.top_answer_share > 0.5:
+    # Skew relative to the number of answers: 54/46 over two answers is even enough, 40% over
+    # twenty is not; a repeated reply among free-text answers (a small share) is no skew.
+    if r.train_rows >= 20 and r.top_answer_ratio >= SKEW_RATIO and r.top_answer_share >= MIN_SKEW_SHARE:
         out.append(
             f"one answer makes up {r.top_answer_share:.0%} of training rows: the model may learn to "
             "always give it (imbalanced data)"

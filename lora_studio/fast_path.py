@@ -60,13 +60,16 @@ class Levers:
 
 
 # --- choosing levers ---------------------------------------------------------------------------
-def choose_levers(recipe: Recipe, model: Any) -> Levers:
-    """The levers the recipe allows that are exact for this model; one log line per one ruled out."""
+def choose_levers(recipe: Recipe, model: Any, not_for_task: dict[str, str] | None = None) -> Levers:
+    """The levers the recipe allows that are exact for this model; one log line per one ruled out.
+
+    `not_for_task` names levers the task has no use for, with the reason (a classifier's head has
+    no vocabulary projection for label_only to cut)."""
     wanted = recipe.train.speedups
     wanted = {"auto": SPEEDUPS, "none": ()}.get(wanted, wanted) if isinstance(wanted, str) else wanted
     chosen = {}
     for name in wanted:
-        reason = _ruled_out(name, recipe, model)
+        reason = (not_for_task or {}).get(name) or _ruled_out(name, recipe, model)
         if reason:
             log.info("fast path: no %s: %s", name, reason)
         chosen[name] = reason is None
@@ -230,6 +233,10 @@ class FastPath:
         self.lower = [self._wrap(blocks, str(i)) for i in range(n_lower)]
         self.cache = FeatureCache(key, token_rows, self.base.config.hidden_size, self._run_lower)
         self.model.main_input_name = "inputs_embeds"  # the Trainer counts tokens in its model's main input
+
+    def plain(self) -> contextlib.AbstractContextManager:
+        """Within it the cached blocks run again: the model computes what the plain path computes."""
+        return self._lower_blocks_on()
 
     @contextlib.contextmanager
     def _lower_blocks_on(self) -> Iterator[None]:

@@ -137,7 +137,8 @@ def build_trainer(
     args = trainer_arguments(recipe, model, has_val, best, quiet=owns_console(callbacks))
     first = task.first_callbacks(recipe, tokenizer, has_val)
     every = run_callbacks(recipe, has_val, checkpoint is not None, fence, callbacks, first)
-    return mute_printed_logs(task.trainer(recipe, model, tokenizer, data, ref, args, every))
+    trainer = task.trainer(recipe, model, tokenizer, data, ref, args, every, resuming=checkpoint is not None)
+    return mute_printed_logs(trainer)
 
 
 def _run(trainer: Any, checkpoint: str | None) -> Any:

@@ -135,6 +135,12 @@ def test_balance_warning_fires_on_real_skew_only(tmp_path: Path, tokenizer):
     assert report.classes == 60 and report.imbalance_ratio == 1.0
     assert not [w for w in report.warnings if "imbalanced" in w]
 
+    two = [{"text": f"good {i}", "label": "pos"} for i in range(54)] + [
+        {"text": f"bad {i}", "label": "neg"} for i in range(46)
+    ]
+    report = prepare_classification(settings(write_jsonl(tmp_path / "two.jsonl", two)), tokenizer).report
+    assert not [w for w in report.warnings if "imbalanced" in w]  # 54/46 over two labels
+
     skewed = [{"text": f"big {i}", "label": "big"} for i in range(100)] + [
         {"text": f"s {i}", "label": "s"} for i in range(10)
     ]

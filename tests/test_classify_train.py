@@ -49,7 +49,7 @@ def test_training_lifts_validation_accuracy_above_90_percent(tiny_model_dir: Pat
     result = train(recipe)
     metrics = result.metrics
     assert metrics["val_accuracy"] > 0.9 and metrics["val_macro_f1"] > 0.9
-    assert metrics["base_val_accuracy"] < 0.7  # the untrained head is near chance (1/3)
+    assert metrics["base_val_accuracy"] > 0.5  # the head starts informed (chance: 1/3; test_classify_head)
     run = result.run_dir
     assert {p.name for p in run.iterdir()} == {
         "adapter",

@@ -108,6 +108,18 @@ def test_report_finds_duplicates_leakage_imbalance_and_truncation(tmp_path, toke
     assert "[[" in text  # the rendered example marks what is learned
 
 
+def test_the_imbalance_warning_is_relative_to_the_number_of_answers(tmp_path, tokenizer):
+    def warned(answers: list[str]) -> bool:
+        rows = [{"prompt": f"question {i}", "completion": a} for i, a in enumerate(answers)]
+        report = check_file(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer, max_length=32).report
+        return any("imbalanced" in w for w in report.warnings)
+
+    assert not warned(["yes"] * 54 + ["no"] * 46)  # two answers, 54/46: near even
+    assert warned(["yes"] * 80 + ["no"] * 20)  # 4x the other answer
+    assert warned(["a"] * 40 + [f"label{i % 19}" for i in range(60)])  # 40% of 20 answers
+    assert not warned(["Thanks!"] * 3 + [f"a free-text reply {i}" for i in range(97)])  # a repeated reply
+
+
 def test_system_prompt_is_added(tmp_path, tokenizer):
     _, [example] = load_examples(
         write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}]),

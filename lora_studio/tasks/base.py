@@ -66,8 +66,10 @@ class Task(Protocol):
         ref: BaseModelRef,
         args: dict,
         callbacks: list,
+        resuming: bool = False,
     ) -> Any:
-        """A Hugging Face Trainer from the shared `args` and `callbacks` (trainer_setup)."""
+        """A Hugging Face Trainer from the shared `args` (keywords) and `callbacks` (trainer_setup);
+        `resuming`: the weights will come from a checkpoint (nothing to initialise)."""
 
     def first_callbacks(self, recipe: Recipe, tokenizer: Any, has_val: bool) -> list[Any]:
         """Callbacks that must run before the metrics log (e.g. a score added at validation)."""

@@ -55,6 +55,7 @@ class ChatTask:
         ref: BaseModelRef,
         args: dict,
         callbacks: list,
+        resuming: bool = False,
     ) -> Any:
         """TRL's SFTTrainer, or the fast path's Trainer with the same arguments and callbacks."""
         from datasets import Dataset

@@ -69,10 +69,15 @@ class ClassifyTask:
         ref: BaseModelRef,
         args: dict,
         callbacks: list,
+        resuming: bool = False,
     ) -> Any:
-        from .train import build_classifier_trainer
+        from .fast import prepare as prepare_fast_path
+        from .train import build_classifier_trainer, informed_head
 
-        return build_classifier_trainer(recipe, model, tokenizer, data, args, callbacks)
+        fast = prepare_fast_path(recipe, model, tokenizer, data, ref.folder)  # None: the plain path
+        if not resuming:  # a resumed run's head comes from its checkpoint
+            informed_head(model, tokenizer, data, fast)
+        return build_classifier_trainer(recipe, model, tokenizer, data, args, callbacks, fast)
 
     def results(self, recipe: Recipe, trainer: Any, data: Any) -> Results:
         """The best model's validation scores (metrics, and eval/ in the run folder); the label map in

@@ -308,7 +308,7 @@ def _warnings(r: ClassifyReport) -> list[str]:
         out.append(
             f"imbalanced classes: {big!r} has {r.class_counts[big]} training rows, {small!r} only "
             f"{r.class_counts[small]} ({r.imbalance_ratio:.0f}x); the model may favour the big classes. "
-            "Set class_weight: balanced, or add rows to the small ones"
+            "Set classify.class_weight: balanced, or add rows to the small ones"
         )
     few = [label for label, n in r.class_counts.items() if n < FEW_ROWS]
     if few:

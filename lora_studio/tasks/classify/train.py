@@ -12,6 +12,7 @@ and the adapter's `lora_studio.json` and `labels.json` hold the label map.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -19,15 +20,24 @@ import torch
 
 from ...config import Recipe
 from .data import ClassifyData, LabelMap, class_weights
+from .fast import ClassifyFastPath
 from .scores import ClassScores, score_predictions
 
 log = logging.getLogger(__name__)
+FEATURE_BATCH = 16  # training rows per forward pass when the head's start is read
 
 
 def build_classifier_trainer(
-    recipe: Recipe, model: Any, tokenizer: Any, data: ClassifyData, args: dict, callbacks: list
+    recipe: Recipe,
+    model: Any,
+    tokenizer: Any,
+    data: ClassifyData,
+    args: dict,
+    callbacks: list,
+    fast: ClassifyFastPath | None = None,
 ) -> Any:
-    """transformers' Trainer from the shared arguments and callbacks, with validation accuracy and macro F1."""
+    """transformers' Trainer from the shared arguments and callbacks, with validation accuracy and
+    macro F1. With `fast` (fast.py) the same arguments and callbacks run over its batches."""
     from datasets import Dataset
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
@@ -40,17 +50,52 @@ def build_classifier_trainer(
     def rows(encoded: list[dict[str, Any]]) -> Dataset:
         return Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in encoded])
 
+    arguments = TrainingArguments(**args, label_names=["labels"])
+    train_set, val_set = rows(data.train), rows(data.val) if has_val else None
+    collate = DataCollatorWithPadding(tokenizer)
+    if fast is not None:
+        arguments, collate = fast.arguments(arguments), fast.collate
+        train_set, val_set = (
+            fast.dataset(validation=False),
+            fast.dataset(validation=True) if has_val else None,
+        )
     return Trainer(
         model=model,
-        args=TrainingArguments(**args, label_names=["labels"]),
-        train_dataset=rows(data.train),
-        eval_dataset=rows(data.val) if has_val else None,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        args=arguments,
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=collate,
         processing_class=tokenizer,
         compute_loss_func=cross_entropy_loss(weights),
         compute_metrics=lambda prediction: eval_scores(prediction, data.label_map),
         callbacks=callbacks,
     )
+
+
+def informed_head(model: Any, tokenizer: Any, data: ClassifyData, fast: ClassifyFastPath | None) -> str:
+    """Start the head from the label words or the class prototypes (head_init), reading the training
+    rows' features through the frozen base once (with the fast path, this fills its feature cache)."""
+    from transformers import DataCollatorWithPadding
+
+    from .features import head_inputs
+    from .head_init import init_head
+
+    collate = fast.collate if fast is not None else DataCollatorWithPadding(tokenizer)
+    order = sorted(range(len(data.train)), key=lambda i: len(data.train[i]["input_ids"]))  # less padding
+    batches = (
+        collate([{**data.train[i], "row": i} for i in order[start : start + FEATURE_BATCH]])
+        if fast is not None
+        else collate(
+            [{"input_ids": data.train[i]["input_ids"]} for i in order[start : start + FEATURE_BATCH]]
+        )
+        for start in range(0, len(order), FEATURE_BATCH)
+    )
+    with fast.autocast() if fast is not None else contextlib.nullcontext():
+        last, _ = head_inputs(model, batches)
+    features = torch.empty_like(last)
+    features[order] = last
+    label_ids = torch.tensor([row["labels"] for row in data.train])
+    return init_head(model, tokenizer, data.label_map.labels, features, label_ids)
 
 
 def cross_entropy_loss(weights: torch.Tensor | None) -> Any:

@@ -1,0 +1,247 @@
+"""Classification head vs chat LoRA vs a linear probe, side by side on three generated label sets.
+
+    python benchmarks/classify_quality.py [--sets words,ids,long] [--methods head,chat,probe]
+                                          [--out classify-quality-out] [--threads N]
+
+For each set (benchmarks/classify_sets.py: few word labels; 60 opaque-id labels with 10 rows each;
+long e-mails) and each method, in one process, one after another:
+    head    recipes/smollm2-classify-cpu.yaml as shipped (task: classify), only the data path set
+    chat    recipes/smollm2-lora-cpu.yaml as shipped (task: chat), trained on prompt/completion
+            rows whose answer is the label; scored on its greedy answer (the first label it names)
+    probe   logistic regression on the frozen base's features (lora_studio.tasks.classify.probe)
+it prints accuracy and macro F1 on the held-out test rows, training seconds (wall clock of the whole
+training call: data, model load, feature pass, training) and inference rows/s (model loaded,
+batches of 16). Results go to OUT/classify_quality.json as they come, and a table at the end.
+Goal for the head: accuracy >= chat's and clearly above the probe's, <= 1/3 of chat's training
+time, >= 5x chat's inference rows/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from classify_sets import SETS  # noqa: E402
+
+HEAD_RECIPE = ROOT / "recipes" / "smollm2-classify-cpu.yaml"
+CHAT_RECIPE = ROOT / "recipes" / "smollm2-lora-cpu.yaml"
+BATCH = 16
+LIST_LABELS_UP_TO = 12  # the chat prompt names the labels when there are this few
+NO_LABEL = "(no label)"
+
+log = logging.getLogger("classify_quality")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def scores(labels: list[str], predicted: list[str], known: list[str]) -> dict[str, float]:
+    """Accuracy, and macro F1 over the real labels (an answer naming none counts as wrong)."""
+    from lora_studio.tasks.classify.scores import score_predictions
+
+    names = [*known, NO_LABEL]
+    result = score_predictions([names.index(x) for x in labels], [names.index(x) for x in predicted], names)
+    real = result.per_class()[: len(known)]
+    return {"accuracy": result.accuracy, "macro_f1": sum(c["f1"] for c in real) / len(real)}
+
+
+# --- the three methods ---------------------------------------------------------------------------
+def run_head(train_file: Path, test: list[dict], out: Path, extra: list[str]) -> dict:
+    from lora_studio import Recipe, train
+    from lora_studio.tasks.classify.model import Classifier
+
+    recipe = Recipe.from_yaml(HEAD_RECIPE, [f"train_file={train_file}", f"output_dir={out}", *extra])
+    started = time.perf_counter()
+    result = train(recipe)
+    train_s = time.perf_counter() - started
+    classifier = Classifier.from_adapter(result.adapter_dir)
+    started = time.perf_counter()
+    predicted = [p.label for p in classifier.predict([r["text"] for r in test], batch_size=BATCH)]
+    rows_s = len(test) / (time.perf_counter() - started)
+    m = result.metrics
+    return {
+        **scores([r["label"] for r in test], predicted, classifier.labels),
+        "train_s": train_s,
+        "trainer_s": m["train_runtime_s"],
+        "rows_per_s": rows_s,
+        "step0_val_accuracy": m.get("base_val_accuracy"),
+        "val_accuracy": m.get("val_accuracy"),
+        "global_step": m["global_step"],
+        "best_checkpoint": m.get("best_checkpoint"),
+        "epochs": _epochs(result.run_dir),
+    }
+
+
+def _epochs(run_dir: Path) -> float | None:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return max((r.get("epoch", 0) for r in rows), default=None)
+
+
+def chat_prompt(text: str, labels: list[str]) -> str:
+    if len(labels) <= LIST_LABELS_UP_TO:
+        return f"Classify this text as one of: {', '.join(labels)}. Answer with the label only.\n\n{text}"
+    return f"Classify this text. Answer with its label code only.\n\n{text}"
+
+
+def label_in(answer: str, labels: list[str]) -> str:
+    """The label the answer names first (whole word, any case), or NO_LABEL."""
+    hits = [(m.start(), x) for x in labels if (m := re.search(rf"\b{re.escape(x)}\b", answer, re.I))]
+    return min(hits)[1] if hits else NO_LABEL
+
+
+def run_chat(train_rows: list[dict], test: list[dict], out: Path, extra: list[str]) -> dict:
+    from lora_studio import Recipe, train
+    from lora_studio.adapters import load_adapted
+    from lora_studio.evaluation.answers import generate_answers
+
+    labels = sorted({r["label"] for r in train_rows})
+    data = write_jsonl(
+        out.parent / f"{out.name}-chat.jsonl",
+        [{"prompt": chat_prompt(r["text"], labels), "completion": r["label"]} for r in train_rows],
+    )
+    longest = max(len(r["text"]) for r in train_rows) // 3 + 64  # ~3+ characters a token, plus the prompt
+    overrides = [f"train_file={data}", f"output_dir={out}", f"max_length={max(128, longest)}", *extra]
+    recipe = Recipe.from_yaml(CHAT_RECIPE, overrides)
+    started = time.perf_counter()
+    result = train(recipe)
+    train_s = time.perf_counter() - started
+    adapted = load_adapted(result.adapter_dir)
+    prompts = [[{"role": "user", "content": chat_prompt(r["text"], labels)}] for r in test]
+    started = time.perf_counter()
+    answers = generate_answers(
+        adapted.model.eval(), adapted.tokenizer, prompts, max_new_tokens=8, batch_size=BATCH
+    )
+    rows_s = len(test) / (time.perf_counter() - started)
+    predicted = [label_in(a, labels) for a in answers]
+    return {
+        **scores([r["label"] for r in test], predicted, labels),
+        "train_s": train_s,
+        "trainer_s": result.metrics["train_runtime_s"],
+        "rows_per_s": rows_s,
+        "no_label_answers": predicted.count(NO_LABEL),
+        "global_step": result.metrics["global_step"],
+        "sample_answers": answers[:3],
+    }
+
+
+def run_probe(train_file: Path, test: list[dict], extra: list[str]) -> dict:
+    from lora_studio import Recipe
+    from lora_studio.tasks.classify.data import load_labeled, stratified_split
+    from lora_studio.tasks.classify.probe import train_probe
+
+    # the head's base, validation split and max_length
+    recipe = Recipe.from_yaml(HEAD_RECIPE, [f"train_file={train_file}", *extra])
+    started = time.perf_counter()
+    rows = load_labeled(train_file)
+    train_rows, val_rows = stratified_split(rows, recipe.data.val_fraction, recipe.train.seed)
+    probe = train_probe(recipe.model.base_model, train_rows, val_rows, recipe.data.max_length)
+    train_s = time.perf_counter() - started
+    started = time.perf_counter()
+    predicted = probe.predict([r["text"] for r in test])
+    rows_s = len(test) / (time.perf_counter() - started)
+    return {
+        **scores([r["label"] for r in test], predicted, probe.labels),
+        "train_s": train_s,
+        "rows_per_s": rows_s,
+        "l2": probe.fit.l2,
+    }
+
+
+# --- the run -------------------------------------------------------------------------------------
+def table(results: dict) -> list[str]:
+    out = [
+        "| set | method | accuracy | macro F1 | training s | inference rows/s | notes |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for name, methods in results["sets"].items():
+        for method, r in methods.items():
+            notes = ""
+            if method == "head":
+                notes = (
+                    f"step 0: {r['step0_val_accuracy']:.1%} val; stopped at epoch {r['epochs']:.1f}, "
+                    f"best {r['best_checkpoint']}"
+                )
+            elif method == "chat":
+                notes = f"{r['no_label_answers']} answers named no label"
+            out.append(
+                f"| {name} | {method} | {r['accuracy']:.1%} | {r['macro_f1']:.3f} | {r['train_s']:.0f} "
+                f"| {r['rows_per_s']:.1f} | {notes} |"
+            )
+    return out
+
+
+def goal_lines(results: dict) -> list[str]:
+    out = []
+    for name, m in results["sets"].items():
+        if not {"head", "chat", "probe"} <= m.keys():
+            continue
+        head, chat, probe = m["head"], m["chat"], m["probe"]
+        checks = {
+            "accuracy >= chat": head["accuracy"] >= chat["accuracy"],
+            "accuracy > probe": head["accuracy"] > probe["accuracy"],
+            "train <= 1/3 chat": head["train_s"] <= chat["train_s"] / 3,
+            "rows/s >= 5x chat": head["rows_per_s"] >= 5 * chat["rows_per_s"],
+        }
+        out.append(f"{name}: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in checks.items()))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sets", default=",".join(SETS), help="comma-separated, from: " + ", ".join(SETS))
+    parser.add_argument("--methods", default="head,chat,probe")
+    parser.add_argument("--out", type=Path, default=Path("classify-quality-out"))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument(
+        "--base-model", default=None, help="another base for every method (a smoke test on a small model)"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "classify_quality.json"
+    extra = [f"base_model={args.base_model}"] if args.base_model else []
+    results: dict = {"load_before": os.getloadavg(), "threads": torch.get_num_threads(), "sets": {}}
+    for name in args.sets.split(","):
+        train_rows, test = SETS[name]()
+        train_file = write_jsonl(args.out / "data" / name / "train.jsonl", train_rows)
+        write_jsonl(args.out / "data" / name / "test.jsonl", test)
+        results["sets"][name] = {}
+        for method in args.methods.split(","):
+            log.info("%s: %s (%d training rows, %d test rows)", name, method, len(train_rows), len(test))
+            if method == "head":
+                r = run_head(train_file, test, args.out / "runs" / f"{name}-head", extra)
+            elif method == "chat":
+                r = run_chat(train_rows, test, args.out / "runs" / f"{name}-chat", extra)
+            else:
+                r = run_probe(train_file, test, extra)
+            r["load_after"] = os.getloadavg()[0]
+            results["sets"][name][method] = r
+            log.info("%s %s: %s", name, method, {k: v for k, v in r.items() if k != "sample_answers"})
+            path.write_text(json.dumps(results, indent=2, default=str))
+    results["load_after"] = os.getloadavg()
+    path.write_text(json.dumps(results, indent=2, default=str))
+    print(
+        "\n".join(["", *table(results), "", *goal_lines(results), f"load average: {results['load_after']}"])
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

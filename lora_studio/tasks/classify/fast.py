@@ -1,0 +1,158 @@
+"""The fast path for `task: classify`: chat's levers (fast_path.py) on a sequence classifier.
+
+    fast = prepare(recipe, model, tokenizer, data, base_folder)   # None: the plain path
+    fast.collate(rows)   # batches for the Trainer; fast.arguments(args): its settings
+
+  cache       as for chat: with `layers: N` the frozen blocks below the top N run once per text
+              (FeatureCache, filled as batches come); the model gets their output as `inputs_embeds`
+  bf16        as for chat: bf16 autocast on CPUs with native bf16, weights fp32
+  label_only  ruled out: the head is a labels x hidden matrix, there is no vocabulary to skip
+
+transformers' sequence classifier finds each text's last real token from `input_ids`; given
+`inputs_embeds` it reads the last position. So with cached features the batches are padded on the
+left and carry `position_ids` counted from each text's first token: the top blocks see the same
+positions and masks as the plain path's right-padded batch, and the last position is the last
+token. Before training a few rows are computed both ways in fp32 (fast_path's check): if the loss
+differs, the plain path runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...config import Recipe
+from ...fast_path import CHECK_ROWS, CHECK_RTOL, FastPath, choose_levers
+from ...models import model_fingerprint
+from .data import ClassifyData
+
+log = logging.getLogger(__name__)
+
+NOT_FOR_CLASSIFY = {"label_only": "a classifier's head has no vocabulary projection to cut"}
+
+
+def prepare(
+    recipe: Recipe, model: Any, tokenizer: Any, data: ClassifyData, base_folder: Path
+) -> ClassifyFastPath | None:
+    """The fast path for this classifier run, or None when no lever is allowed and exact."""
+    levers = choose_levers(recipe, model, not_for_task=NOT_FOR_CLASSIFY)
+    if not levers.names():
+        return None
+    fast = ClassifyFastPath(
+        FastPath(model, levers, tokenizer.pad_token_id, data.train + data.val, len(data.train))
+    )
+    if levers.cache:
+        fast.inner.use_cache(recipe.lora.layers, model_fingerprint(base_folder))
+    problem = fast.check_against_plain()
+    if problem:
+        fast.inner.restore()
+        log.info("fast path: not used, the plain path runs: %s", problem)
+        return None
+    log.info("fast path: %s", ", ".join(levers.names()))
+    return fast
+
+
+class _PaddedEmbeds(logging.Filter):
+    """transformers warns that it cannot see padding in `inputs_embeds`; our padding is on the left,
+    where reading the last position is right."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will not detect padding tokens in `inputs_embeds`" not in str(record.msg)
+
+
+class ClassifyFastPath:
+    """Chat's FastPath (cached lower blocks, bf16) with a classifier's batches, check and Trainer settings."""
+
+    def __init__(self, inner: FastPath):
+        self.inner = inner
+        logging.getLogger("transformers.modeling_layers").addFilter(_PaddedEmbeds())
+
+    @property
+    def model(self) -> Any:
+        return self.inner.model
+
+    def collate(
+        self, examples: list[dict[str, Any]], features: list[torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Token ids padded on the right, or with the cache: features padded on the left, with positions."""
+        labels = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
+        lengths = [len(e["input_ids"]) for e in examples]
+        shape = (len(examples), max(lengths))
+        mask = torch.zeros(shape, dtype=torch.long)
+        cache = self.inner.cache
+        if cache is None:
+            ids = torch.full(shape, self.inner.pad_id, dtype=torch.long)
+            for j, e in enumerate(examples):
+                ids[j, : lengths[j]], mask[j, : lengths[j]] = torch.as_tensor(e["input_ids"]), 1
+            return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        features = features or cache.rows([e["row"] for e in examples])
+        embeds = torch.zeros(*shape, cache.dim, dtype=self.inner.dtype)
+        for j, row in enumerate(features):
+            embeds[j, shape[1] - lengths[j] :] = row.to(self.inner.dtype)
+            mask[j, shape[1] - lengths[j] :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each text counts from its first token
+        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, "labels": labels}
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.inner.autocast()
+
+    @torch.no_grad()
+    def check_against_plain(self) -> str | None:
+        """A few training rows both ways in fp32 (bf16 left out, as for chat): the same loss, or why not."""
+        rows = [{**r, "row": i} for i, r in enumerate(self.inner.rows[: min(CHECK_ROWS, self.inner.n_train)])]
+        lengths = [len(r["input_ids"]) for r in rows]
+        ids = torch.full((len(rows), max(lengths)), self.inner.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(rows):
+            ids[j, : lengths[j]], mask[j, : lengths[j]] = torch.as_tensor(r["input_ids"]), 1
+        labels = torch.tensor([r["labels"] for r in rows])
+        device, model = self.inner.device, self.model
+        was_training = model.training
+        model.eval()
+        try:
+            with self.inner.plain():
+                plain = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            features = None
+            if self.inner.cache is not None:  # stored as the cache stores them (fp16)
+                hidden = self.inner._run_lower(ids, mask, autocast=False).half()
+                features = [hidden[j, :n] for j, n in enumerate(lengths)]
+            batch = self.collate(rows, features)
+            batch.pop("labels")
+            fast = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        finally:
+            model.train(was_training)
+        plain_loss = torch.nn.functional.cross_entropy(plain.float(), labels.to(device))
+        fast_loss = torch.nn.functional.cross_entropy(fast.float(), labels.to(device))
+        if not torch.isclose(fast_loss, plain_loss, rtol=CHECK_RTOL, atol=1e-5):
+            return (
+                f"on {len(rows)} training rows its loss is {fast_loss.item():.6f}, "
+                f"the plain one {plain_loss.item():.6f}"
+            )
+        return None
+
+    # --- the Trainer -------------------------------------------------------------------------
+    def arguments(self, args: Any) -> Any:
+        """The plain path's Trainer arguments, with what these batches and levers need."""
+        return dataclasses.replace(
+            args,
+            remove_unused_columns=False,  # the collator needs `row`
+            bf16=args.bf16 or self.inner.levers.bf16,
+            # with cached features the top blocks' activations are small: no need to recompute them
+            activation_checkpointing=args.activation_checkpointing and not self.inner.levers.cache,
+        )
+
+    def dataset(self, validation: bool) -> Any:
+        from datasets import Dataset
+
+        start, stop = (self.inner.n_train, len(self.inner.rows)) if validation else (0, self.inner.n_train)
+        return Dataset.from_list(
+            [
+                {"input_ids": r["input_ids"], "labels": r["labels"], "length": len(r["input_ids"]), "row": i}
+                for i, r in enumerate(self.inner.rows[start:stop], start=start)
+            ]
+        )
