@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import logging
 import math
-import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -25,6 +23,19 @@ from typing import Any, Literal
 
 import yaml
 
+from .config_values import (
+    COUNT,
+    MAX_COUNT,
+    POSITIVE,
+    SHARE,
+    Range,
+    coerce,
+    describe,
+    matches,
+    parse_yaml,
+    unknown,
+)
+from .config_values import setting as _f
 from .errors import ConfigError
 from .text_checks import CONTROL_CHARS
 
@@ -48,45 +59,6 @@ TASK_HELP = (
     "What to train: 'chat' teaches the model to write answers; 'classify' keeps the pretrained body, "
     "puts a new head sized to the labels on it and trains it to pick one label per text."
 )
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a number setting accepts, from low to high (each end included unless open)."""
-
-    low: float
-    high: float
-    low_open: bool = False
-    high_open: bool = False
-
-    def __contains__(self, value: float) -> bool:
-        above = value > self.low if self.low_open else value >= self.low
-        below = value < self.high if self.high_open else value <= self.high
-        return above and below
-
-    def __str__(self) -> str:
-        low = f"{'above' if self.low_open else 'at least'} {_number(self.low)}"
-        if self.high == math.inf:
-            return low
-        return f"{low} and {'below' if self.high_open else 'at most'} {_number(self.high)}"
-
-
-def _number(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
-# Counts and step numbers above this are typos, and overflow the int32 some libraries use.
-MAX_COUNT = 2**31 - 1
-POSITIVE = Range(0, math.inf, low_open=True)
-COUNT = Range(1, MAX_COUNT)
-SHARE = Range(0, 1, high_open=True)  # a fraction: 0 allowed, 1 not
-
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with its help text (and a `range` for numbers) kept in the metadata."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass(frozen=True)
@@ -262,11 +234,11 @@ class Recipe:
             problems.append(f"name: control characters are not allowed, got {name!r}")
         task = raw.get("task", "chat")
         if task not in typing.get_args(Task):
-            problems.append(f"task: expected {_describe(Task)}, got {task!r}")
+            problems.append(f"task: expected {describe(Task)}, got {task!r}")
         raw = _move_old_keys(raw, source)
         for key in raw:
             if key not in ("name", "task") and key not in SECTIONS:
-                problems.append(_unknown(key, ["name", "task", *SECTIONS], "top-level key"))
+                problems.append(unknown(key, ["name", "task", *SECTIONS], "top-level key"))
         sections = {}
         for section, kind in SECTIONS.items():
             values = raw.get(section) or {}
@@ -294,7 +266,7 @@ class Recipe:
                 f"{path}: byte 0x{e.object[e.start]:02x} at position {e.start} is not UTF-8 text; "
                 "re-save the recipe as UTF-8"
             ) from None
-        raw = _parse_yaml(text, str(path)) or {}
+        raw = parse_yaml(text, str(path)) or {}
         if isinstance(raw, dict):
             raw.setdefault("name", path.stem)
             _resolve_data_paths(raw, path.parent)
@@ -319,7 +291,7 @@ class Recipe:
             section = field_section(key)
             if section is None:
                 all_names = [f.name for kind in SECTIONS.values() for f in fields(kind)]
-                raise ConfigError(_unknown(key, ["name", "task", *all_names], "setting"))
+                raise ConfigError(unknown(key, ["name", "task", *all_names], "setting"))
             by_section.setdefault(section, {})[key] = value
         sections = {s: dataclasses.replace(getattr(self, s), **v) for s, v in by_section.items()}
         return Recipe.from_dict(dataclasses.replace(self, **top, **sections).to_dict())
@@ -460,7 +432,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             problems.append(f"override {item!r}: expected key=value, e.g. max_steps=10")
             continue
         try:
-            value = _parse_yaml(text, f"override {key}") if text.strip() else None
+            value = parse_yaml(text, f"override {key}") if text.strip() else None
         except ConfigError as e:
             problems.append(str(e))
             continue
@@ -471,7 +443,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         section = section or field_section(name) or _old_section(name)
         if section not in SECTIONS:
             all_names = [f.name for kind in SECTIONS.values() for f in fields(kind)]
-            problems.append(_unknown(key, all_names, "setting"))
+            problems.append(unknown(key, all_names, "setting"))
             continue
         raw.setdefault(section, {})
         raw[section] = dict(raw[section] or {})
@@ -486,80 +458,18 @@ def _old_section(name: str) -> str | None:
     return next((section for section, key in MOVED_KEYS if key == name), None)
 
 
-def _parse_yaml(text: str, what: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{what}: not valid YAML: {e}") from None
-    except ValueError as e:  # e.g. an integer of more digits than Python converts (4300)
-        raise ConfigError(f"{what}: a value cannot be read: {str(e).split(';')[0]}") from None
-    except RecursionError:
-        raise ConfigError(f"{what}: nested too deeply to read") from None
-
-
 def _build_section(kind: type, section: str, values: dict[str, Any], problems: list[str]) -> Any:
     hints = typing.get_type_hints(kind)
     known = {f.name for f in fields(kind)}
     good = {}
     for key, value in values.items():
         if key not in known:
-            problems.append(_unknown(f"{section}.{key}", [f"{section}.{k}" for k in known], "setting"))
-        elif not _matches(value := _coerce(value, hints[key]), hints[key]):
-            problems.append(f"{key}: expected {_describe(hints[key])}, got {value!r:.80}")
+            problems.append(unknown(f"{section}.{key}", [f"{section}.{k}" for k in known], "setting"))
+        elif not matches(value := coerce(value, hints[key]), hints[key]):
+            problems.append(f"{key}: expected {describe(hints[key])}, got {value!r:.80}")
         else:
             good[key] = float(value) if hints[key] is float else value
     return kind(**good)
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """YAML reads `1e-4` (no dot) as a string: accept it where a number is expected."""
-    if tp is float and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(tp))
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0])}"
-    return {
-        type(None): "empty (null)",
-        int: "an integer",
-        float: "a number",
-        bool: "true/false",
-        str: "a string",
-    }.get(tp, str(tp))
-
-
-def _unknown(key: str, valid: list[str], what: str) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(valid))}"
-    return f"unknown {what} {key!r}{hint}"
 
 
 def _resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
