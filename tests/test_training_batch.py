@@ -15,6 +15,7 @@ from lora_studio import fast_path
 from lora_studio.adapters import attach_lora
 from lora_studio.data import IGNORE_INDEX, prepare
 from lora_studio.models import load_base
+from lora_studio.tasks.registry import TASKS
 from lora_studio.training import build_trainer
 
 
@@ -26,7 +27,7 @@ def test_the_trainers_batches_mask_the_prompt_and_keep_the_answer(tiny_recipe, s
     model = attach_lora(model, recipe.lora)
     fast = fast_path.prepare(recipe, model, tokenizer, data, ref.folder)
     assert (fast is None) == (speedups == "none")  # "auto" takes the fast path on the tiny model
-    trainer = build_trainer(recipe, model, tokenizer, data, fast=fast)
+    trainer = build_trainer(TASKS["chat"], recipe, model, tokenizer, data, ref)  # takes the fast path itself
 
     batch = next(iter(trainer.get_train_dataloader()))
     ids, labels = batch["input_ids"], batch["labels"]
