@@ -65,7 +65,7 @@ def test_a_damaged_cache_is_logged_in_one_line_and_rebuilt(damage, caplog) -> No
     damage(first.folder)
     with caplog.at_level(logging.WARNING, logger="lora_studio.feature_cache"):
         again = feature_cache.FeatureCache(key, ROWS, 4, fake_lower(calls), limit_bytes=0)
-    (line,) = [r.getMessage() for r in caplog.records]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "lora_studio.feature_cache"]
     assert "damaged" in line and "rebuilding" in line and "\n" not in line
     assert not again.filled.any()  # nothing served from the damaged file
     got = again.rows([0, 1, 2])
@@ -121,7 +121,7 @@ def test_a_run_on_a_damaged_cache_trains_the_fresh_runs_adapter(
     fresh = train(recipe.replace(output_dir=str(tmp_path / "fresh")))
     (folder,) = [p for p in (studio_home / "feature-cache").iterdir() if not p.name.startswith(".")]
     want = _adapter(fresh.run_dir)
-    for i, damage in enumerate((_noise, _nan_with_a_matching_checksum, _bad_meta)):
+    for i, damage in enumerate((_noise, _nan_with_a_matching_checksum)):  # the silent cases
         damage(folder)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="lora_studio.feature_cache"):
