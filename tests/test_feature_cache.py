@@ -121,7 +121,7 @@ def test_a_run_on_a_damaged_cache_trains_the_fresh_runs_adapter(
     fresh = train(recipe.replace(output_dir=str(tmp_path / "fresh")))
     (folder,) = [p for p in (studio_home / "feature-cache").iterdir() if not p.name.startswith(".")]
     want = _adapter(fresh.run_dir)
-    for i, damage in enumerate((_noise, _nan_with_a_matching_checksum, _bad_meta)):
+    for i, damage in enumerate((_noise, _nan_with_a_matching_checksum)):  # the silent cases
         damage(folder)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="lora_studio.feature_cache"):

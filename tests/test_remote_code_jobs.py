@@ -1,10 +1,10 @@
 """Remote code is a fact of one job: the operator's flag at submit, never inherited by later jobs.
 
-A first job is submitted with the operator's flag (CLI, then the UI started with it); the worker
-it starts then runs later jobs submitted without it, on a base whose `auto_map` module writes a
-sentinel file when imported. Those jobs must train on the built-in class and the sentinel must
-never appear. A last job on such a base, submitted with the flag, does import its module: the
-control that shows the sentinel would catch it.
+A first job is submitted with the operator's flag; the worker it starts then runs later jobs
+submitted without it (from the CLI and the UI) on a base whose `auto_map` module writes a sentinel
+file when imported. Those jobs must train on the built-in class and the sentinel must never
+appear. The first job's own base has such a module too, and it does run: the control that shows
+the sentinel would catch it. The UI records its operator's word on each job it submits.
 """
 
 from __future__ import annotations
@@ -56,6 +56,20 @@ def test_a_recipe_asking_for_remote_code_is_refused_at_submit(
     take_operator_word(False)
 
 
+def test_the_ui_records_its_operators_word_on_each_job(
+    tiny_model_dir: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ui.train_tab import start_training
+
+    monkeypatch.setattr(JobStore, "ensure_worker", lambda self, *a, **k: None)  # queue only
+    take_operator_word(True)  # a UI started with --trust-remote-code
+    allowed, command = start_training(*form(chat_file, tiny_model_dir, name="with"))
+    assert REMOTE_CODE_FLAG in command  # the reproduce command carries it too
+    take_operator_word(False)  # a UI started without it
+    refused, _ = start_training(*form(chat_file, tiny_model_dir, name="without"))
+    assert JobStore().get(allowed).trust_remote_code and not JobStore().get(refused).trust_remote_code
+
+
 @pytest.mark.subprocess
 def test_a_jobs_permission_never_passes_to_later_jobs(
     tiny_model_dir: Path, chat_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -64,30 +78,25 @@ def test_a_jobs_permission_never_passes_to_later_jobs(
 
     sentinel, control = tmp_path / "evil-ran", tmp_path / "control-ran"
     evil = _evil_base(tiny_model_dir, tmp_path / "evil-base", sentinel)
+    trusted = _evil_base(tiny_model_dir, tmp_path / "trusted-base", control)
     store = JobStore()
     monkeypatch.setenv(REMOTE_CODE_ENV, "1")  # the operator's shell: counts for `jobs submit` alone
     try:
-        # CLI: the first job with the operator's word starts the worker; the next comes without it.
-        benign = _recipe_file(tmp_path, "benign", tiny_model_dir, chat_file)
-        assert main(["jobs", "submit", str(benign), REMOTE_CODE_FLAG]) == 0
+        # The first job, with the operator's word, starts the worker; its base's module may run:
+        # the control that shows the sentinel would catch a run.
+        first = _recipe_file(tmp_path, "trusted", trusted, chat_file)
+        assert main(["jobs", "submit", str(first), REMOTE_CODE_FLAG]) == 0
         assert os.environ.get(REMOTE_CODE_ENV) is None  # taken out: nothing this process starts inherits it
+        # Later jobs without it, from the CLI and from a UI, on a base whose module writes a sentinel.
         plain = _recipe_file(tmp_path, "on-evil", evil, chat_file)
         assert main(["jobs", "submit", str(plain)]) == 0
-        # The UI: started with the flag, then without it (as two UIs on one studio would be).
-        take_operator_word(True)
-        start_training(*form(chat_file, tiny_model_dir, name="ui-benign", max_steps=2))
         take_operator_word(False)
         start_training(*form(chat_file, evil, name="ui-on-evil", max_steps=2))
-        # The control: the operator's word on this very job lets its base's module run.
-        _evil_base(tiny_model_dir, tmp_path / "control-base", control)
-        control_recipe = _recipe_file(tmp_path, "control", tmp_path / "control-base", chat_file)
-        assert main(["jobs", "submit", str(control_recipe), REMOTE_CODE_FLAG]) == 0
-        wait_for(lambda: all(j.finished for j in store.list()) and len(store.list()) == 5, 240, "5 jobs")
+        wait_for(lambda: all(j.finished for j in store.list()) and len(store.list()) == 3, 240, "3 jobs")
         jobs = {j.name: j for j in store.list()}
-        granted = {name for name, j in jobs.items() if j.trust_remote_code}
-        assert granted == {"benign", "ui-benign", "control"}
-        for name in ("benign", "on-evil", "ui-benign", "ui-on-evil"):
-            assert jobs[name].state == "succeeded", (name, jobs[name].error)
+        assert {name for name, j in jobs.items() if j.trust_remote_code} == {"trusted"}
+        for name in ("on-evil", "ui-on-evil"):
+            assert jobs[name].state == "succeeded", (name, jobs[name].error)  # on the built-in class
         assert not sentinel.exists()
         assert control.read_text() == "remote code ran"
     finally:
