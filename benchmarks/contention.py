@@ -131,6 +131,7 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=24, help="optimizer steps per run (default 24)")
     parser.add_argument("--out", type=Path, default=Path("contention-out"))
+    parser.add_argument("--busy", default="1,2", help="busy-process counts to train beside (default 1,2)")
     parser.add_argument(
         "--skip-fixed", action="store_true", help="leave out the fixed-thread comparison rows"
     )
@@ -140,30 +141,29 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     cores = available_cores()
     fixed = [None] if args.skip_fixed else [None, cores]
-    rows = [measured("alone", lambda: train_alone(out, "alone", args.steps, None))]
-    for count in (1, 2):
+    plan = [("alone", lambda: train_alone(out, "alone", args.steps, None))]
+    for count in (int(c) for c in args.busy.split(",") if c.strip()):
         for threads in fixed:
             label = f"beside {count} busy, " + (f"{threads} threads fixed" if threads else "auto")
-            with busy(count):
-                rows.append(
-                    measured(
-                        label,
-                        lambda t=threads, c=count: train_alone(out, f"busy{c}-{t or 'auto'}", args.steps, t),
-                    )
-                )
+            plan.append((label, lambda t=threads, c=count: beside(c, out, args.steps, t)))
     if not args.skip_worker:
-        rows.append(measured("worker: one job", lambda: through_worker(out, "worker-1", args.steps, 1, None)))
+        plan.append(("worker: one job", lambda: through_worker(out, "worker-1", args.steps, 1, None)))
         for threads in fixed:
             label = "worker: two jobs at --concurrency 2, " + (f"--threads {threads}" if threads else "auto")
-            rows.append(
-                measured(
-                    label, lambda t=threads: through_worker(out, f"worker-2-{t or 'auto'}", args.steps, 2, t)
-                )
+            plan.append(
+                (label, lambda t=threads: through_worker(out, f"worker-2-{t or 'auto'}", args.steps, 2, t))
             )
-    (out / "contention.json").write_text(
-        json.dumps({"cores": cores, "steps": args.steps, "rows": rows}, indent=2)
-    )
+    rows = []
+    for label, run in plan:
+        rows.append(measured(label, run))
+        report = {"cores": cores, "steps": args.steps, "rows": rows}
+        (out / "contention.json").write_text(json.dumps(report, indent=2))  # kept row by row
     print(table(rows, cores, args.steps))
+
+
+def beside(count: int, out: Path, steps: int, threads: int | None) -> dict:
+    with busy(count):
+        return train_alone(out, f"busy{count}-{threads or 'auto'}", steps, threads)
 
 
 def table(rows: list[dict], cores: int, steps: int) -> str:
