@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from . import runs, worker
+from . import runs, worker_launch
 from .config import Recipe
 from .errors import ConfigError, JobError, TrainingCancelled
 from .home import studio_home
@@ -268,7 +268,7 @@ class JobStore:
         now, here, lost = time.time(), socket.gethostname(), []
         for job_id, attempt, pid, host, beat in rows:
             if host == here and pid:  # ask the OS; a silent live process is stopped or starved, not dead
-                if worker.process_alive(pid, started_by=beat):
+                if worker_launch.process_alive(pid, started_by=beat):
                     continue
                 why = "its process is gone (killed, out of memory or the machine restarted)"
             elif beat is not None and now - beat > self.heartbeat_timeout:
@@ -286,11 +286,11 @@ class JobStore:
         Returns when the new worker serves the store (well under a second). The auto-started
         worker exits after `idle_exit_seconds` with nothing to do (None: never).
         """
-        return worker.ensure_worker(self, concurrency, idle_exit_seconds)
+        return worker_launch.ensure_worker(self, concurrency, idle_exit_seconds)
 
     def worker_pid(self) -> int | None:
         """The pid of the worker serving this store, or None when none is running."""
-        return worker.worker_pid(self)
+        return worker_launch.worker_pid(self)
 
     # --- worker side (lora_studio.worker) ---------------------------------------------------------
     def claim_next(self, worker_pid: int) -> Job | None:
