@@ -63,9 +63,12 @@ def test_a_damaged_cache_is_logged_in_one_line_and_rebuilt(damage, caplog) -> No
     first = feature_cache.FeatureCache(key, ROWS, 4, fake_lower(calls), limit_bytes=0)
     want = [r.clone() for r in first.rows([0, 1, 2])]
     damage(first.folder)
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lora_studio.feature_cache"):
         again = feature_cache.FeatureCache(key, ROWS, 4, fake_lower(calls), limit_bytes=0)
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "lora_studio.feature_cache"]
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1, lines
+    line = lines[0]
     assert "damaged" in line and "rebuilding" in line and "\n" not in line
     assert not again.filled.any()  # nothing served from the damaged file
     got = again.rows([0, 1, 2])

@@ -5,8 +5,8 @@ call any of them), so a new action cannot forget.
 For every handler and each of its path inputs (a file upload, or a picker that accepts a typed
 value), the handler is called with a path outside the allowed folders there and valid values
 elsewhere. A Python audit hook records every file opened under that outside folder: none may be,
-and no output may carry the outside file's contents. The control (the same Evaluate on a loopback
-UI, which reads any path as the CLI does) shows the hook sees a read.
+and no output may carry the outside file's contents. The control (a loopback
+UI's data check, which reads any path as the CLI does) shows the hook sees a read.
 """
 
 from __future__ import annotations
@@ -123,9 +123,13 @@ def test_every_path_input_of_every_action_refuses_a_path_outside(places: dict) -
     assert "evaluate_adapter('Test file (rows never used in training)')" in checked
 
 
-def test_the_control_a_loopback_ui_reads_the_same_path(places: dict) -> None:
-    from ui.adapters_tab import evaluate
+def test_the_control_a_loopback_ui_reads_the_same_path(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from ui.data_tab import check_dataset
 
-    adapter, secret = places["Adapter"][0], places["Dataset"][1]
-    text, opened = _watch(places["_outside"], evaluate, [adapter, secret, 4, False])
-    assert opened, text  # the hook sees the read a public UI must refuse
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = write_jsonl(outside / "secret.jsonl", chat_rows([(f"{MARKER} {i}", MARKER) for i in range(4)]))
+    text, opened = _watch(outside, check_dataset, [str(secret), str(tiny_model_dir), "auto", 64])
+    assert opened and MARKER in text, (
+        text
+    )  # the hook sees the read (through the same reader) a public UI refuses
