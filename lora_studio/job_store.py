@@ -34,6 +34,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     host TEXT,
     heartbeat_at REAL
 );
+CREATE TABLE IF NOT EXISTS placements (       -- jobs that run on a cluster (cluster.py); none: this machine
+    job_id TEXT PRIMARY KEY,
+    cluster TEXT NOT NULL,                     -- "ray"
+    address TEXT NOT NULL,                     -- e.g. http://HEAD:8265
+    submission_id TEXT                         -- the cluster's id of the current attempt
+);
 """
 # Queue facts only: a job's progress and metrics are in its run folder (runs.py). A store made
 # before that keeps its old progress columns and metrics table, unused.
@@ -76,6 +82,15 @@ class Database:
             db.execute("COMMIT")
 
 
+# The local worker's jobs: those not placed on a cluster (a cluster queues and runs its own).
+LOCAL = "id NOT IN (SELECT job_id FROM placements)"
+# A job row with where it runs (NULL columns for this machine).
+SELECT_JOBS = (
+    "SELECT jobs.*, placements.cluster, placements.address, placements.submission_id "
+    "FROM jobs LEFT JOIN placements ON placements.job_id = jobs.id"
+)
+
+
 def is_current(db: sqlite3.Connection, job_id: str, attempt: int) -> bool:
     """Whether `attempt` is the job's latest attempt and still running."""
     row = db.execute(
@@ -86,7 +101,9 @@ def is_current(db: sqlite3.Connection, job_id: str, attempt: int) -> bool:
 
 def queue_positions(db: sqlite3.Connection) -> dict[str, int]:
     """Job id -> place in the queue (1 = next to start), for queued jobs."""
-    rows = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY queued_at, seq").fetchall()
+    rows = db.execute(
+        f"SELECT id FROM jobs WHERE state = 'queued' AND {LOCAL} ORDER BY queued_at, seq"
+    ).fetchall()
     return {r[0]: i + 1 for i, r in enumerate(rows)}
 
 

@@ -51,11 +51,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from . import runs, worker
+from . import cluster, runs, worker
 from .config import Recipe
 from .errors import ConfigError, JobError, TrainingCancelled
 from .home import studio_home
-from .job_store import Database, is_current, queue_positions
+from .job_store import LOCAL, SELECT_JOBS, Database, is_current, queue_positions
 from .run_folder import last_complete_checkpoint
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
@@ -92,6 +92,14 @@ class Job:
     heartbeat_at: float | None
     pid: int | None  # the process running it (the worker's until the job process starts)
     queue_position: int | None  # 1 = next to start; None unless queued
+    cluster: str | None = None  # where it runs: None = this machine's worker, "ray" = a Ray cluster
+    cluster_address: str | None = None  # the cluster's address, e.g. http://HEAD:8265
+    submission_id: str | None = None  # the cluster's id of its current attempt
+
+    @property
+    def where(self) -> str:
+        """Where it runs, in words."""
+        return f"{self.cluster} cluster at {self.cluster_address}" if self.cluster else "this machine"
 
     @property
     def finished(self) -> bool:
@@ -122,16 +130,29 @@ class JobStore:
         self.recover()  # a store opening is a service starting: settle jobs of processes that died
 
     # --- submitting and reading -----------------------------------------------------------------
-    def submit(self, recipe: Recipe | dict[str, Any] | str | Path, overrides: Sequence[str] = ()) -> str:
+    def submit(
+        self,
+        recipe: Recipe | dict[str, Any] | str | Path,
+        overrides: Sequence[str] = (),
+        *,
+        placement: cluster.Placement | None = None,
+    ) -> str:
         """Validate a recipe (a Recipe, a mapping or a YAML path) and queue it; returns the job id.
 
         Bad recipes (unknown keys, wrong types, a missing or unreadable data file) raise
-        ConfigError/DataError here and never enter the queue.
+        ConfigError/DataError here and never enter the queue. With a `placement` the job runs on
+        that cluster (`cluster.start` hands it over) and its run folder is under the placement's storage.
         """
         job_id = uuid.uuid4().hex[:10]
         recipe = Recipe.load(recipe, overrides)
-        recipe = runs.pin(recipe, run_dir=runs.default_folder(recipe.name, job_id, self.home))
+        home = placement.storage if placement and placement.storage else self.home  # <home>/runs/<name>-<id>
+        recipe = runs.pin(recipe, run_dir=runs.default_folder(recipe.name, job_id, home))
         _check_data(recipe)
+        if recipe.train.num_workers > 1 and not placement:
+            raise ConfigError(
+                f"train.num_workers: {recipe.train.num_workers} workers need a Ray cluster; submit with "
+                "--cluster ray, or set train.num_workers: 1 to train on this machine"
+            )
         now = time.time()
         with self._db.transaction() as db:
             clash = db.execute(
@@ -148,14 +169,19 @@ class JobStore:
                 "VALUES (?, ?, 'queued', ?, ?, ?, ?)",
                 (job_id, recipe.name, json.dumps(recipe.to_dict()), str(recipe.output_dir), now, now),
             )
+            if placement:  # in the same transaction: the local worker never sees it unplaced
+                db.execute(
+                    "INSERT INTO placements (job_id, cluster, address) VALUES (?, ?, ?)",
+                    (job_id, placement.cluster, placement.address),
+                )
         return job_id
 
     def list(self, states: Sequence[str] | None = None, limit: int | None = None) -> list[Job]:
         """Jobs, newest first, optionally only those in `states`."""
         self.recover()
-        query, args = "SELECT * FROM jobs", []
+        query, args = SELECT_JOBS, []
         if states:
-            query += f" WHERE state IN ({', '.join('?' * len(states))})"
+            query += f" WHERE jobs.state IN ({', '.join('?' * len(states))})"
             args.extend(states)
         query += " ORDER BY seq DESC" + (f" LIMIT {int(limit)}" if limit else "")
         with self._db.connect() as db:
@@ -167,7 +193,7 @@ class JobStore:
         """One job by id (a unique prefix of the id works too)."""
         self.recover()
         with self._db.connect() as db:
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (self._full_id(db, job_id),)).fetchone()
+            row = db.execute(SELECT_JOBS + " WHERE jobs.id = ?", (self._full_id(db, job_id),)).fetchone()
             return _to_job(row, queue_positions(db))
 
     def metrics(self, job_id: str) -> list[dict[str, Any]]:
@@ -176,7 +202,10 @@ class JobStore:
 
     def read_log(self, job_id: str, offset: int = 0) -> tuple[str, int]:
         """The job's log from byte `offset` on, and the offset to pass next time."""
-        path = self.get(job_id).log_path
+        job = self.get(job_id)
+        if job.cluster:
+            return cluster.executor_for(job).read_log(job, offset)
+        path = job.log_path
         if not path.is_file():
             return "", offset
         with open(path, "rb") as f:
@@ -192,13 +221,19 @@ class JobStore:
             (state,) = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if state in FINISHED_STATES:
                 raise JobError(f"job {job_id} already ended as {state}; there is nothing to cancel")
-            if state == "running":
+            placed = db.execute("SELECT submission_id FROM placements WHERE job_id = ?", (job_id,)).fetchone()
+            if state == "running" or (
+                state == "queued" and placed and placed[0]
+            ):  # on a cluster: its own queue
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             else:
                 db.execute(
                     "UPDATE jobs SET state = 'cancelled', finished_at = ?, error = ? WHERE id = ?",
                     (time.time(), f"cancelled while {state}", job_id),
                 )
+        job = self.get(job_id)
+        if job.cluster and job.cancel_requested:
+            cluster.executor_for(job).stop(job)  # the cluster stops it; `recover` reads how it ended
         return self.get(job_id)
 
     def resume(self, job_id: str, *, restart: bool = False) -> Job:
@@ -227,6 +262,7 @@ class JobStore:
                 "cancel_requested = 0, resume = ? WHERE id = ? AND state = ?",
                 (time.time(), int(has_checkpoint), job.id, job.state),
             ).rowcount
+            db.execute("UPDATE placements SET submission_id = NULL WHERE job_id = ?", (job.id,))
         if not changed:
             raise JobError(f"job {job.id} changed state while resuming it; look at it again with `jobs show`")
         return self.get(job.id)
@@ -252,7 +288,7 @@ class JobStore:
                 continue
             if self._end_attempt(job_id, attempt, why):
                 lost.append(job_id)
-        return lost
+        return lost + cluster.sync(self)  # a cluster's jobs: as their cluster says
 
     # --- the worker process (lora_studio.worker) ----------------------------------------------------
     def ensure_worker(self, concurrency: int = 1, idle_exit_seconds: float | None = 600) -> int | None:
@@ -272,7 +308,7 @@ class JobStore:
         """Move the oldest queued job to running for a worker; None when the queue is empty."""
         with self._db.transaction() as db:
             row = db.execute(
-                "SELECT id FROM jobs WHERE state = 'queued' ORDER BY queued_at, seq LIMIT 1"
+                f"SELECT id FROM jobs WHERE state = 'queued' AND {LOCAL} ORDER BY queued_at, seq LIMIT 1"
             ).fetchone()
             if row is None:
                 return None
@@ -343,6 +379,57 @@ class JobStore:
             else f"exited with code {returncode}"
         )
         self._end_attempt(job_id, attempt, f"its process {how} before recording a result")
+
+    # --- cluster side (lora_studio.cluster) --------------------------------------------------------
+    def placed_jobs(self) -> list[Job]:
+        """The jobs a cluster runs now (handed over, not ended), as the store last saw them: for `cluster.sync`."""
+        with self._db.connect() as db:
+            rows = db.execute(
+                SELECT_JOBS
+                + " WHERE placements.submission_id IS NOT NULL AND jobs.state IN ('queued', 'running')"
+            ).fetchall()
+        return [_to_job(row, {}) for row in rows]
+
+    def dispatched(self, job_id: str, submission_id: str) -> int:
+        """A queued job was handed to its cluster as `submission_id`: a new attempt (returned)."""
+        with self._db.transaction() as db:
+            db.execute("UPDATE jobs SET attempt = attempt + 1, error = NULL WHERE id = ?", (job_id,))
+            db.execute("UPDATE placements SET submission_id = ? WHERE job_id = ?", (submission_id, job_id))
+            return db.execute("SELECT attempt FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
+    def settle(
+        self,
+        job_id: str,
+        attempt: int,
+        state: JobState,
+        *,
+        error: str | None = None,
+        adapter_dir: Path | None = None,
+    ) -> bool:
+        """Record the state a cluster reports for an attempt; False if nothing changed."""
+        ended = state in FINISHED_STATES or state == "interrupted"
+        now = time.time()
+        with self._db.transaction() as db:
+            return bool(
+                db.execute(
+                    "UPDATE jobs SET state = ?, error = ?, adapter_dir = ?, started_at = CASE WHEN ? = 'running' "
+                    "THEN COALESCE(started_at, ?) ELSE started_at END, finished_at = ?, cancel_requested = "
+                    "CASE WHEN ? THEN 0 ELSE cancel_requested END "
+                    "WHERE id = ? AND attempt = ? AND state IN ('queued', 'running') AND state != ?",
+                    (
+                        state,
+                        error,
+                        adapter_dir and str(adapter_dir),
+                        state,
+                        now,
+                        now if ended else None,
+                        ended,
+                        job_id,
+                        attempt,
+                        state,
+                    ),
+                ).rowcount
+            )
 
     # --- internals ----------------------------------------------------------------------------------
     def _end_attempt(self, job_id: str, attempt: int, why: str) -> bool:
@@ -423,4 +510,7 @@ def _to_job(row: sqlite3.Row, queue: dict[str, int]) -> Job:
         heartbeat_at=r["heartbeat_at"],
         pid=r["pid"],
         queue_position=queue.get(r["id"]),
+        cluster=r.get("cluster"),
+        cluster_address=r.get("address"),
+        submission_id=r.get("submission_id"),
     )

@@ -1,0 +1,206 @@
+"""Jobs on a real Ray cluster: a local Ray head (2 CPUs) started by the module, stopped at its end.
+
+The head is a process of ours (`ray.init` with a dashboard, for the Job Submission API) in its own
+process group, so the teardown stops exactly what it started. One Ray job trains at a time: this
+is a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from test_jobs import loss_rows, make_recipe, wait_for
+
+from lora_studio import cluster, runs
+from lora_studio.cli import main
+from lora_studio.errors import ConfigError
+from lora_studio.jobs import JobStore
+
+pytestmark = [pytest.mark.subprocess, pytest.mark.ray]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory):
+    """`ray start --head --block` on free ports (others may run Ray here too); yields its Job Submission address.
+
+    Stopped by signalling the process we started and then its process group (which Ray's own
+    processes share), not by `ray stop`, which would stop every Ray on the machine.
+    """
+    os.environ["RAY_AUTH_MODE"] = (
+        "token"  # Ray 2.5x+ heads want their token (~/.ray/auth_token); read at import
+    )
+    pytest.importorskip("ray")
+    folder = tmp_path_factory.mktemp("ray")
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must be < 108 bytes
+    ports = {
+        flag: str(_free_port())
+        for flag in (
+            "port",
+            "dashboard-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+            "node-manager-port",
+            "object-manager-port",
+            "ray-client-server-port",
+        )
+    }
+    low = _free_port()
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus",
+        "2",
+        "--include-dashboard",
+        "true",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--temp-dir",
+        str(temp),
+        "--disable-usage-stats",
+        "--min-worker-port",
+        str(low),
+        "--max-worker-port",
+        str(low + 200),
+    ]
+    for flag, port in ports.items():
+        cmd += [f"--{flag}", port]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORA_STUDIO_HOME": str(folder / "node-home")}
+    with open(folder / "head.log", "ab") as log:
+        head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        wait_for(
+            lambda: b"will now block" in (folder / "head.log").read_bytes() or head.poll() is not None,
+            120,
+            "the Ray head",
+        )
+        assert head.poll() is None, (folder / "head.log").read_text()[-3000:]
+        _wait_for_job_api(address)
+        yield address
+    finally:
+        head.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # what is left of the group `ray start` led
+        shutil.rmtree(temp, ignore_errors=True)
+        cluster._clients.clear()
+
+
+def _wait_for_job_api(address: str) -> None:
+    """Until a trivial job runs: the dashboard's job agent comes up some seconds after the head."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            submission = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    wait_for(lambda: client.get_job_status(submission).is_terminal(), 120, "a first Ray job")
+
+
+def _placement(address: str, storage: Path) -> cluster.Placement:
+    return cluster.ray_placement(address, storage)
+
+
+def test_a_ray_job_succeeds_with_its_run_on_storage_and_chat_loads_it(
+    ray_head, tiny_model_dir, chat_file, tmp_path, capsys
+):
+    storage = tmp_path / "shared"
+    store = JobStore()
+    started = time.monotonic()
+    assert (
+        main(
+            [
+                "jobs",
+                "submit",
+                str(_write(tmp_path, make_recipe(tiny_model_dir, chat_file, name="on-ray"))),
+                "--cluster",
+                "ray",
+                "--address",
+                ray_head,
+                "--storage",
+                str(storage),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    job_id = out.strip().splitlines()[-1]
+    assert f"submitted to the Ray cluster at {ray_head} as lora-studio-{job_id}-1" in out
+    job = store.get(job_id)
+    assert job.where == f"ray cluster at {ray_head}" and job.queue_position is None
+    assert job.run_dir.parent == storage / "runs"
+    _wait_until(store, job_id, lambda job: job.state not in ("queued", "running"), 180)
+    print(f"ray job: {time.monotonic() - started:.1f} s")  # noqa: T201 (the overhead figure for README)
+
+    job = store.get(job_id)
+    assert job.state == "succeeded", (job.error, store.read_log(job_id)[0][-3000:])
+    assert job.adapter_dir == job.run_dir / "adapter"
+    assert json.loads((job.adapter_dir / "lora_studio.json").read_text())
+    assert job.step == 6 and len(loss_rows(store, job_id)) == 6
+    log_text, offset = store.read_log(job_id)
+    assert "Running entrypoint for job lora-studio-" in log_text and offset > 0
+    assert store.read_log(job_id, offset) == ("", offset)
+
+    assert main(["jobs", "show", job_id]) == 0
+    shown = capsys.readouterr().out
+    assert (
+        f"runs on     ray cluster at {ray_head} (lora-studio-{job_id}-1)" in shown and "metrics rows" in shown
+    )
+    assert runs.adapter_folder("on-ray") == job.adapter_dir  # the index here points at storage
+    assert main(["chat", "on-ray", "--max-new-tokens", "4", "--prompt", "Repeat: word1"]) == 0
+
+
+def _wait_until(store: JobStore, job_id: str, condition, timeout: float) -> None:
+    """wait_for, telling the job's state and log tail when it times out."""
+    try:
+        wait_for(lambda: condition(store.get(job_id)), timeout, f"job {job_id}")
+    except AssertionError as e:
+        job = store.get(job_id)
+        raise AssertionError(f"{e}: {job.state} {job.error}\n{store.read_log(job_id)[0][-3000:]}") from None
+
+
+def _write(tmp_path: Path, recipe: dict) -> Path:
+    path = tmp_path / f"{recipe['name']}.yaml"
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    return path
+
+
+def test_without_ray_the_cluster_option_is_one_line(monkeypatch, tiny_model_dir, chat_file, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "ray.job_submission", None)  # as if Ray were not installed
+    with pytest.raises(
+        ConfigError, match=r"needs Ray, which is not installed: pip install 'lora-studio\[ray\]'"
+    ):
+        cluster.ray_placement("http://127.0.0.1:8265")
+    recipe = _write(tmp_path, make_recipe(tiny_model_dir, chat_file))
+    assert main(["jobs", "submit", str(recipe), "--cluster", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'lora-studio[ray]'" in err
+    assert JobStore().list() == []
