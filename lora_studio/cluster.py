@@ -47,6 +47,8 @@ JOB_FILE = "job.json"  # the recipe, for a job process that cannot read the stor
 CANCEL_FILE = "cancel-requested"  # written by `cancel`: the job stops at its next step as cancelled
 STOP_WAIT_SECONDS = 600  # Ray's SIGTERM-to-SIGKILL grace on stop: time to finish a step and checkpoint
 _RAY_STATES: dict[str, str] = {"PENDING": "queued", "RUNNING": "running", "SUCCEEDED": "succeeded"}
+_EXIT_CODES = {"succeeded": 0, "failed": 1, "interrupted": 3, "cancelled": 4}  # a job process's, on a cluster
+_EXIT_STATES = {code: state for state, code in _EXIT_CODES.items()}
 
 
 @dataclass(frozen=True)
@@ -187,13 +189,13 @@ class RayExecutor:
             return "cancelled", "cancelled on the Ray cluster"
         if ray_state != "FAILED":
             return _RAY_STATES[ray_state], None  # type: ignore[return-value]
-        # Training failed (the run folder says so), or the process died without a word: resumable.
+        # How the job process ended (RunFolderJob.exit_code), else the run folder's word; a process
+        # killed, or lost with its node, said neither: interrupted, resumable.
         status = runs.read_status(job.run_dir)
-        if status.get("state") in ("failed", "cancelled"):
-            return status["state"], status.get("error") or info.message
-        last = (info.message or "").strip().splitlines()
-        why = last[0] if last else "it ended without a word"
-        return "interrupted", f"interrupted on the Ray cluster: {why}"
+        ended = _EXIT_STATES.get(info.driver_exit_code) or status.get("state")
+        if ended in ("failed", "cancelled"):
+            return ended, status.get("error") or _first_line(info.message)
+        return "interrupted", f"interrupted on the Ray cluster: {_first_line(info.message)}"
 
     def read_log(self, job: Job, offset: int) -> tuple[str, int]:
         """Every attempt's log, as Ray kept it (an attempt the cluster forgot is left out)."""
@@ -239,6 +241,11 @@ def _ray_client(address: str) -> Any:
             )
             raise JobError(f"cannot reach the Ray cluster at {address}: {first}{hint}") from None
     return _clients[address]
+
+
+def _first_line(message: str | None) -> str:
+    lines = (message or "").strip().splitlines()
+    return lines[0] if lines else "it ended without a word"
 
 
 def _job_env() -> dict[str, str]:
@@ -327,4 +334,4 @@ class RunFolderJob:
 
     def exit_code(self) -> int:
         """0 only for success, so the cluster reports SUCCEEDED or FAILED as it should."""
-        return {"succeeded": 0, "failed": 1, "interrupted": 3, "cancelled": 4}.get(self.outcome or "", 1)
+        return _EXIT_CODES.get(self.outcome or "", 1)

@@ -58,7 +58,12 @@ Fence = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
 def train(
-    recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = (), fence: Fence | None = None
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
+    fence: Fence | None = None,
+    prepare_trainer: Callable[[Any], Any] | None = None,
 ) -> RunResult:
     """Fine-tune a LoRA adapter as the recipe says and return where it was written.
 
@@ -66,6 +71,7 @@ def train(
     With `resume`, training continues from the run folder's last whole checkpoint.
     `fence()` is entered around every write to the run folder except the Trainer's checkpoints;
     it raises TrainingCancelled when this run may no longer write (its job attempt was superseded).
+    `prepare_trainer(trainer)` returns the trainer to run (Ray Train's `prepare_trainer`, in ray_train.py).
     """
     recipe = runs.pin(recipe, resume=resume)  # paths absolute, the run folder chosen
     if recipe.task == "classify":  # a new label head on the body: its own data, model and trainer
@@ -93,6 +99,7 @@ def train(
         trainer = build_trainer(
             recipe, model, tokenizer, data, callbacks, resuming=checkpoint is not None, fence=fence, fast=fast
         )
+        trainer = prepare_trainer(trainer) if prepare_trainer else trainer
         _log_start(recipe, model, data)
         try:
             output = trainer.train(resume_from_checkpoint=checkpoint)
