@@ -285,3 +285,47 @@ def test_two_ray_train_workers_train_the_tiny_model_like_one_process(
     # The same global batches, split over two processes (gradients averaged by DDP): measured equal
     # to 1e-4 here; allow for summation order and a different token normalisation per rank.
     assert abs(two - one) < 0.01
+
+
+@pytest.mark.browser
+def test_the_train_tab_submits_to_the_ray_cluster_and_remembers_the_choice(
+    ray_head, tiny_model_dir, chat_file, tmp_path
+):
+    from test_ui_e2e import BROWSER_ARGS, CHROMIUM, pick_dropdown, running_ui
+
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian chromium at /usr/bin/chromium")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package")
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    with running_ui(home, cwd) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=BROWSER_ARGS
+        )
+        page = browser.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        page.get_by_role("tab", name="Train").click()
+        pick_dropdown(page, "train-base-model", str(tiny_model_dir))
+        pick_dropdown(page, "train-dataset", str(chat_file))
+        page.get_by_text("More settings").click()
+        for label, value in [("Max steps", "6"), ("Batch size", "4"), ("Max length (tokens)", "64")]:
+            page.locator("#train-form").get_by_label(label, exact=True).fill(value)
+        page.locator("#train-where").get_by_text("Ray cluster").click()
+        page.locator("#train-ray-address input, #train-ray-address textarea").fill(ray_head)
+        page.locator("#train-ray-address input, #train-ray-address textarea").blur()
+        page.locator("#train-start").click()
+        page.locator("#train-command").get_by_text("--cluster ray", exact=False).wait_for()
+        jobs = page.locator("#train-jobs")
+        jobs.get_by_text("ray", exact=True).wait_for()  # the job list says where it runs
+
+        page.reload()  # the choice is remembered in this browser
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#train-where input[value=ray]:checked").wait_for()
+        assert page.locator("#train-ray-address input, #train-ray-address textarea").input_value() == ray_head
+        browser.close()
+    store = JobStore(home / "jobs.sqlite")
+    (job,) = store.list()
+    assert job.cluster == "ray" and job.cluster_address == ray_head and job.submission_id
+    _wait_until(store, job.id, lambda j: j.finished, 180)
+    assert store.get(job.id).state == "succeeded"
