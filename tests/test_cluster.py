@@ -36,66 +36,57 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+PORT_FLAGS = (
+    "port",
+    "dashboard-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+    "node-manager-port",
+    "object-manager-port",
+    "ray-client-server-port",
+)
+
+
+def _head_command(temp: Path) -> tuple[list[str], str]:
+    """`ray start --head --block` on free ports (others may run Ray here too), and its dashboard address."""
+    ports = {flag: _free_port() for flag in PORT_FLAGS}
+    low = _free_port()
+    while any(low <= port <= low + 200 for port in ports.values()):  # workers' ports apart from the rest
+        low = _free_port()
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2"]
+    cmd += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--temp-dir", str(temp)]
+    cmd += ["--disable-usage-stats", "--min-worker-port", str(low), "--max-worker-port", str(low + 200)]
+    for flag, port in ports.items():
+        cmd += [f"--{flag}", str(port)]
+    return cmd, f"http://127.0.0.1:{ports['dashboard-port']}"
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory):
-    """`ray start --head --block` on free ports (others may run Ray here too); yields its Job Submission address.
+    """A Ray head with 2 CPUs on this machine; yields its Job Submission address.
 
     Stopped by signalling the process we started and then its process group (which Ray's own
     processes share), not by `ray stop`, which would stop every Ray on the machine.
     """
-    os.environ["RAY_AUTH_MODE"] = (
-        "token"  # Ray 2.5x+ heads want their token (~/.ray/auth_token); read at import
-    )
+    os.environ["RAY_AUTH_MODE"] = "token"  # Ray 2.5x+ heads want their token (~/.ray/auth_token)
     pytest.importorskip("ray")
     folder = tmp_path_factory.mktemp("ray")
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must be < 108 bytes
-    ports = {
-        flag: str(_free_port())
-        for flag in (
-            "port",
-            "dashboard-port",
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "runtime-env-agent-port",
-            "metrics-export-port",
-            "node-manager-port",
-            "object-manager-port",
-            "ray-client-server-port",
-        )
-    }
-    low = _free_port()
-    cmd = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--num-cpus",
-        "2",
-        "--include-dashboard",
-        "true",
-        "--dashboard-host",
-        "127.0.0.1",
-        "--temp-dir",
-        str(temp),
-        "--disable-usage-stats",
-        "--min-worker-port",
-        str(low),
-        "--max-worker-port",
-        str(low + 200),
-    ]
-    for flag, port in ports.items():
-        cmd += [f"--{flag}", port]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORA_STUDIO_HOME": str(folder / "node-home")}
-    with open(folder / "head.log", "ab") as log:
-        head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    for attempt in range(3):  # a port taken between choosing it and Ray binding it: choose again
+        cmd, address = _head_command(temp)
+        log_path = folder / f"head-{attempt}.log"
+        with open(log_path, "ab") as log:
+            head = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        wait_for(lambda: b"will now block" in log_path.read_bytes() or head.poll() is not None, 120, "Ray")
+        if head.poll() is None:
+            break
     try:
-        wait_for(
-            lambda: b"will now block" in (folder / "head.log").read_bytes() or head.poll() is not None,
-            120,
-            "the Ray head",
-        )
-        assert head.poll() is None, (folder / "head.log").read_text()[-3000:]
+        assert head.poll() is None, log_path.read_text()[-3000:]
         _wait_for_job_api(address)
         yield address
     finally:
@@ -289,9 +280,9 @@ def test_two_ray_train_workers_train_the_tiny_model_like_one_process(
 
 @pytest.mark.browser
 def test_the_train_tab_submits_to_the_ray_cluster_and_remembers_the_choice(
-    ray_head, tiny_model_dir, chat_file, tmp_path
+    ray_head, tiny_model_dir, tmp_path
 ):
-    from test_ui_e2e import BROWSER_ARGS, CHROMIUM, pick_dropdown, running_ui
+    from test_ui_e2e import BROWSER_ARGS, CHROMIUM, chat_rows, pick_dropdown, running_ui, upload
 
     if not CHROMIUM.exists():
         pytest.skip("needs Debian chromium at /usr/bin/chromium")
@@ -305,23 +296,32 @@ def test_the_train_tab_submits_to_the_ray_cluster_and_remembers_the_choice(
         page = browser.new_page()
         page.set_default_timeout(60_000)
         page.goto(url)
+        pick_dropdown(page, "data-base-model", str(tiny_model_dir))  # as test_ui_e2e's page does
+        upload(page, "chat.jsonl", chat_rows().encode())  # the Data tab; the Train tab follows it
+        page.locator("#data-summary").get_by_text("36", exact=False).wait_for()
+        page.locator("#data-samples mark").first.wait_for()
         page.get_by_role("tab", name="Train").click()
         pick_dropdown(page, "train-base-model", str(tiny_model_dir))
-        pick_dropdown(page, "train-dataset", str(chat_file))
+        assert "chat-" in page.locator("#train-dataset input").input_value()
         page.get_by_text("More settings").click()
         for label, value in [("Max steps", "6"), ("Batch size", "4"), ("Max length (tokens)", "64")]:
             page.locator("#train-form").get_by_label(label, exact=True).fill(value)
-        page.locator("#train-where").get_by_text("Ray cluster").click()
+        page.locator("#train-where").get_by_text("Ray cluster", exact=True).click()
         page.locator("#train-ray-address input, #train-ray-address textarea").fill(ray_head)
         page.locator("#train-ray-address input, #train-ray-address textarea").blur()
         page.locator("#train-start").click()
-        page.locator("#train-command").get_by_text("--cluster ray", exact=False).wait_for()
+        try:
+            page.locator("#train-command").get_by_text("--cluster ray", exact=False).wait_for()
+        except Exception:
+            page.screenshot(path=str(tmp_path / "failed.png"), full_page=True)
+            raise
         jobs = page.locator("#train-jobs")
-        jobs.get_by_text("ray", exact=True).wait_for()  # the job list says where it runs
+        jobs.get_by_test_id("cell-0-8").get_by_text("ray", exact=True).wait_for()  # "runs on": the cluster
 
-        page.reload()  # the choice is remembered in this browser
+        page.reload()  # the choice is remembered (in the studio home)
         page.get_by_role("tab", name="Train").click()
-        page.locator("#train-where input[value=ray]:checked").wait_for()
+        ray_choice = page.locator("#train-where").get_by_label("Ray cluster", exact=True)
+        wait_for(ray_choice.is_checked, 30, "the remembered choice")
         assert page.locator("#train-ray-address input, #train-ray-address textarea").input_value() == ray_head
         browser.close()
     store = JobStore(home / "jobs.sqlite")

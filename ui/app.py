@@ -62,8 +62,7 @@ def build_app(max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, host: str = "127.0.0
         )
         app.load(shows_errors(train_tab.on_page_load), outputs=train.job, api_visibility="private")
         app.load(
-            train_tab.restore_where,
-            inputs=train.remembered,
+            shows_errors(train_tab.restore_where),
             outputs=[train.where, train.ray_address],
             api_visibility="private",
         )

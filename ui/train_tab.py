@@ -7,10 +7,12 @@ from the store, so it survives a page reload and a UI restart.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -26,6 +28,7 @@ from lora_studio.config import (
     Task,
     TrainSettings,
 )
+from lora_studio.files import atomic_write_text
 from lora_studio.home import studio_home
 from lora_studio.jobs import Job, JobStore
 
@@ -54,7 +57,6 @@ class TrainTab:
     job: gr.Dropdown  # the watched job
     where: gr.Radio  # this machine or a Ray cluster
     ray_address: gr.Textbox
-    remembered: gr.BrowserState  # the last choice of where, in this browser
 
 
 WHERE_CHOICES = [("this machine", "local"), ("Ray cluster", "ray")]
@@ -140,9 +142,22 @@ def default_ray_address() -> str:
     return os.environ.get("RAY_ADDRESS") or cluster.DEFAULT_RAY_ADDRESS
 
 
-def restore_where(saved: dict | None) -> tuple[str, str]:
-    """The browser's remembered choice of where jobs run (BrowserState), for the form."""
-    saved = saved or {}
+def _where_file() -> Path:
+    return studio_home() / "ui" / "run-on.json"
+
+
+def remember_where(where: str, address: str) -> None:
+    """Keep this user's choice of where jobs run (in their studio home) for the next page load."""
+    _where_file().parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(_where_file(), json.dumps({"where": where, "address": address}))
+
+
+def restore_where() -> tuple[str, str]:
+    """The remembered choice of where jobs run, for the form (this machine when none)."""
+    try:
+        saved = json.loads(_where_file().read_text())
+    except (OSError, ValueError):
+        saved = {}
     where = saved.get("where") if saved.get("where") in cluster.CLUSTERS else "local"
     return where, saved.get("address") or default_ray_address()
 
@@ -338,7 +353,6 @@ def build(public: bool = False) -> TrainTab:
                     info="Its dashboard, e.g. http://HEAD:8265.",
                     elem_id="train-ray-address",
                 )
-            remembered = gr.BrowserState({"where": "local", "address": ""}, storage_key="lora-studio-run-on")
             start = gr.Button("Start training", variant="primary", elem_id="train-start")
             command = gr.Code(
                 label="The same run from the command line",
@@ -402,11 +416,8 @@ def build(public: bool = False) -> TrainTab:
             *values[: len(form)], public=public, where=where_value or "local", address=address
         )
 
-    def remember(where_value: str, address: str) -> dict:
-        return {"where": where_value, "address": address}
-
-    for changed in (where.change, ray_address.blur):
-        changed(remember, inputs=[where, ray_address], outputs=remembered, api_visibility="private")
+    for changed in (where.input, ray_address.blur):  # the user's own changes, not restore_where's
+        changed(remember_where, inputs=[where, ray_address], api_visibility="private")
     start.click(
         on_start, inputs=[*form, where, ray_address], outputs=[job, command], api_name="start_training"
     ).success(refresh_jobs, inputs=job, outputs=job, api_visibility="private")
@@ -418,4 +429,4 @@ def build(public: bool = False) -> TrainTab:
     gr.Timer(POLL_SECONDS).tick(
         watch, inputs=job, outputs=[progress, plot, table], api_visibility="private", show_progress="hidden"
     )
-    return TrainTab(dataset=dataset, job=job, where=where, ray_address=ray_address, remembered=remembered)
+    return TrainTab(dataset=dataset, job=job, where=where, ray_address=ray_address)
