@@ -82,7 +82,11 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
             head = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        wait_for(lambda: b"will now block" in log_path.read_bytes() or head.poll() is not None, 120, "Ray")
+
+        def up(head: subprocess.Popen = head, log_path: Path = log_path) -> bool:
+            return b"will now block" in log_path.read_bytes() or head.poll() is not None
+
+        wait_for(up, 120, "the Ray head")
         if head.poll() is None:
             break
     try:
