@@ -15,8 +15,10 @@ storage that every node sees.
 The job store stays the user's record: queue facts, attempts, where a job runs. Ray keeps none of
 that for us (Ray Jobs does not retry), so `jobs resume` submits a new attempt, which continues from
 the run folder's last whole checkpoint. Ray's states map one to one: PENDING -> queued, RUNNING ->
-running, SUCCEEDED -> succeeded, STOPPED -> cancelled, FAILED -> failed when training failed (the
-run folder says so), else interrupted (the process was killed, or lost with its node): resumable.
+running, SUCCEEDED -> succeeded, STOPPED -> cancelled, FAILED -> failed or cancelled as the job
+process's exit code says, else interrupted (the process was killed, or lost with its node): resumable.
+A cancel writes the run folder's cancel file: the job checkpoints at its next step and exits as
+cancelled; Ray's stop is used before it starts, or on a second cancel (then at once).
 Where Ray gives a state we trust it: no heartbeats, no scheduling, no SSH of our own.
 """
 
@@ -207,12 +209,22 @@ class RayExecutor:
         return data.decode("utf-8", errors="replace"), offset + len(data)
 
     def stop(self, job: Job) -> None:
+        """A running job reads the cancel file at its next step, checkpoints and exits as cancelled.
+
+        Ray's own stop (SIGTERM, then SIGKILL) is for a job not started yet, or a second cancel:
+        a signal on top of a stop under way ends the job at once, as a second Ctrl-C does locally.
+        """
         if job.submission_id is None:
             return
-        with contextlib.suppress(OSError):  # so the job ends as cancelled, not interrupted
-            (job.run_dir / CANCEL_FILE).write_text("cancelled")
+        cancel_file = job.run_dir / CANCEL_FILE
+        again = cancel_file.exists()
         try:
-            self._client().stop_job(job.submission_id)  # SIGTERM; the job checkpoints and stops
+            cancel_file.write_text("cancelled")
+        except OSError:  # storage this machine cannot write: only Ray's stop is left
+            again = True
+        try:
+            if again or self._client().get_job_status(job.submission_id) == "PENDING":
+                self._client().stop_job(job.submission_id)
         except RuntimeError as e:
             log.warning("the Ray cluster could not stop %s: %s", job.submission_id, e)
 

@@ -26,6 +26,7 @@ from lora_studio import cluster, runs
 from lora_studio.cli import main
 from lora_studio.errors import ConfigError
 from lora_studio.jobs import JobStore
+from lora_studio.run_folder import checkpoint_step, last_complete_checkpoint
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.ray]
 
@@ -238,7 +239,7 @@ def test_cancel_stops_a_ray_job_at_a_checkpoint_and_resume_survives_a_sigkill(
     killed = store.get(job_id)
     assert killed.state == "interrupted" and killed.attempts == 2, killed.error
     before = loss_rows(store, job_id)
-    checkpoint = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("checkpoint-*"))
+    checkpoint = checkpoint_step(last_complete_checkpoint(run_dir))  # the kill may cut a save short
     assert cancelled_at < checkpoint <= max(before)
 
     assert store.resume(job_id).resumes_from_checkpoint
@@ -249,7 +250,8 @@ def test_cancel_stops_a_ray_job_at_a_checkpoint_and_resume_survives_a_sigkill(
     assert done.step == done.total_steps == 60
     after = loss_rows(store, job_id)
     assert sorted(after) == list(range(1, 61))
-    assert all(after[s] == before[s] for s in range(1, checkpoint + 1))  # kept, not rerun
+    changed = [(after[s], before[s]) for s in range(1, checkpoint + 1) if after[s] != before[s]]
+    assert not changed, changed[:2]  # kept, not rerun
     log_text = store.read_log(job_id)[0]
     assert all(f"lora-studio-{job_id}-{n}" in log_text for n in (1, 2, 3))  # every attempt's log
 
