@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,6 +98,28 @@ def is_current(db: sqlite3.Connection, job_id: str, attempt: int) -> bool:
         "SELECT 1 FROM jobs WHERE id = ? AND attempt = ? AND state = 'running'", (job_id, attempt)
     ).fetchone()
     return row is not None
+
+
+def settle_attempt(
+    db: sqlite3.Connection,
+    job_id: str,
+    attempt: int,
+    state: str,
+    ended: bool,
+    error: str | None,
+    adapter: str | None,
+) -> bool:
+    """Record the state a cluster reports for a job's attempt (cluster.sync); False if nothing changed."""
+    now = time.time()
+    return bool(
+        db.execute(
+            "UPDATE jobs SET state = ?, error = ?, adapter_dir = ?, "
+            "started_at = CASE WHEN ? = 'running' THEN COALESCE(started_at, ?) ELSE started_at END, "
+            "finished_at = ?, cancel_requested = CASE WHEN ? THEN 0 ELSE cancel_requested END "
+            "WHERE id = ? AND attempt = ? AND state IN ('queued', 'running') AND state != ?",
+            (state, error, adapter, state, now, now if ended else None, ended, job_id, attempt, state),
+        ).rowcount
+    )
 
 
 def queue_positions(db: sqlite3.Connection) -> dict[str, int]:

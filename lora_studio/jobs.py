@@ -55,7 +55,7 @@ from . import cluster, runs, worker
 from .config import Recipe
 from .errors import ConfigError, JobError, TrainingCancelled
 from .home import studio_home
-from .job_store import LOCAL, SELECT_JOBS, Database, is_current, queue_positions
+from .job_store import LOCAL, SELECT_JOBS, Database, is_current, queue_positions, settle_attempt
 from .run_folder import last_complete_checkpoint
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
@@ -408,28 +408,8 @@ class JobStore:
     ) -> bool:
         """Record the state a cluster reports for an attempt; False if nothing changed."""
         ended = state in FINISHED_STATES or state == "interrupted"
-        now = time.time()
         with self._db.transaction() as db:
-            return bool(
-                db.execute(
-                    "UPDATE jobs SET state = ?, error = ?, adapter_dir = ?, started_at = CASE WHEN ? = 'running' "
-                    "THEN COALESCE(started_at, ?) ELSE started_at END, finished_at = ?, cancel_requested = "
-                    "CASE WHEN ? THEN 0 ELSE cancel_requested END "
-                    "WHERE id = ? AND attempt = ? AND state IN ('queued', 'running') AND state != ?",
-                    (
-                        state,
-                        error,
-                        adapter_dir and str(adapter_dir),
-                        state,
-                        now,
-                        now if ended else None,
-                        ended,
-                        job_id,
-                        attempt,
-                        state,
-                    ),
-                ).rowcount
-            )
+            return settle_attempt(db, job_id, attempt, state, ended, error, adapter_dir and str(adapter_dir))
 
     # --- internals ----------------------------------------------------------------------------------
     def _end_attempt(self, job_id: str, attempt: int, why: str) -> bool:
