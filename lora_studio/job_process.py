@@ -29,6 +29,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .cluster import RunFolderJob
 from .config import Recipe
 from .errors import LoraStudioError, TrainingCancelled, TrainingInterrupted
 from .jobs import HEARTBEAT_SECONDS, JobStore
@@ -60,7 +61,8 @@ class StopOnRequest(TrainerCallback):
         self.in_loop = True
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
-        self.reason = self.reason or self.store.stop_reason(self.job_id, self.attempt)
+        # The store's word first: a cancel that also sent a signal (a Ray cluster's stop) is a cancel.
+        self.reason = self.store.stop_reason(self.job_id, self.attempt) or self.reason
         if self.reason == "superseded":  # a newer attempt owns the run folder: write nothing more
             raise TrainingCancelled(f"job {self.job_id} attempt {self.attempt} was superseded")
         if self.reason:
@@ -77,8 +79,11 @@ class StopOnRequest(TrainerCallback):
             )
 
 
-def run_job(store: JobStore, job_id: str, attempt: int) -> None:
-    """Train one attempt of a job and record how it ended (never raises for a training failure)."""
+def run_job(store: JobStore | RunFolderJob, job_id: str, attempt: int) -> None:
+    """Train one attempt of a job and record how it ended (never raises for a training failure).
+
+    `store` is the job store, or on a cluster node the run folder standing in for it (cluster.py).
+    """
     job = store.get(job_id)
     set_remote_code(job.trust_remote_code)  # this job's own permission, never the environment's
     store.attempt_started(job_id, attempt, os.getpid())
@@ -92,9 +97,11 @@ def run_job(store: JobStore, job_id: str, attempt: int) -> None:
         signal.signal(signum, lambda *_: stopper.request("interrupted"))
     threading.Thread(target=_heartbeat, args=(store, job_id, attempt, stopper), daemon=True).start()
     log.info("job %s attempt %d: %s in process %d", job_id, attempt, job.name, os.getpid())
+    recipe = Recipe.from_dict(job.recipe)
+    fit = train if recipe.train.num_workers <= 1 else _distributed_train()
     try:
-        result = train(
-            Recipe.from_dict(job.recipe),
+        result = fit(
+            recipe,
             resume=job.resumes_from_checkpoint,
             callbacks=[stopper],
             fence=lambda: store.fence(job_id, attempt),  # a superseded attempt writes nothing more
@@ -116,6 +123,12 @@ def run_job(store: JobStore, job_id: str, attempt: int) -> None:
     log.info("job %s attempt %d ended: %s", job_id, attempt, store.get(job_id).state)
 
 
+def _distributed_train() -> Any:
+    from .ray_train import train_on_workers  # imports Ray: only for runs on several workers
+
+    return train_on_workers
+
+
 def _heartbeat(store: JobStore, job_id: str, attempt: int, stopper: StopOnRequest) -> None:
     """Say we are alive every few seconds; if the worker is gone, stop as if it had sent SIGTERM."""
     parent, orphaned = os.getppid(), False
@@ -135,12 +148,22 @@ def _heartbeat(store: JobStore, job_id: str, attempt: int, stopper: StopOnReques
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_studio.job_process")
-    parser.add_argument("--store", required=True)
+    parser.add_argument("--store", help="the job store (this machine's worker)")
+    parser.add_argument(
+        "--run-dir", help="instead of a store: the run folder, on a cluster node (cluster.py)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="with --run-dir: continue from its last checkpoint"
+    )
     parser.add_argument("job", nargs="*", metavar="JOB_ID ATTEMPT")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.run_dir:  # on a cluster: the cluster reports how it ended, from the exit code
+        folder = RunFolderJob(args.run_dir, args.resume)
+        run_job(folder, args.job[0], int(args.job[1]))
+        return folder.exit_code()
     if not args.job:  # the spare: libraries are loaded, wait for a job
         line = sys.stdin.readline().split()
         if len(line) != 2:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     host TEXT,
     heartbeat_at REAL,
     trust_remote_code INTEGER NOT NULL DEFAULT 0  -- the operator's word at submit/resume, this job's alone
+);
+CREATE TABLE IF NOT EXISTS placements (       -- jobs that run on a cluster (cluster.py); none: this machine
+    job_id TEXT PRIMARY KEY,
+    cluster TEXT NOT NULL,                     -- "ray"
+    address TEXT NOT NULL,                     -- e.g. http://HEAD:8265
+    submission_id TEXT                         -- the cluster's id of the current attempt
 );
 """
 # Columns added since the first schema, for stores made before them: name -> definition.
@@ -84,6 +91,15 @@ class Database:
             db.execute("COMMIT")
 
 
+# The local worker's jobs: those not placed on a cluster (a cluster queues and runs its own).
+LOCAL = "id NOT IN (SELECT job_id FROM placements)"
+# A job row with where it runs (NULL columns for this machine).
+SELECT_JOBS = (
+    "SELECT jobs.*, placements.cluster, placements.address, placements.submission_id "
+    "FROM jobs LEFT JOIN placements ON placements.job_id = jobs.id"
+)
+
+
 def is_current(db: sqlite3.Connection, job_id: str, attempt: int) -> bool:
     """Whether `attempt` is the job's latest attempt and still running."""
     row = db.execute(
@@ -92,9 +108,33 @@ def is_current(db: sqlite3.Connection, job_id: str, attempt: int) -> bool:
     return row is not None
 
 
+def settle_attempt(
+    db: sqlite3.Connection,
+    job_id: str,
+    attempt: int,
+    state: str,
+    ended: bool,
+    error: str | None,
+    adapter: str | None,
+) -> bool:
+    """Record the state a cluster reports for a job's attempt (cluster.sync); False if nothing changed."""
+    now = time.time()
+    return bool(
+        db.execute(
+            "UPDATE jobs SET state = ?, error = ?, adapter_dir = ?, "
+            "started_at = CASE WHEN ? = 'running' THEN COALESCE(started_at, ?) ELSE started_at END, "
+            "finished_at = ?, cancel_requested = CASE WHEN ? THEN 0 ELSE cancel_requested END "
+            "WHERE id = ? AND attempt = ? AND state IN ('queued', 'running') AND state != ?",
+            (state, error, adapter, state, now, now if ended else None, ended, job_id, attempt, state),
+        ).rowcount
+    )
+
+
 def queue_positions(db: sqlite3.Connection) -> dict[str, int]:
     """Job id -> place in the queue (1 = next to start), for queued jobs."""
-    rows = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY queued_at, seq").fetchall()
+    rows = db.execute(
+        f"SELECT id FROM jobs WHERE state = 'queued' AND {LOCAL} ORDER BY queued_at, seq"
+    ).fetchall()
     return {r[0]: i + 1 for i, r in enumerate(rows)}
 
 

@@ -40,76 +40,42 @@ A damaged jobs.sqlite gives a JobError saying so and how to start afresh, never 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import socket
 import sqlite3
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from . import runs, worker_launch
+from . import cluster, runs, worker_launch
 from .config import Recipe
 from .errors import ConfigError, JobError, TrainingCancelled
 from .home import studio_home
-from .job_store import Database, is_current, queue_positions
+from .job_record import (
+    FINISHED_STATES,
+    HEARTBEAT_SECONDS,
+    JOB_STATES,
+    LOG_FILE,
+    RESUMABLE_STATES,
+    Job,
+    JobState,
+)
+from .job_store import LOCAL, SELECT_JOBS, Database, is_current, queue_positions, settle_attempt
 from .remote_code import check_remote_code
 from .run_folder import last_complete_checkpoint
 
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
-JOB_STATES: tuple[str, ...] = runs.STATES
-FINISHED_STATES = runs.FINISHED_STATES
-RESUMABLE_STATES = ("interrupted", "cancelled", "failed")
-HEARTBEAT_SECONDS = 2.0  # how often a job process says it is alive
-LOG_FILE = "job.log"
-
-
-@dataclass(frozen=True)
-class Job:
-    """One training job as the store last saw it (times are Unix seconds)."""
-
-    id: str
-    name: str
-    state: JobState
-    recipe: dict[str, Any]
-    run_dir: Path
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    # From the run folder (runs.read_run):
-    step: int
-    total_steps: int | None
-    eta_seconds: float | None  # running jobs only, from this attempt's seconds per step
-    metrics: dict[str, Any]  # latest loss, val_loss, learning_rate, tokens_per_second; final ones when done
-    adapter_dir: Path | None  # set when succeeded
-    error: str | None  # why it failed, or how it was interrupted
-    log_path: Path
-    cancel_requested: bool
-    attempts: int  # how many times a worker started it
-    resumes_from_checkpoint: bool  # its next (or current) run continues from the last checkpoint
-    heartbeat_at: float | None
-    pid: int | None  # the process running it (the worker's until the job process starts)
-    queue_position: int | None  # 1 = next to start; None unless queued
-    trust_remote_code: bool = False  # the operator allowed this job's base to run its own code
-    damaged: str | None = None  # why its row in the store cannot be read (it is listed, never run)
-
-    @property
-    def finished(self) -> bool:
-        return self.state in FINISHED_STATES
-
-    @property
-    def progress(self) -> float | None:
-        """Share of steps done, 0..1, when the total is known."""
-        return min(self.step / self.total_steps, 1.0) if self.total_steps else None
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly view (paths as strings)."""
-        row = dataclasses.asdict(self)
-        row.update({k: str(v) for k, v in row.items() if isinstance(v, Path)}, progress=self.progress)
-        return row
+__all__ = [
+    "FINISHED_STATES",
+    "HEARTBEAT_SECONDS",
+    "JOB_STATES",
+    "LOG_FILE",
+    "RESUMABLE_STATES",
+    "Job",
+    "JobState",
+    "JobStore",
+]
 
 
 class JobStore:
@@ -131,19 +97,33 @@ class JobStore:
         overrides: Sequence[str] = (),
         *,
         trust_remote_code: bool = False,
+        placement: cluster.Placement | None = None,
     ) -> str:
         """Validate a recipe (a Recipe, a mapping or a YAML path) and queue it; returns the job id.
 
         Bad recipes (unknown keys, wrong types, a missing or unreadable data file, asking for
         remote code without `trust_remote_code`) raise ConfigError/DataError/ModelError here and
         never enter the queue. `trust_remote_code` is the submitting operator's word: recorded on
-        this job alone, and the only permission its process gets (remote_code.py).
+        this job alone, and the only permission its process gets (remote_code.py). With a
+        `placement` the job runs on that cluster (`cluster.start` hands it over) and its run folder
+        is under the placement's storage.
         """
         job_id = uuid.uuid4().hex[:10]
         recipe = Recipe.load(recipe, overrides)
         check_remote_code(recipe.model, allowed=trust_remote_code)
-        recipe = runs.pin(recipe, run_dir=runs.default_folder(recipe.name, job_id, self.home))
+        if placement and trust_remote_code:
+            raise ConfigError(
+                "--trust-remote-code: not for a job on a cluster (its nodes would run the base's code "
+                "unseen by this machine's operator); run it on this machine"
+            )
+        home = placement.storage if placement and placement.storage else self.home  # <home>/runs/<name>-<id>
+        recipe = runs.pin(recipe, run_dir=runs.default_folder(recipe.name, job_id, home))
         _check_data(recipe)
+        if recipe.train.num_workers > 1 and not placement:
+            raise ConfigError(
+                f"train.num_workers: {recipe.train.num_workers} workers need a Ray cluster; submit with "
+                "--cluster ray, or set train.num_workers: 1 to train on this machine"
+            )
         now = time.time()
         with self._db.transaction() as db:
             clash = db.execute(
@@ -168,14 +148,19 @@ class JobStore:
                     int(trust_remote_code),
                 ),
             )
+            if placement:  # in the same transaction: the local worker never sees it unplaced
+                db.execute(
+                    "INSERT INTO placements (job_id, cluster, address) VALUES (?, ?, ?)",
+                    (job_id, placement.cluster, placement.address),
+                )
         return job_id
 
     def list(self, states: Sequence[str] | None = None, limit: int | None = None) -> list[Job]:
         """Jobs, newest first, optionally only those in `states`."""
         self.recover()
-        query, args = "SELECT * FROM jobs", []
+        query, args = SELECT_JOBS, []
         if states:
-            query += f" WHERE state IN ({', '.join('?' * len(states))})"
+            query += f" WHERE jobs.state IN ({', '.join('?' * len(states))})"
             args.extend(states)
         query += " ORDER BY seq DESC" + (f" LIMIT {int(limit)}" if limit else "")
         with self._db.connect() as db:
@@ -187,7 +172,7 @@ class JobStore:
         """One job by id (a unique prefix of the id works too)."""
         self.recover()
         with self._db.connect() as db:
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (self._full_id(db, job_id),)).fetchone()
+            row = db.execute(SELECT_JOBS + " WHERE jobs.id = ?", (self._full_id(db, job_id),)).fetchone()
             return _to_job(row, queue_positions(db))
 
     def metrics(self, job_id: str) -> list[dict[str, Any]]:
@@ -196,7 +181,10 @@ class JobStore:
 
     def read_log(self, job_id: str, offset: int = 0) -> tuple[str, int]:
         """The job's log from byte `offset` on, and the offset to pass next time."""
-        path = self.get(job_id).log_path
+        job = self.get(job_id)
+        if job.cluster:
+            return cluster.executor_for(job).read_log(job, offset)
+        path = job.log_path
         if not path.is_file():
             return "", offset
         with open(path, "rb") as f:
@@ -212,13 +200,19 @@ class JobStore:
             (state,) = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if state in FINISHED_STATES:
                 raise JobError(f"job {job_id} already ended as {state}; there is nothing to cancel")
-            if state == "running":
+            placed = db.execute("SELECT submission_id FROM placements WHERE job_id = ?", (job_id,)).fetchone()
+            if state == "running" or (
+                state == "queued" and placed and placed[0]
+            ):  # on a cluster: its own queue
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             else:
                 db.execute(
                     "UPDATE jobs SET state = 'cancelled', finished_at = ?, error = ? WHERE id = ?",
                     (time.time(), f"cancelled while {state}", job_id),
                 )
+        job = self.get(job_id)
+        if job.cluster and job.cancel_requested:
+            cluster.executor_for(job).stop(job)  # the cluster stops it; `recover` reads how it ended
         return self.get(job_id)
 
     def resume(self, job_id: str, *, restart: bool = False, trust_remote_code: bool = False) -> Job:
@@ -252,6 +246,7 @@ class JobStore:
                 "cancel_requested = 0, resume = ?, trust_remote_code = ? WHERE id = ? AND state = ?",
                 (time.time(), int(has_checkpoint), int(trust_remote_code), job.id, job.state),
             ).rowcount
+            db.execute("UPDATE placements SET submission_id = NULL WHERE job_id = ?", (job.id,))
         if not changed:
             raise JobError(f"job {job.id} changed state while resuming it; look at it again with `jobs show`")
         return self.get(job.id)
@@ -277,7 +272,7 @@ class JobStore:
                 continue
             if self._end_attempt(job_id, attempt, why):
                 lost.append(job_id)
-        return lost
+        return lost + cluster.sync(self)  # a cluster's jobs: as their cluster says
 
     # --- the worker process (lora_studio.worker) ----------------------------------------------------
     def ensure_worker(self, concurrency: int = 1, idle_exit_seconds: float | None = 600) -> int | None:
@@ -305,7 +300,7 @@ class JobStore:
     def _claim_one(self, worker_pid: int) -> Job | None:
         with self._db.transaction() as db:
             row = db.execute(
-                "SELECT id FROM jobs WHERE state = 'queued' ORDER BY queued_at, seq LIMIT 1"
+                f"SELECT id FROM jobs WHERE state = 'queued' AND {LOCAL} ORDER BY queued_at, seq LIMIT 1"
             ).fetchone()
             if row is None:
                 return None
@@ -376,6 +371,31 @@ class JobStore:
             else f"exited with code {returncode}"
         )
         self._end_attempt(job_id, attempt, f"its process {how} before recording a result")
+
+    # --- cluster side (lora_studio.cluster) --------------------------------------------------------
+    def placed_jobs(self) -> list[Job]:
+        """The jobs a cluster runs now (handed over, not ended), as the store last saw them: for `cluster.sync`."""
+        with self._db.connect() as db:
+            rows = db.execute(
+                SELECT_JOBS
+                + " WHERE placements.submission_id IS NOT NULL AND jobs.state IN ('queued', 'running')"
+            ).fetchall()
+        return [_to_job(row, {}) for row in rows]
+
+    def dispatched(self, job_id: str, submission_id: str) -> int:
+        """A queued job was handed to its cluster as `submission_id`: a new attempt (returned)."""
+        with self._db.transaction() as db:
+            db.execute("UPDATE jobs SET attempt = attempt + 1, error = NULL WHERE id = ?", (job_id,))
+            db.execute("UPDATE placements SET submission_id = ? WHERE job_id = ?", (submission_id, job_id))
+            return db.execute("SELECT attempt FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
+    def settle(self, job_id: str, attempt: int, state: JobState, **result: Any) -> bool:
+        """Record the state a cluster reports for an attempt (`result`: its error=, adapter_dir=);
+        False if nothing changed."""
+        ended = state in FINISHED_STATES or state == "interrupted"
+        error, adapter = result.get("error"), result.get("adapter_dir")
+        with self._db.transaction() as db:
+            return settle_attempt(db, job_id, attempt, state, ended, error, adapter and str(adapter))
 
     # --- internals ----------------------------------------------------------------------------------
     def _end_attempt(self, job_id: str, attempt: int, why: str) -> bool:
@@ -480,4 +500,7 @@ def _read_job(r: dict[str, Any], queue: dict[str, int]) -> Job:
         pid=r["pid"],
         queue_position=queue.get(r["id"]),
         trust_remote_code=bool(r.get("trust_remote_code")),
+        cluster=r.get("cluster"),
+        cluster_address=r.get("address"),
+        submission_id=r.get("submission_id"),
     )

@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from pickle import UnpicklingError
@@ -68,7 +68,12 @@ class RunResult:
 
 
 def train(
-    recipe: Recipe, *, resume: bool = False, callbacks: Sequence[Any] = (), fence: Fence | None = None
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
+    fence: Fence | None = None,
+    prepare_trainer: Callable[[Any], Any] | None = None,
 ) -> RunResult:
     """Fine-tune a LoRA adapter as the recipe says and return where it was written.
 
@@ -76,6 +81,7 @@ def train(
     With `resume`, training continues from the run folder's last whole checkpoint.
     `fence()` is entered around every write to the run folder except the Trainer's checkpoints;
     it raises TrainingCancelled when this run may no longer write (its job attempt was superseded).
+    `prepare_trainer(trainer)` returns the trainer to run (Ray Train's `prepare_trainer`, in ray_train.py).
     """
     recipe = runs.pin(recipe, resume=resume)  # paths absolute, the run folder chosen
     task = TASKS[recipe.task]
@@ -94,6 +100,7 @@ def train(
         set_seed(recipe.train.seed)  # the new weights' random init: the same for the same recipe
         model, ref = task.build_model(recipe, tokenizer, data)
         trainer = build_trainer(task, recipe, model, tokenizer, data, ref, callbacks, checkpoint, fence)
+        trainer = prepare_trainer(trainer) if prepare_trainer else trainer
         _log_start(recipe, model, data)
         output = _run(trainer, checkpoint)
         results = task.results(recipe, trainer, data)

@@ -61,6 +61,11 @@ def build_app(max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, host: str = "127.0.0
             data_tab.refresh_datasets, inputs=train.dataset, outputs=train.dataset, api_visibility="private"
         )
         app.load(shows_errors(train_tab.on_page_load), outputs=train.job, api_visibility="private")
+        app.load(
+            shows_errors(train_tab.restore_where),
+            outputs=[train.where, train.ray_address],
+            api_visibility="private",
+        )
         # Lists come from the job store and the run folders, so a reload or restart shows them all.
         for trigger in (app.load, chat_page.select):
             trigger(

@@ -14,7 +14,7 @@ import pandas as pd
 
 from lora_studio.jobs import Job
 
-JOB_COLUMNS = ["job", "name", "state", "progress", "base model", "data", "last loss", "started"]
+JOB_COLUMNS = ["job", "name", "state", "progress", "base model", "data", "last loss", "started", "runs on"]
 
 
 def progress_html(job: Job | None) -> str:
@@ -83,6 +83,7 @@ def jobs_table(jobs: list[Job]) -> pd.DataFrame:
                 Path(j.recipe["data"]["train_file"]).name,
                 f"{loss:.4f}" if isinstance(loss, (int, float)) else "",
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(j.started_at or j.created_at)),
+                j.cluster or "this machine",
             ]
         )
     return pd.DataFrame(rows, columns=JOB_COLUMNS)

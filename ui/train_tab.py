@@ -7,14 +7,18 @@ from the store, so it survives a page reload and a UI restart.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
+from lora_studio import cluster
 from lora_studio.config import (
     DEFAULT_BASE_MODEL,
     DEFAULT_RECIPE,
@@ -24,6 +28,7 @@ from lora_studio.config import (
     Task,
     TrainSettings,
 )
+from lora_studio.files import atomic_write_text
 from lora_studio.home import studio_home
 from lora_studio.jobs import Job, JobStore
 from lora_studio.remote_code import remote_code_allowed
@@ -51,6 +56,11 @@ DEFAULT = Recipe.from_yaml(DEFAULT_RECIPE)
 class TrainTab:
     dataset: gr.Dropdown
     job: gr.Dropdown  # the watched job
+    where: gr.Radio  # this machine or a Ray cluster
+    ray_address: gr.Textbox
+
+
+WHERE_CHOICES = [("this machine", "local"), ("Ray cluster", "ray")]
 
 
 # --- handlers -----------------------------------------------------------------------------------
@@ -106,18 +116,53 @@ def recipe_from_form(
     )
 
 
-def start_training(*form: Any, public: bool = False) -> tuple[str, str]:
-    """Submit the form as a job and make sure a worker runs it; returns (job id, CLI command).
+def start_training(
+    *form: Any, public: bool = False, where: str = "local", address: str | None = None
+) -> tuple[str, str]:
+    """Submit the form as a job and hand it to what runs it; returns (job id, CLI command).
 
-    `public`: the UI is reachable from other machines, so typed paths are limited (common.py).
+    `public`: the UI is reachable from other machines, so typed paths are limited (common.py), and
+    jobs go only to the Ray cluster the server was started with ($RAY_ADDRESS), never a typed one.
+    `where`: "local" (this machine's worker) or "ray" (the cluster at `address`).
     """
     recipe = recipe_from_form(*form)
     check_data_path(recipe.data.train_file, public)
     check_model_path(recipe.model.base_model, public)
+    placement = None
+    if where == "ray":
+        placement = cluster.ray_placement(
+            default_ray_address() if public else (address or "").strip() or None
+        )
     store = JobStore()
-    job_id = store.submit(recipe, trust_remote_code=remote_code_allowed())  # the UI operator's word
-    store.ensure_worker()
+    job_id = store.submit(
+        recipe, trust_remote_code=remote_code_allowed(), placement=placement
+    )  # the UI operator's word
+    cluster.start(store, job_id)
     return job_id, reproduce_command(store.get(job_id))
+
+
+def default_ray_address() -> str:
+    return os.environ.get("RAY_ADDRESS") or cluster.DEFAULT_RAY_ADDRESS
+
+
+def _where_file() -> Path:
+    return studio_home() / "ui" / "run-on.json"
+
+
+def remember_where(where: str, address: str) -> None:
+    """Keep this user's choice of where jobs run (in their studio home) for the next page load."""
+    _where_file().parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(_where_file(), json.dumps({"where": where, "address": address}))
+
+
+def restore_where() -> tuple[str, str]:
+    """The remembered choice of where jobs run, for the form (this machine when none)."""
+    try:
+        saved = json.loads(_where_file().read_text())
+    except (OSError, ValueError):
+        saved = {}
+    where = saved.get("where") if saved.get("where") in cluster.CLUSTERS else "local"
+    return where, saved.get("address") or default_ray_address()
 
 
 def refresh_jobs(current: str | None) -> gr.Dropdown:
@@ -138,7 +183,7 @@ def resume_job(job_id: str | None) -> str:
         raise gr.Error("Pick a job to resume first.")
     store = JobStore()
     job = store.resume(job_id, trust_remote_code=remote_code_allowed())
-    store.ensure_worker()
+    cluster.start(store, job.id)
     return f"Job {job.id} is queued again; it continues from its last checkpoint."
 
 
@@ -182,6 +227,8 @@ def reproduce_command(job: Job) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(Recipe.from_dict(raw).to_yaml())
     flag = " --trust-remote-code" if job.trust_remote_code else ""  # this job's own permission
+    if job.cluster:
+        return f"# the same job from a terminal:\nlora-studio jobs submit {path} --cluster {job.cluster} --address {job.cluster_address}"
     return (
         f"# the same training in a terminal:\nlora-studio train {path}{flag}\n"
         f"# or queued for the worker, as this page does:\nlora-studio jobs submit {path}{flag}"
@@ -295,6 +342,21 @@ def build(public: bool = False) -> TrainTab:
                         minimum=1,
                         info=hint("logging_steps"),
                     )
+            with gr.Row():
+                where = gr.Radio(
+                    label="Run on",
+                    choices=WHERE_CHOICES,
+                    value="local",
+                    info="This machine's job worker, or a Ray cluster (pip install 'lora-studio[ray]').",
+                    elem_id="train-where",
+                )
+                ray_address = gr.Textbox(
+                    label="Ray cluster address",
+                    value=default_ray_address(),
+                    interactive=not public,  # a public page sends jobs only to the server's own cluster
+                    info="Its dashboard, e.g. http://HEAD:8265.",
+                    elem_id="train-ray-address",
+                )
             start = gr.Button("Start training", variant="primary", elem_id="train-start")
             command = gr.Code(
                 label="The same run from the command line",
@@ -352,11 +414,17 @@ def build(public: bool = False) -> TrainTab:
 
     @shows_errors
     def on_start(*values: Any) -> tuple[str, str]:
-        return start_training(*values, public=public)
+        # The form, then where it runs (an API caller may leave the trailing fields out).
+        where_value, address = (*values[len(form) :], "local", None)[:2]
+        return start_training(
+            *values[: len(form)], public=public, where=where_value or "local", address=address
+        )
 
-    start.click(on_start, inputs=form, outputs=[job, command], api_name="start_training").success(
-        refresh_jobs, inputs=job, outputs=job, api_visibility="private"
-    )
+    for changed in (where.input, ray_address.blur):  # the user's own changes, not restore_where's
+        changed(remember_where, inputs=[where, ray_address], api_visibility="private")
+    start.click(
+        on_start, inputs=[*form, where, ray_address], outputs=[job, command], api_name="start_training"
+    ).success(refresh_jobs, inputs=job, outputs=job, api_visibility="private")
     cancel.click(shows_errors(cancel_job), inputs=job, outputs=notice, api_name="cancel_job")
     resume.click(shows_errors(resume_job), inputs=job, outputs=notice, api_name="resume_job")
     watch = shows_errors(watch_job)
@@ -365,4 +433,4 @@ def build(public: bool = False) -> TrainTab:
     gr.Timer(POLL_SECONDS).tick(
         watch, inputs=job, outputs=[progress, plot, table], api_visibility="private", show_progress="hidden"
     )
-    return TrainTab(dataset=dataset, job=job)
+    return TrainTab(dataset=dataset, job=job, where=where, ray_address=ray_address)

@@ -5,16 +5,19 @@ lora-studio jobs list
 lora-studio jobs show ID          lora-studio jobs logs ID --follow
 lora-studio jobs cancel ID        lora-studio jobs resume ID
 lora-studio worker                # the long-running worker (`submit` starts one if none is running)
+lora-studio jobs submit RECIPE --cluster ray --address http://HEAD:8265 --storage /shared/runs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
+from .. import cluster
 from ..config import add_set_argument
 from ..evaluation.overfit import warning_lines
 from ..jobs import JOB_STATES, Job, JobStore
@@ -33,6 +36,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="a YAML recipe, e.g. recipes/smollm2-lora-cpu.yaml")
     add_set_argument(p)
     p.add_argument("--no-worker", action="store_true", help="only queue it; do not start a worker")
+    p.add_argument(
+        "--cluster",
+        choices=cluster.CLUSTERS,
+        default="local",
+        help="where it runs: this machine's worker (local, the default) or a Ray cluster (ray)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help=f"the Ray cluster's dashboard address (default: $RAY_ADDRESS, else {cluster.DEFAULT_RAY_ADDRESS})",
+    )
+    p.add_argument(
+        "--storage",
+        default=None,
+        metavar="PATH",
+        help="with --cluster ray: a folder every node sees; the run folder goes under it (default: the studio home)",
+    )
     add_remote_code_flag(p)
     p.set_defaults(run=run_submit)
 
@@ -101,15 +121,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_submit(args: argparse.Namespace) -> int:
     store = JobStore()
-    job_id = store.submit(args.recipe, args.overrides, trust_remote_code=remote_code_allowed())
-    job = store.get(job_id)
-    started = None if args.no_worker else store.ensure_worker()
-    worker = (
-        "not started (--no-worker)"
-        if args.no_worker
-        else (f"started (pid {started})" if started else f"running (pid {store.worker_pid()})")
+    placement = None
+    if args.cluster == "ray":
+        placement = cluster.ray_placement(args.address or os.environ.get("RAY_ADDRESS"), args.storage)
+    elif args.address or args.storage:
+        raise cluster.ConfigError("--address and --storage go with --cluster ray")
+    job_id = store.submit(
+        args.recipe, args.overrides, trust_remote_code=remote_code_allowed(), placement=placement
     )
-    print(f"queued {job.name} as job {job_id} (position {job.queue_position}); worker {worker}")
+    job = store.get(job_id)
+    where = "not started (--no-worker)" if args.no_worker else cluster.start(store, job_id)
+    place = f"position {job.queue_position}" if job.queue_position else job.where
+    print(f"queued {job.name} as job {job_id} ({place}); {where}")
     print(f"run folder: {job.run_dir}")
     print(f"follow it:  lora-studio jobs logs {job_id} --follow")
     print(job_id)
@@ -152,6 +175,7 @@ def run_show(args: argparse.Namespace) -> int:
         "started": when(job.started_at),
         "finished": when(job.finished_at),
         "attempts": str(job.attempts),
+        "runs on": job.where + (f" ({job.submission_id})" if job.submission_id else ""),
         "run folder": str(job.run_dir),
         "log": str(job.log_path),
         "adapter": job.adapter_dir and str(job.adapter_dir),
@@ -209,9 +233,9 @@ def run_resume(args: argparse.Namespace) -> int:
         if job.resumes_from_checkpoint
         else "from step 0 (no checkpoint to continue from)"
     )
-    if not args.no_worker:
-        store.ensure_worker()
-    print(f"job {job.id} queued again (position {job.queue_position}), {how}")
+    where = "" if args.no_worker else f"; {cluster.start(store, job.id)}"
+    place = f"position {job.queue_position}" if job.queue_position else job.where
+    print(f"job {job.id} queued again ({place}), {how}{where}")
     return 0
 
 
