@@ -76,6 +76,8 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("ray")
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must be < 108 bytes
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORA_STUDIO_HOME": str(folder / "node-home")}
+    # A node runs jobs with the `python` on its PATH (the README's setup): here, this test's venv.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     for attempt in range(3):  # a port taken between choosing it and Ray binding it: choose again
         cmd, address = _head_command(temp)
         log_path = folder / f"head-{attempt}.log"
