@@ -321,6 +321,7 @@ class _Spec:
     recipe: dict[str, Any]
     resumes_from_checkpoint: bool
     state: str  # "running" until this attempt ended
+    trust_remote_code: bool = False  # never on a cluster: refused at submit (jobs.submit)
 
 
 class RunFolderJob:

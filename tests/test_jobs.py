@@ -26,6 +26,7 @@ from lora_studio import runs
 from lora_studio.cli import main
 from lora_studio.errors import ConfigError, DataError, JobError
 from lora_studio.jobs import JobStore
+from lora_studio.run_folder import checkpoint_step, last_complete_checkpoint
 
 pytestmark = pytest.mark.subprocess  # real worker and job processes
 
@@ -391,7 +392,8 @@ def test_a_killed_job_is_seen_at_once_and_resume_continues_its_run(service, tiny
     assert job.total_steps == 18 and "killed" in store.get(job_id).error
 
     before = loss_rows(store, job_id)
-    checkpoint = max(int(p.name.split("-")[1]) for p in (job.run_dir / "checkpoints").glob("checkpoint-*"))
+    # the checkpoint resume takes: the last whole one (a kill during a save leaves a broken one after it)
+    checkpoint = checkpoint_step(last_complete_checkpoint(job.run_dir))
     # the steps after the last checkpoint (if the kill came after one) are lost and will be redone;
     # a kill that lands right at a checkpoint's step loses none
     assert checkpoint <= max(before)

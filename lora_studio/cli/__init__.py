@@ -22,6 +22,7 @@ GROUPS = ["train", "runs", "eval", "jobs", "ui", "use", "classify", "bench"]
 KNOWN_NOISE = [
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),  # an optional CPU kernel
     ("transformers.trainer_utils", "mtime may not be reliable"),  # how the Trainer orders checkpoints
+    ("kernels._internals.hf_hub", "Skipping publisher trust check"),  # offline: that optional kernel again
 ]
 
 
