@@ -9,7 +9,9 @@ after its client went away (cancelled? how many tokens?). It wraps the real `sta
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from lora_studio.inference import Generation, InferenceEngine
@@ -45,3 +47,20 @@ class Started:
             assert time.time() < deadline, f"{len(self.replies)} of {count} requests reached the engine"
             time.sleep(0.02)
         return self.replies
+
+
+def health_while(url: str, request: Callable[[], Any]) -> tuple[float, Any]:
+    """Run `request()` in a thread while asking /health every 20 ms: (the slowest /health, its answer)."""
+    import httpx
+
+    answer: list[Any] = []
+    sender = threading.Thread(target=lambda: answer.append(request()))
+    sender.start()
+    slowest = 0.0
+    while sender.is_alive():
+        start = time.perf_counter()
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        slowest = max(slowest, time.perf_counter() - start)
+        time.sleep(0.02)
+    sender.join()
+    return slowest, answer[0]

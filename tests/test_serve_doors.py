@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from classify_helpers import build_classifier_adapter
-from serve_helpers import running_server
+from serve_helpers import health_while, running_server
 
 from lora_studio.inference import InferenceEngine
 from lora_studio.serve.app import build_app
@@ -126,21 +126,10 @@ def test_an_unexpected_error_is_a_500_in_openai_shape(server, classifier, monkey
 def test_health_stays_fast_while_a_big_classify_body_is_refused(tiny_model_dir, classifier):
     with running_server(build_app(None, max_body_mb=16, classifiers={"toy": classifier})) as url:
         texts = ["word " * 200] * 10_000  # 10 MB of texts: parsed in a worker thread, then refused
-        answer: list[httpx.Response] = []
         body = {"model": "toy", "input": texts}
-        sender = threading.Thread(
-            target=lambda: answer.append(httpx.post(f"{url}/v1/classify", json=body, timeout=120))
-        )
-        sender.start()
-        slowest = 0.0
-        while sender.is_alive():
-            start = time.perf_counter()
-            assert httpx.get(f"{url}/health", timeout=10).status_code == 200
-            slowest = max(slowest, time.perf_counter() - start)
-            time.sleep(0.02)
-        sender.join()
+        slowest, reply = health_while(url, lambda: httpx.post(f"{url}/v1/classify", json=body, timeout=120))
     assert slowest < 1.0, f"/health took {slowest:.2f} s"
-    assert answer[0].status_code == 400 and "input" in answer[0].json()["error"]["message"]
+    assert reply.status_code == 400 and "input" in reply.json()["error"]["message"]
 
 
 # --- a seeded fuzz of /v1/classify --------------------------------------------------------------------

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-from serve_helpers import Started, running_server
+from serve_helpers import Started, health_while, running_server
 
 from lora_studio.inference import InferenceEngine
 from lora_studio.serve.app import build_app
@@ -84,21 +84,12 @@ def test_health_answers_within_a_second_while_a_10_mb_prompt_is_refused(engine, 
     """With the default 4 MB limit the prompt gets 413; with 16 MB it is parsed in a worker thread
     and refused as longer than the context could hold, without tokenising 10 MB (seconds of CPU)."""
     with running_server(build_app(engine, max_body_mb=max_body_mb)) as url:
-        answer: list[httpx.Response] = []
-        sender = threading.Thread(target=lambda: answer.append(post(url, big_prompt(10))))
-        sender.start()
-        slowest = 0.0
-        while sender.is_alive():
-            start = time.perf_counter()
-            assert httpx.get(f"{url}/health", timeout=10).status_code == 200
-            slowest = max(slowest, time.perf_counter() - start)
-            time.sleep(0.02)
-        sender.join()
+        slowest, reply = health_while(url, lambda: post(url, big_prompt(10)))
     assert slowest < 1.0, f"/health took {slowest:.2f} s while the big prompt was handled"
     if max_body_mb == 4:
-        assert_openai_error(answer[0], 413)
+        assert_openai_error(reply, 413)
     else:
-        assert_openai_error(answer[0], 400, "more than can fit in the model's context")
+        assert_openai_error(reply, 400, "more than can fit in the model's context")
 
 
 # --- queue and cancellation --------------------------------------------------------------------
