@@ -38,11 +38,3 @@ def require_text(metadata: dict[str, Any], folder: str | Path) -> None:
         f"{folder} is a {name!r} adapter (task: {name}): it does not write text, so it cannot chat, "
         f"be evaluated on answers or exported to GGUF; use {USE_INSTEAD.get(name, 'its own command')}"
     )
-
-
-def require_task(metadata: dict[str, Any], folder: str | Path, wanted: str, hint: str) -> dict[str, Any]:
-    """The metadata of an adapter of task `wanted`, or a one-line ModelError saying what it is instead."""
-    name = task_name(metadata)
-    if name != wanted:
-        raise ModelError(f"{folder} is a {name!r} adapter, not a {wanted!r} one: {hint}")
-    return metadata
