@@ -132,7 +132,7 @@ class LocalExecutor:
         return f"worker started (pid {started})" if started else f"worker running (pid {store.worker_pid()})"
 
     def state(self, job: Job) -> tuple[JobState, str | None] | None:
-        return None  # the job process writes its state into the store itself
+        return None  # the job process writes its state into its run folder itself
 
     def read_log(self, job: Job, offset: int) -> tuple[str, int]:
         if not job.log_path.is_file():
@@ -302,14 +302,10 @@ def sync(store: JobStore) -> list[str]:
         except LoraStudioError as e:
             log.warning("job %s: %s", job.id, e)
             continue
-        if seen is None or seen[0] == job.state:
+        if seen is None:
             continue
-        state, error = seen
-        adapter = job.run_dir / runs.ADAPTER if state == "succeeded" else None
-        if (
-            store.settle(job.id, job.attempts, state, error=error, adapter_dir=adapter)
-            and state == "interrupted"
-        ):
+        state, error = seen  # an end is recorded in its run folder; running is the job process's to say
+        if store.settle(job.id, job.attempts, state, error=error) and state == "interrupted":
             lost.append(job.id)
     return lost
 
@@ -353,8 +349,9 @@ class RunFolderJob:
     def fence(self, job_id: str, attempt: int) -> Iterator[None]:
         yield  # one attempt at a time: `resume` needs the cluster to have ended the last one
 
-    def finish(self, job_id: str, attempt: int, state: str, **_: Any) -> bool:
+    def finish(self, job_id: str, attempt: int, state: str, *, error: str | None = None) -> bool:
         self.outcome = state
+        runs.write_status(self.run_dir, state, error=error)  # the run folder is the job's record
         return True
 
     def exit_code(self) -> int:

@@ -1,7 +1,7 @@
 """One job's process: `training.train` with a callback that stops it on request.
 
-Progress and metrics go to the run folder (training writes them through `runs`); the job store
-hears only how the attempt ended.
+State, progress and metrics go to the run folder: training writes them through `runs`, and
+`finish` records how the attempt ended there too (under the store's lock, for the current attempt).
 
 The worker runs `python -m lora_studio.job_process --store PATH JOB_ID ATTEMPT`; without a job
 the process loads the training libraries first and then waits for "JOB_ID ATTEMPT" on stdin
@@ -100,7 +100,7 @@ def run_job(store: JobStore | RunFolderJob, job_id: str, attempt: int) -> None:
     recipe = Recipe.from_dict(job.recipe)
     fit = train if recipe.train.num_workers <= 1 else _distributed_train()
     try:
-        result = fit(
+        fit(
             recipe,
             resume=job.resumes_from_checkpoint,
             callbacks=[stopper],
@@ -119,7 +119,7 @@ def run_job(store: JobStore | RunFolderJob, job_id: str, attempt: int) -> None:
         log.exception("job %s failed", job_id)
         store.finish(job_id, attempt, "failed", error=f"{type(e).__name__}: {e}")
     else:
-        store.finish(job_id, attempt, "succeeded", adapter_dir=result.adapter_dir)
+        store.finish(job_id, attempt, "succeeded")
     log.info("job %s attempt %d ended: %s", job_id, attempt, store.get(job_id).state)
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import runs
 from .errors import JobError
 
 SCHEMA = """
@@ -19,15 +19,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,     -- submission order
     id TEXT UNIQUE NOT NULL,
     name TEXT NOT NULL,
-    state TEXT NOT NULL,
+    queue TEXT NOT NULL,                       -- queued | taken (an attempt holds it) | done; the job's
+                                               -- state is its run folder's status.json (runs.py)
     recipe TEXT NOT NULL,                      -- the resolved recipe as JSON, paths absolute
     run_dir TEXT NOT NULL,
     created_at REAL NOT NULL,
     queued_at REAL NOT NULL,                   -- first in, first out by this (resume re-queues)
-    started_at REAL,
-    finished_at REAL,
-    adapter_dir TEXT,
-    error TEXT,
+    started_at REAL,                           -- first taken
     resume INTEGER NOT NULL DEFAULT 0,         -- the next run continues from the last checkpoint
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     attempt INTEGER NOT NULL DEFAULT 0,        -- bumped by every claim
@@ -43,10 +41,11 @@ CREATE TABLE IF NOT EXISTS placements (       -- jobs that run on a cluster (clu
     submission_id TEXT                         -- the cluster's id of the current attempt
 );
 """
+QUEUE = ("queued", "taken", "done")
 # Columns added since the first schema, for stores made before them: name -> definition.
 ADDED_COLUMNS = {"trust_remote_code": "INTEGER NOT NULL DEFAULT 0"}
-# Queue facts only: a job's progress and metrics are in its run folder (runs.py). A store made
-# before that keeps its old progress columns and metrics table, unused.
+# Queue facts only: a job's state, error, progress and metrics are in its run folder (runs.py). A
+# store made before that keeps its old columns (adapter_dir, error, progress) and metrics table, unused.
 
 
 class Database:
@@ -62,6 +61,26 @@ class Database:
                 if name not in have:
                     with contextlib.suppress(sqlite3.OperationalError):  # another process added it first
                         db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
+        if "state" in have:
+            self._move_states_to_run_folders()
+
+    def _move_states_to_run_folders(self) -> None:
+        """A store from before run folders owned the state: write each ended job's state into its
+        status.json, then keep only the queue fact (once; another process may have done it first)."""
+        with self.transaction() as db:
+            if "state" not in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}:
+                return
+            for run_dir, state, error in db.execute(
+                "SELECT run_dir, state, error FROM jobs WHERE state NOT IN ('queued', 'running')"
+            ).fetchall():
+                if runs.read_status(Path(run_dir)).get("state") != state and state in runs.STATES:
+                    with contextlib.suppress(OSError):  # a folder gone or unwritable: it reads as failed
+                        runs.write_status(Path(run_dir), state, error=error)
+            db.execute("ALTER TABLE jobs RENAME COLUMN state TO queue")
+            db.execute(
+                "UPDATE jobs SET queue = CASE queue WHEN 'queued' THEN 'queued' "
+                "WHEN 'running' THEN 'taken' ELSE 'done' END"
+            )
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
@@ -101,39 +120,17 @@ SELECT_JOBS = (
 
 
 def is_current(db: sqlite3.Connection, job_id: str, attempt: int) -> bool:
-    """Whether `attempt` is the job's latest attempt and still running."""
+    """Whether `attempt` is the job's latest attempt and still holds it."""
     row = db.execute(
-        "SELECT 1 FROM jobs WHERE id = ? AND attempt = ? AND state = 'running'", (job_id, attempt)
+        "SELECT 1 FROM jobs WHERE id = ? AND attempt = ? AND queue = 'taken'", (job_id, attempt)
     ).fetchone()
     return row is not None
-
-
-def settle_attempt(
-    db: sqlite3.Connection,
-    job_id: str,
-    attempt: int,
-    state: str,
-    ended: bool,
-    error: str | None,
-    adapter: str | None,
-) -> bool:
-    """Record the state a cluster reports for a job's attempt (cluster.sync); False if nothing changed."""
-    now = time.time()
-    return bool(
-        db.execute(
-            "UPDATE jobs SET state = ?, error = ?, adapter_dir = ?, "
-            "started_at = CASE WHEN ? = 'running' THEN COALESCE(started_at, ?) ELSE started_at END, "
-            "finished_at = ?, cancel_requested = CASE WHEN ? THEN 0 ELSE cancel_requested END "
-            "WHERE id = ? AND attempt = ? AND state IN ('queued', 'running') AND state != ?",
-            (state, error, adapter, state, now, now if ended else None, ended, job_id, attempt, state),
-        ).rowcount
-    )
 
 
 def queue_positions(db: sqlite3.Connection) -> dict[str, int]:
     """Job id -> place in the queue (1 = next to start), for queued jobs."""
     rows = db.execute(
-        f"SELECT id FROM jobs WHERE state = 'queued' AND {LOCAL} ORDER BY queued_at, seq"
+        f"SELECT id FROM jobs WHERE queue = 'queued' AND {LOCAL} ORDER BY queued_at, seq"
     ).fetchall()
     return {r[0]: i + 1 for i, r in enumerate(rows)}
 

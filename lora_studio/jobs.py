@@ -14,9 +14,12 @@ Public API (stable; the CLI and the web UI use only this): `JobStore(path=None)`
 `worker_pid`; the `Job` dataclass; `JOB_STATES`. The methods under "worker side" are for
 `lora_studio.worker` and `lora_studio.job_process` only.
 
-The store keeps queue facts only: state, attempt, pid, heartbeat and the run folder. A job's
-progress and metrics are its run folder's, read through `runs` (training writes them there), so
-a job, a CLI run and the UI show one record of a run.
+The store keeps queue facts only: whether the job waits, is taken by an attempt or is done, the
+attempt, pid, heartbeat, where it runs and the run folder. A job's state, error, progress and
+metrics are its run folder's status.json and metrics.jsonl, read through `runs`: one record of a
+run for a job, a CLI run and the UI. Whoever changes the state writes status.json, inside the
+store's write lock and only for the current attempt: the store for submit, claim, cancel, resume
+and an attempt that died; the job process (through `training` and `finish`) for how it ended.
 
 States (`runs.STATES`, shared with run folders): queued -> running -> succeeded | failed |
 cancelled | interrupted. A running job whose
@@ -61,8 +64,9 @@ from .job_record import (
     RESUMABLE_STATES,
     Job,
     JobState,
+    job_from_row,
 )
-from .job_store import LOCAL, SELECT_JOBS, Database, is_current, queue_positions, settle_attempt
+from .job_store import LOCAL, SELECT_JOBS, Database, is_current, queue_positions
 from .remote_code import check_remote_code
 from .run_folder import last_complete_checkpoint
 
@@ -126,17 +130,16 @@ class JobStore:
             )
         now = time.time()
         with self._db.transaction() as db:
-            clash = db.execute(
-                "SELECT id FROM jobs WHERE run_dir = ? AND state IN ('queued', 'running', 'interrupted')",
-                (str(recipe.output_dir),),
-            ).fetchone()
+            rows = db.execute("SELECT id, queue FROM jobs WHERE run_dir = ?", (str(recipe.output_dir),))
+            resumable = runs.read_run(recipe.output_dir).state == "interrupted"
+            clash = next((job for job, queue in rows.fetchall() if queue != "done" or resumable), None)
             if clash:
                 raise ConfigError(
-                    f"job {clash[0]} already uses the run folder {recipe.output_dir}; "
+                    f"job {clash} already uses the run folder {recipe.output_dir}; "
                     "set a different output_dir, or leave it empty for a fresh folder per job"
                 )
             db.execute(
-                "INSERT INTO jobs (id, name, state, recipe, run_dir, created_at, queued_at, trust_remote_code) "
+                "INSERT INTO jobs (id, name, queue, recipe, run_dir, created_at, queued_at, trust_remote_code) "
                 "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
                 (
                     job_id,
@@ -153,27 +156,34 @@ class JobStore:
                     "INSERT INTO placements (job_id, cluster, address) VALUES (?, ?, ?)",
                     (job_id, placement.cluster, placement.address),
                 )
+            runs.write_status(recipe.output_dir, "queued", id=job_id, name=recipe.name, created_at=now)
         return job_id
 
     def list(self, states: Sequence[str] | None = None, limit: int | None = None) -> list[Job]:
         """Jobs, newest first, optionally only those in `states`."""
         self.recover()
-        query, args = SELECT_JOBS, []
-        if states:
-            query += f" WHERE jobs.state IN ({', '.join('?' * len(states))})"
-            args.extend(states)
-        query += " ORDER BY seq DESC" + (f" LIMIT {int(limit)}" if limit else "")
+        query = SELECT_JOBS + " ORDER BY seq DESC" + (f" LIMIT {int(limit)}" if limit and not states else "")
         with self._db.connect() as db:
-            rows = db.execute(query, args).fetchall()
+            rows = db.execute(query).fetchall()
             queue = queue_positions(db)
-        return [_to_job(row, queue) for row in rows]
+        jobs = [job_from_row(row, queue) for row in rows]  # the state is each run folder's: filter here
+        jobs = [job for job in jobs if job.state in states] if states else jobs
+        return jobs[:limit] if limit else jobs
+
+    def has_queued(self) -> bool:
+        """Whether a job waits for this machine's worker."""
+        with self._db.connect() as db:
+            return (
+                db.execute(f"SELECT 1 FROM jobs WHERE queue = 'queued' AND {LOCAL} LIMIT 1").fetchone()
+                is not None
+            )
 
     def get(self, job_id: str) -> Job:
         """One job by id (a unique prefix of the id works too)."""
         self.recover()
         with self._db.connect() as db:
             row = db.execute(SELECT_JOBS + " WHERE jobs.id = ?", (self._full_id(db, job_id),)).fetchone()
-            return _to_job(row, queue_positions(db))
+            return job_from_row(row, queue_positions(db))
 
     def metrics(self, job_id: str) -> list[dict[str, Any]]:
         """Every logged metrics row of a job, in step order (what a loss plot needs): its run folder's."""
@@ -197,19 +207,15 @@ class JobStore:
         """Cancel a job: a queued or interrupted one at once; a running one at its next step (after a checkpoint)."""
         with self._db.transaction() as db:
             job_id = self._full_id(db, job_id)
-            (state,) = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if state in FINISHED_STATES:
-                raise JobError(f"job {job_id} already ended as {state}; there is nothing to cancel")
-            placed = db.execute("SELECT submission_id FROM placements WHERE job_id = ?", (job_id,)).fetchone()
-            if state == "running" or (
-                state == "queued" and placed and placed[0]
-            ):  # on a cluster: its own queue
+            row = db.execute(SELECT_JOBS + " WHERE jobs.id = ?", (job_id,)).fetchone()
+            job = job_from_row(row, {})
+            if job.finished:
+                raise JobError(f"job {job_id} already ended as {job.state}; there is nothing to cancel")
+            if row["queue"] == "taken":  # running, or handed to a cluster: it stops itself
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             else:
-                db.execute(
-                    "UPDATE jobs SET state = 'cancelled', finished_at = ?, error = ? WHERE id = ?",
-                    (time.time(), f"cancelled while {state}", job_id),
-                )
+                db.execute("UPDATE jobs SET queue = 'done', cancel_requested = 0 WHERE id = ?", (job_id,))
+                runs.write_status(job.run_dir, "cancelled", error=f"cancelled while {job.state}")
         job = self.get(job_id)
         if job.cluster and job.cancel_requested:
             cluster.executor_for(job).stop(job)  # the cluster stops it; `recover` reads how it ended
@@ -241,12 +247,16 @@ class JobStore:
                 "starts it over from step 0"
             )
         with self._db.transaction() as db:
-            changed = db.execute(
-                "UPDATE jobs SET state = 'queued', queued_at = ?, finished_at = NULL, error = NULL, "
-                "cancel_requested = 0, resume = ?, trust_remote_code = ? WHERE id = ? AND state = ?",
-                (time.time(), int(has_checkpoint), int(trust_remote_code), job.id, job.state),
-            ).rowcount
-            db.execute("UPDATE placements SET submission_id = NULL WHERE job_id = ?", (job.id,))
+            row = db.execute(SELECT_JOBS + " WHERE jobs.id = ?", (job.id,)).fetchone()
+            changed = row["queue"] == "done" and job_from_row(row, {}).state == job.state
+            if changed:
+                db.execute(
+                    "UPDATE jobs SET queue = 'queued', queued_at = ?, cancel_requested = 0, resume = ?, "
+                    "trust_remote_code = ? WHERE id = ?",
+                    (time.time(), int(has_checkpoint), int(trust_remote_code), job.id),
+                )
+                db.execute("UPDATE placements SET submission_id = NULL WHERE job_id = ?", (job.id,))
+                runs.write_status(job.run_dir, "queued", error=None)
         if not changed:
             raise JobError(f"job {job.id} changed state while resuming it; look at it again with `jobs show`")
         return self.get(job.id)
@@ -258,7 +268,7 @@ class JobStore:
         """
         with self._db.connect() as db:
             rows = db.execute(
-                "SELECT id, attempt, pid, host, heartbeat_at FROM jobs WHERE state = 'running'"
+                "SELECT id, attempt, pid, host, heartbeat_at FROM jobs WHERE queue = 'taken'"
             ).fetchall()
         now, here, lost = time.time(), socket.gethostname(), []
         for job_id, attempt, pid, host, beat in rows:
@@ -294,22 +304,26 @@ class JobStore:
         A job whose row is damaged is marked failed with the reason, and the next one is claimed.
         """
         while (job := self._claim_one(worker_pid)) is not None and job.damaged:
-            self.finish(job.id, job.attempts, "failed", error=job.damaged)
+            with self._db.transaction() as db:  # it reads as failed, with why (_damaged_job)
+                db.execute("UPDATE jobs SET queue = 'done' WHERE id = ?", (job.id,))
         return job
 
     def _claim_one(self, worker_pid: int) -> Job | None:
         with self._db.transaction() as db:
             row = db.execute(
-                f"SELECT id FROM jobs WHERE state = 'queued' AND {LOCAL} ORDER BY queued_at, seq LIMIT 1"
+                f"SELECT id FROM jobs WHERE queue = 'queued' AND {LOCAL} ORDER BY queued_at, seq LIMIT 1"
             ).fetchone()
             if row is None:
                 return None
-            now = time.time()
+            now, host = time.time(), socket.gethostname()
             db.execute(
-                "UPDATE jobs SET state = 'running', attempt = attempt + 1, started_at = "
-                "COALESCE(started_at, ?), pid = ?, host = ?, heartbeat_at = ?, error = NULL WHERE id = ?",
-                (now, worker_pid, socket.gethostname(), now, row[0]),
+                "UPDATE jobs SET queue = 'taken', attempt = attempt + 1, started_at = "
+                "COALESCE(started_at, ?), pid = ?, host = ?, heartbeat_at = ? WHERE id = ?",
+                (now, worker_pid, host, now, row[0]),
             )
+            job = job_from_row(db.execute(SELECT_JOBS + " WHERE jobs.id = ?", (row[0],)).fetchone(), {})
+            if not job.damaged:  # the job process's own pid replaces the worker's when training starts
+                runs.write_status(job.run_dir, "running", error=None, pid=worker_pid, host=host)
         return self.get(row[0])
 
     def attempt_started(self, job_id: str, attempt: int, pid: int) -> None:
@@ -338,30 +352,30 @@ class JobStore:
         """Why a running attempt should stop now: 'cancelled', 'superseded' or None (keep going)."""
         with self._db.connect() as db:
             row = db.execute(
-                "SELECT attempt, state, cancel_requested FROM jobs WHERE id = ?", (job_id,)
+                "SELECT attempt, queue, cancel_requested FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
-        if row is None or row[0] != attempt or row[1] != "running":
+        if row is None or row[0] != attempt or row[1] != "taken":
             return "superseded"
         return "cancelled" if row[2] else None
 
-    def finish(
-        self,
-        job_id: str,
-        attempt: int,
-        state: JobState,
-        *,
-        error: str | None = None,
-        adapter_dir: Path | None = None,
-    ) -> bool:
-        """Record how an attempt ended; False if a newer attempt owns the job now."""
+    def finish(self, job_id: str, attempt: int, state: JobState, *, error: str | None = None) -> bool:
+        """Record in the run folder how an attempt ended; False if a newer attempt owns the job now.
+
+        An attempt marked interrupted while it was still alive (silent on another host) may still say
+        how it really ended.
+        """
         with self._db.transaction() as db:
-            return bool(
-                db.execute(
-                    "UPDATE jobs SET state = ?, error = ?, adapter_dir = ?, finished_at = ?, cancel_requested = 0 "
-                    "WHERE id = ? AND attempt = ? AND state IN ('running', 'interrupted')",
-                    (state, error, adapter_dir and str(adapter_dir), time.time(), job_id, attempt),
-                ).rowcount
-            )
+            row = db.execute(
+                "SELECT run_dir, queue FROM jobs WHERE id = ? AND attempt = ?", (job_id, attempt)
+            ).fetchone()
+            run_dir = Path(row[0]) if row else None
+            if run_dir is None or row[1] == "queued":
+                return False
+            if row[1] == "done" and runs.read_run(run_dir).state != "interrupted":
+                return False
+            db.execute("UPDATE jobs SET queue = 'done', cancel_requested = 0 WHERE id = ?", (job_id,))
+            runs.write_status(run_dir, state, error=error)
+        return True
 
     def process_exited(self, job_id: str, attempt: int, returncode: int) -> None:
         """The worker saw a job process exit; if it left the job running, it died without a word."""
@@ -377,43 +391,65 @@ class JobStore:
         """The jobs a cluster runs now (handed over, not ended), as the store last saw them: for `cluster.sync`."""
         with self._db.connect() as db:
             rows = db.execute(
-                SELECT_JOBS
-                + " WHERE placements.submission_id IS NOT NULL AND jobs.state IN ('queued', 'running')"
+                SELECT_JOBS + " WHERE placements.submission_id IS NOT NULL AND jobs.queue = 'taken'"
             ).fetchall()
-        return [_to_job(row, {}) for row in rows]
+        return [job_from_row(row, {}) for row in rows]
 
     def dispatched(self, job_id: str, submission_id: str) -> int:
         """A queued job was handed to its cluster as `submission_id`: a new attempt (returned)."""
         with self._db.transaction() as db:
-            db.execute("UPDATE jobs SET attempt = attempt + 1, error = NULL WHERE id = ?", (job_id,))
+            db.execute(
+                "UPDATE jobs SET queue = 'taken', attempt = attempt + 1, started_at = COALESCE(started_at, ?) "
+                "WHERE id = ?",
+                (time.time(), job_id),
+            )
             db.execute("UPDATE placements SET submission_id = ? WHERE job_id = ?", (submission_id, job_id))
             return db.execute("SELECT attempt FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
 
-    def settle(self, job_id: str, attempt: int, state: JobState, **result: Any) -> bool:
-        """Record the state a cluster reports for an attempt (`result`: its error=, adapter_dir=);
-        False if nothing changed."""
-        ended = state in FINISHED_STATES or state == "interrupted"
-        error, adapter = result.get("error"), result.get("adapter_dir")
+    def settle(self, job_id: str, attempt: int, state: JobState, *, error: str | None = None) -> bool:
+        """Record the end a cluster reports for an attempt in its run folder; False if nothing changed.
+
+        A state that is not an end is the job process's to write (it does, in its run folder).
+        What the job process already wrote there about its end is kept.
+        """
+        if state not in (*FINISHED_STATES, "interrupted"):
+            return False
         with self._db.transaction() as db:
-            return settle_attempt(db, job_id, attempt, state, ended, error, adapter and str(adapter))
+            row = db.execute(
+                "SELECT run_dir FROM jobs WHERE id = ? AND attempt = ? AND queue = 'taken'", (job_id, attempt)
+            ).fetchone()
+            if row is None:
+                return False
+            db.execute("UPDATE jobs SET queue = 'done', cancel_requested = 0 WHERE id = ?", (job_id,))
+            if runs.read_status(Path(row[0])).get("state") != state:
+                runs.write_status(Path(row[0]), state, error=error)
+        return True
 
     # --- internals ----------------------------------------------------------------------------------
     def _end_attempt(self, job_id: str, attempt: int, why: str) -> bool:
-        """A running attempt died: interrupted (resumable), or cancelled if that was asked for."""
+        """A running attempt died: interrupted (resumable), or cancelled if that was asked for.
+
+        An end the attempt recorded itself before dying (say succeeded) stands.
+        """
         with self._db.transaction() as db:
-            return bool(
-                db.execute(
-                    "UPDATE jobs SET state = CASE cancel_requested WHEN 1 THEN 'cancelled' ELSE 'interrupted' END, "
-                    "error = ?, finished_at = ?, cancel_requested = 0 WHERE id = ? AND attempt = ? AND state = 'running'",
-                    (f"interrupted: {why}", time.time(), job_id, attempt),
-                ).rowcount
-            )
+            row = db.execute(
+                "SELECT run_dir, cancel_requested FROM jobs WHERE id = ? AND attempt = ? AND queue = 'taken'",
+                (job_id, attempt),
+            ).fetchone()
+            if row is None:
+                return False
+            db.execute("UPDATE jobs SET queue = 'done', cancel_requested = 0 WHERE id = ?", (job_id,))
+            if runs.read_status(Path(row[0])).get("state") in FINISHED_STATES:
+                return False
+            state = "cancelled" if row[1] else "interrupted"
+            runs.write_status(Path(row[0]), state, error=f"interrupted: {why}")
+        return True
 
     def _update(self, job_id: str, attempt: int, **values: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in values)
         with self._db.transaction() as db:
             db.execute(
-                f"UPDATE jobs SET {sets} WHERE id = ? AND attempt = ? AND state = 'running'",
+                f"UPDATE jobs SET {sets} WHERE id = ? AND attempt = ? AND queue = 'taken'",
                 (*values.values(), job_id, attempt),
             )
 
@@ -442,65 +478,3 @@ def _check_data(recipe: Recipe) -> None:
 def _first_save_step(recipe: dict[str, Any]) -> int:
     train = recipe["train"]
     return train["save_every_steps"] or train["eval_every_steps"]
-
-
-def _to_job(row: sqlite3.Row, queue: dict[str, int]) -> Job:
-    """The store's queue facts joined with its run folder's progress and metrics.
-
-    A row that cannot be read (say its recipe is not JSON) becomes a Job marked `damaged`, so
-    listing shows it beside the others and the worker fails it instead of stopping.
-    """
-    try:
-        return _read_job(dict(row), queue)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        return _damaged_job(dict(row), f"its record in the job store is damaged ({type(e).__name__}: {e})")
-
-
-def _damaged_job(r: dict[str, Any], why: str) -> Job:
-    number = lambda v: v if isinstance(v, (int, float)) else None  # noqa: E731
-    run_dir = Path(str(r.get("run_dir") or "."))
-    return Job(
-        id=str(r.get("id")), name=str(r.get("name")), state=r.get("state") if r.get("state") in JOB_STATES else "failed",
-        recipe={}, run_dir=run_dir, created_at=number(r.get("created_at")) or 0.0,
-        started_at=number(r.get("started_at")), finished_at=number(r.get("finished_at")), step=0,
-        total_steps=None, eta_seconds=None, metrics={}, adapter_dir=None, error=why,
-        log_path=run_dir / LOG_FILE, cancel_requested=False, attempts=number(r.get("attempt")) or 0,
-        resumes_from_checkpoint=False, heartbeat_at=None, pid=None, queue_position=None, damaged=why,
-    )  # fmt: skip
-
-
-def _read_job(r: dict[str, Any], queue: dict[str, int]) -> Job:
-    recipe = json.loads(r["recipe"])
-    if not isinstance(recipe, dict) or r["state"] not in JOB_STATES:
-        raise ValueError(
-            "its recipe is not a JSON object" if not isinstance(recipe, dict) else "unknown state"
-        )
-    run_dir = Path(r["run_dir"])
-    run = runs.read_run(run_dir)
-    return Job(
-        id=r["id"],
-        name=r["name"],
-        state=r["state"],
-        recipe=recipe,
-        run_dir=run_dir,
-        created_at=r["created_at"],
-        started_at=r["started_at"],
-        finished_at=r["finished_at"],
-        step=run.step,
-        total_steps=run.max_steps,
-        eta_seconds=run.eta_seconds() if r["state"] == "running" else None,
-        metrics=run.latest,
-        adapter_dir=Path(r["adapter_dir"]) if r["adapter_dir"] else None,
-        error=r["error"],
-        log_path=run_dir / LOG_FILE,
-        cancel_requested=bool(r["cancel_requested"]),
-        attempts=r["attempt"],
-        resumes_from_checkpoint=bool(r["resume"]),
-        heartbeat_at=r["heartbeat_at"],
-        pid=r["pid"],
-        queue_position=queue.get(r["id"]),
-        trust_remote_code=bool(r.get("trust_remote_code")),
-        cluster=r.get("cluster"),
-        cluster_address=r.get("address"),
-        submission_id=r.get("submission_id"),
-    )

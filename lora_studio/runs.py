@@ -185,8 +185,11 @@ def write_status(run_dir: Path, state: str | None = None, durable: bool = True, 
     status.update(updated_at=time.time(), **fields)
     if state is not None:
         status["state"] = state
-    if state not in (None, "running"):
+    if state in ("queued", "running"):
+        status.pop("ended_at", None)
+    elif state is not None:
         status["ended_at"] = status["updated_at"]
+    Path(run_dir).mkdir(parents=True, exist_ok=True)  # a job's folder: its status comes before training
     atomic_write_text(Path(run_dir) / STATUS_FILE, json.dumps(status, indent=2, default=str), durable)
 
 
@@ -261,6 +264,7 @@ class Run:
     latest: dict[str, Any]  # the latest value of each metric; the final metrics once it succeeded
     created_at: float | None
     updated_at: float | None
+    ended_at: float | None
     error: str | None
 
     @property
@@ -311,6 +315,7 @@ def read_run(run_dir: Path, entry: dict[str, Any] | None = None) -> Run:
         latest=latest,
         created_at=status.get("created_at") or entry.get("created_at"),
         updated_at=status.get("updated_at"),
+        ended_at=status.get("ended_at"),
         error=status.get("error"),
     )
 

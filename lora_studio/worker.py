@@ -71,7 +71,7 @@ def run_worker(
             _serve(store, stop, concurrency, poll_seconds, idle_exit_seconds, stop_timeout, prestart)
         # The lock is released. A job submitted a moment ago saw it held and started no worker,
         # so look once more before leaving; if there is one, take the lock again (or let a new worker have it).
-        if stop or not store.list(states=["queued"], limit=1):
+        if stop or not store.has_queued():
             log.info("worker %d exits", os.getpid())
             return 0
 

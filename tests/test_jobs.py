@@ -209,11 +209,9 @@ def test_a_dead_job_process_is_marked_interrupted_and_a_live_silent_one_is_not(t
 
     # Resuming without a checkpoint starts over, unless checkpoints were written and are gone.
     assert store.resume(lost).state == "queued" and not store.get(lost).resumes_from_checkpoint
-    run_dir = store.get(lost).run_dir
-    run_dir.mkdir(parents=True)
+    run_dir = store.get(lost).run_dir  # made at submit, with its status
     runs.write_progress(run_dir, 5, 18, None)  # its run folder says it got to step 5
-    with sqlite3.connect(store.path) as db:
-        db.execute("UPDATE jobs SET state = 'interrupted' WHERE id = ?", (lost,))
+    interrupt(store, lost)
     with pytest.raises(JobError, match=f"job {lost} reached step 5 but its checkpoints are missing"):
         store.resume(lost)
     assert not store.resume(lost, restart=True).resumes_from_checkpoint
@@ -223,13 +221,90 @@ def test_a_dead_job_process_is_marked_interrupted_and_a_live_silent_one_is_not(t
     half.mkdir(parents=True)
     (half / "adapter_model.safetensors").write_bytes(b"")
     runs.write_progress(run_dir, 3, 18, None)
-    with sqlite3.connect(store.path) as db:
-        db.execute("UPDATE jobs SET state = 'interrupted' WHERE id = ?", (lost,))
+    interrupt(store, lost)
     assert not store.resume(lost).resumes_from_checkpoint
     (half / "trainer_state.json").write_text('{"global_step": 3}')  # the Trainer writes it last
-    with sqlite3.connect(store.path) as db:
-        db.execute("UPDATE jobs SET state = 'interrupted' WHERE id = ?", (lost,))
+    interrupt(store, lost)
     assert store.resume(lost).resumes_from_checkpoint
+
+
+def test_the_run_folder_owns_the_state_and_the_store_only_queue_facts(tiny_model_dir, chat_file):
+    store = JobStore()
+    job_id = store.submit(make_recipe(tiny_model_dir, chat_file, name="owned"))
+    folder = store.get(job_id).run_dir
+    assert runs.read_run(folder).state == "queued"  # written at submit, before any training
+    with sqlite3.connect(store.path) as db:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    assert "queue" in columns and not {"state", "error", "adapter_dir"} & columns
+
+    # Whatever the run folder says is what the job says: one record, read by jobs and runs alike.
+    runs.write_status(folder, "failed", error="out of disk at step 3")
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE jobs SET queue = 'done' WHERE id = ?", (job_id,))
+    job = store.get(job_id)
+    assert (job.state, job.error) == ("failed", "out of disk at step 3") and job.finished_at
+    assert job.adapter_dir is None and store.list(states=["failed"]) == [job]
+
+    # The store writes the folder when it changes the state: resume, claim, a dead process.
+    assert store.resume(job_id).state == "queued" == runs.read_run(folder).state
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "lora_studio"])
+    try:
+        attempt = store.claim_next(worker.pid).attempts
+        status = runs.read_status(folder)
+        assert status["state"] == "running" and status["pid"] == worker.pid and status["error"] is None
+    finally:
+        worker.kill()
+        worker.wait()
+    store.process_exited(job_id, attempt, -9)  # its process died: the store says so in the folder
+    job = store.get(job_id)
+    assert job.state == "interrupted" == runs.read_status(folder)["state"] and "signal 9" in job.error
+
+    # A folder deleted under a finished job: the job says so instead of guessing.
+    shutil.rmtree(folder)
+    job = store.get(job_id)
+    assert job.state == "failed" and "is gone" in job.error
+
+
+def test_a_store_from_before_moves_each_state_into_its_run_folder(tmp_path):
+    """A jobs.sqlite whose rows held the state (every earlier version) opens, and nothing is lost."""
+    path, runs_dir = tmp_path / "jobs.sqlite", tmp_path / "runs"
+    old_schema = (
+        "CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, name TEXT NOT "
+        "NULL, state TEXT NOT NULL, recipe TEXT NOT NULL, run_dir TEXT NOT NULL, created_at REAL NOT NULL, "
+        "queued_at REAL NOT NULL, started_at REAL, finished_at REAL, adapter_dir TEXT, error TEXT, resume "
+        "INTEGER NOT NULL DEFAULT 0, cancel_requested INTEGER NOT NULL DEFAULT 0, attempt INTEGER NOT "
+        "NULL DEFAULT 0, pid INTEGER, host TEXT, heartbeat_at REAL)"
+    )
+    rows = {  # id: (state, error, what its run folder said)
+        "aaaaaa0001": ("cancelled", "cancelled while queued", None),  # never started: no folder
+        "aaaaaa0002": ("interrupted", "interrupted: its process is gone", "running"),
+        "aaaaaa0003": ("succeeded", None, "succeeded"),
+        "aaaaaa0004": ("queued", None, None),
+    }
+    with sqlite3.connect(path) as db:
+        db.execute(old_schema)
+        for job_id, (state, error, said) in rows.items():
+            folder = runs_dir / f"old-{job_id}"
+            if said:
+                runs.write_status(folder, said)
+            db.execute(
+                "INSERT INTO jobs (id, name, state, recipe, run_dir, created_at, queued_at, error) "
+                "VALUES (?, 'old', ?, '{}', ?, 0, 0, ?)",
+                (job_id, state, str(folder), error),
+            )
+    store = JobStore(path)
+    jobs = {job.id: job for job in store.list()}
+    assert {i: (j.state, j.error) for i, j in jobs.items()} == {i: r[:2] for i, r in rows.items()}
+    assert runs.read_run(runs_dir / "old-aaaaaa0001").state == "cancelled"
+    assert store.has_queued() and store.claim_next(os.getpid()).id == "aaaaaa0004"
+    JobStore(path)  # opening it again changes nothing
+
+
+def interrupt(store: JobStore, job_id: str) -> None:
+    """As if its process had died: the queue is done with it and its run folder says interrupted."""
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE jobs SET queue = 'done' WHERE id = ?", (job_id,))
+    runs.write_status(store.get(job_id).run_dir, "interrupted")
 
 
 def test_a_damaged_job_store_is_one_clear_line_in_the_cli_and_the_ui(studio_home, capsys):
@@ -256,7 +331,7 @@ def test_a_damaged_job_store_is_one_clear_line_in_the_cli_and_the_ui(studio_home
     with sqlite3.connect(store.path) as db:
         for i in range(100):
             db.execute(
-                "INSERT INTO jobs (id, name, state, recipe, run_dir, created_at, queued_at) "
+                "INSERT INTO jobs (id, name, queue, recipe, run_dir, created_at, queued_at) "
                 "VALUES (?, 'x', 'queued', ?, 'runs/x', 0, 0)",
                 (f"job{i}", "{}" + " " * 2000),
             )
@@ -356,7 +431,9 @@ def test_cancel_stops_a_running_job_at_a_checkpoint_and_a_queued_one_never_start
     assert not (job.run_dir / "adapter").exists()
     assert json.loads((job.run_dir / "status.json").read_text())["state"] == "cancelled"
     never = store.get(queued)
-    assert never.attempts == 0 and never.started_at is None and not never.run_dir.exists()
+    assert never.attempts == 0 and never.started_at is None
+    assert [p.name for p in never.run_dir.iterdir()] == ["status.json"]  # its state, nothing trained
+    assert runs.read_run(never.run_dir).state == "cancelled"
 
     # A damaged checkpoint: the resumed attempt fails with a clear message, once, and the worker goes on.
     checkpoint = job.run_dir / "checkpoints" / f"checkpoint-{job.step}"
