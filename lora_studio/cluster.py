@@ -340,6 +340,7 @@ def sync(store: JobStore) -> list[str]:
         if seen is None or seen[0] == job.state:
             continue
         state, error = seen
+        storage_uris.refresh(job.run_dir, force=True)  # on object storage: its copy here, as it ended
         on_storage = storage_uris.remote_of(job.run_dir) is not None  # its adapter: fetched by name
         adapter = job.run_dir / runs.ADAPTER if state == "succeeded" and not on_storage else None
         if (

@@ -112,17 +112,21 @@ def is_scratch(folder: Path) -> bool:
 _refreshed: dict[Path, float] = {}
 
 
-def refresh(folder: Path) -> None:
+def refresh(folder: Path, force: bool = False) -> None:
     """Copy a run's small files from its bucket into its face (no-op for an ordinary folder).
 
-    Stops once the copied status says the run ended (until `link` starts a new attempt). A bucket
+    Stops once the copied status says the run ended (until `link` starts a new attempt); `force`
+    reads the bucket even so, and even if it was read a moment ago (the cluster said it ended). A bucket
     that cannot be read leaves the copies as they are, with a warning: `jobs list` keeps working.
     """
     folder = Path(folder)
     uri = remote_of(folder)
-    if uri is None or time.monotonic() - _refreshed.get(folder, -1e9) < REFRESH_SECONDS:
+    if uri is None:
         return
-    if _copied_state(folder) in _FINISHED:
+    if not force and (
+        time.monotonic() - _refreshed.get(folder, -1e9) < REFRESH_SECONDS
+        or _copied_state(folder) in _FINISHED
+    ):
         return
     _refreshed[folder] = time.monotonic()
     try:

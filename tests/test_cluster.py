@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -20,15 +21,18 @@ import time
 from pathlib import Path
 
 import pytest
+import test_storage
 from test_jobs import loss_rows, make_recipe, wait_for
+from test_storage import BUCKET, s3_objects
 
-from lora_studio import cluster, runs
+from lora_studio import adapter_cache, cluster, runs, storage
 from lora_studio.cli import main
 from lora_studio.errors import ConfigError
 from lora_studio.jobs import JobStore
 from lora_studio.run_folder import checkpoint_step, last_complete_checkpoint
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.ray]
+s3_env = test_storage.s3_env  # a real S3 server for this module (moto), shared with the Ray head
 
 
 def _free_port() -> int:
@@ -65,8 +69,11 @@ def _head_command(temp: Path) -> tuple[list[str], str]:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory):
+def ray_head(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
     """A Ray head with 2 CPUs on this machine; yields its Job Submission address.
+
+    Its node reaches the module's S3 server (test_storage.s3_env) through its own environment,
+    as a real node reaches its bucket; without moto the S3 test alone is skipped.
 
     Stopped by signalling the process we started and then its process group (which Ray's own
     processes share), not by `ray stop`, which would stop every Ray on the machine.
@@ -75,7 +82,11 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
     pytest.importorskip("ray")
     folder = tmp_path_factory.mktemp("ray")
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must be < 108 bytes
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORA_STUDIO_HOME": str(folder / "node-home")}
+    try:
+        s3 = request.getfixturevalue("s3_env")
+    except pytest.skip.Exception:
+        s3 = {}
+    env = {**os.environ, **s3, "HF_HUB_OFFLINE": "1", "LORA_STUDIO_HOME": str(folder / "node-home")}
     # A node runs jobs with the `python` on its PATH (the README's setup): here, this test's venv.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     for attempt in range(3):  # a port taken between choosing it and Ray binding it: choose again
@@ -174,6 +185,47 @@ def test_a_ray_job_succeeds_with_its_run_on_storage_and_chat_loads_it(
     )
     assert runs.adapter_folder("on-ray") == job.adapter_dir  # the index here points at storage
     assert main(["chat", "on-ray", "--max-new-tokens", "4", "--prompt", "Repeat: word1"]) == 0
+
+
+def test_a_ray_job_on_s3_storage_succeeds_and_chat_loads_its_adapter_once(
+    ray_head, s3_env, tiny_model_dir, chat_file, tmp_path, capsys, caplog
+):
+    """--storage s3://: the node trains in scratch and mirrors to the bucket; this machine reads
+    the run's face, and `chat NAME` downloads the adapter once into the cache."""
+    recipe = _write(tmp_path, make_recipe(tiny_model_dir, chat_file, name="on-s3"))
+    uri = f"s3://{BUCKET}/team"
+    args = ["jobs", "submit", str(recipe), "--cluster", "ray", "--address", ray_head, "--storage", uri]
+    started = time.monotonic()
+    assert main(args) == 0
+    job_id = capsys.readouterr().out.strip().splitlines()[-1]
+    store = JobStore()
+    job = store.get(job_id)
+    assert job.run_dir.parent == storage.face_root(uri) / "runs"
+    run_uri = f"{uri}/runs/{job.run_dir.name}"
+    assert storage.remote_of(job.run_dir) == run_uri
+    _wait_until(store, job_id, lambda job: job.state not in ("queued", "running"), 180)
+    print(f"ray job on s3: {time.monotonic() - started:.1f} s")  # noqa: T201
+
+    job = store.get(job_id)
+    assert job.state == "succeeded", (job.error, store.read_log(job_id)[0][-3000:])
+    objects = s3_objects(f"team/runs/{job.run_dir.name}")
+    assert {
+        "adapter/lora_studio.json",
+        "adapter/adapter_model.safetensors",
+        "status.json",
+        "metrics.jsonl",
+    } <= set(objects)
+    assert job.step == 6 and len(loss_rows(store, job_id)) == 6  # read from the bucket through the face
+    assert main(["jobs", "show", job_id]) == 0
+    shown = capsys.readouterr().out
+    assert f"storage     {run_uri}" in shown and "metrics rows:" in shown and f"{run_uri}/adapter" in shown
+
+    caplog.set_level(logging.INFO, logger="lora_studio.adapter_cache")
+    for _ in range(2):
+        assert main(["chat", "on-s3", "--max-new-tokens", "4", "--prompt", "Repeat: word1"]) == 0
+    downloads = [r for r in caplog.records if r.getMessage().startswith("downloading the adapter")]
+    assert len(downloads) == 1  # the second chat loaded the cached copy
+    assert runs.adapter_folder("on-s3") == adapter_cache.cache_folder(run_uri) / "adapter"
 
 
 def _wait_until(store: JobStore, job_id: str, condition, timeout: float) -> None:
