@@ -338,6 +338,41 @@ def test_two_ray_train_workers_train_the_tiny_model_like_one_process(
     assert abs(two - one) < 0.01
 
 
+def test_cancel_stops_two_ray_train_workers_at_the_next_step_with_a_checkpoint(
+    ray_head, tiny_model_dir, chat_file, tmp_path
+):
+    store = JobStore()
+    pair = make_recipe(
+        tiny_model_dir,
+        chat_file,
+        name="two-stop",
+        per_device_train_batch_size=2,
+        num_workers=2,
+        max_steps=200,
+    )
+    job_id = store.submit(pair, placement=_placement(ray_head, tmp_path / "shared"))
+    cluster.start(store, job_id)
+    run_dir = store.get(job_id).run_dir
+    _wait_until(
+        store,
+        job_id,
+        lambda job: runs.read_run(run_dir).step >= 4 or job.state not in ("queued", "running"),
+        240,
+    )
+    asked_at = runs.read_run(run_dir).step
+    assert store.cancel(job_id).cancel_requested
+    _wait_until(store, job_id, lambda job: job.state not in ("queued", "running"), 120)
+    job = store.get(job_id)
+    assert job.state == "cancelled", (job.error, store.read_log(job_id)[0][-3000:])
+    print(f"2 workers: cancel asked at step {asked_at}, stopped at {job.step}")  # noqa: T201
+    # The next step, give or take the steps that ran while the cancel was being written.
+    assert asked_at <= job.step <= asked_at + 5 and job.attempts == 1, job.error
+    assert (run_dir / "checkpoints" / f"checkpoint-{job.step}" / "trainer_state.json").is_file()
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "cancelled"
+    log_text = store.read_log(job_id)[0]
+    assert log_text.count("Setting up process group for") == 1, log_text[-3000:]  # no group restart
+
+
 @pytest.mark.browser
 def test_the_train_tab_submits_to_the_ray_cluster_and_remembers_the_choice(
     ray_head, tiny_model_dir, tmp_path
