@@ -187,12 +187,16 @@ def test_a_ray_job_succeeds_with_its_run_on_storage_and_chat_loads_it(
     assert main(["chat", "on-ray", "--max-new-tokens", "4", "--prompt", "Repeat: word1"]) == 0
 
 
-def test_a_ray_job_on_s3_storage_succeeds_and_chat_loads_its_adapter_once(
+def test_a_ray_job_on_s3_storage_is_cancelled_resumed_and_chat_loads_its_adapter_once(
     ray_head, s3_env, tiny_model_dir, chat_file, tmp_path, capsys, caplog
 ):
-    """--storage s3://: the node trains in scratch and mirrors to the bucket; this machine reads
-    the run's face, and `chat NAME` downloads the adapter once into the cache."""
-    recipe = _write(tmp_path, make_recipe(tiny_model_dir, chat_file, name="on-s3"))
+    """--storage s3://: the node trains in scratch and mirrors to the bucket; `cancel` reaches it
+    through the bucket, `resume` continues from the checkpoint there; this machine reads the
+    run's copy of its small files, and `chat NAME` downloads the adapter once into the cache."""
+    steps = 80
+    recipe = _write(
+        tmp_path, make_recipe(tiny_model_dir, chat_file, name="on-s3", max_steps=steps, eval_every_steps=4)
+    )
     uri = f"s3://{BUCKET}/team"
     args = ["jobs", "submit", str(recipe), "--cluster", "ray", "--address", ray_head, "--storage", uri]
     started = time.monotonic()
@@ -203,8 +207,20 @@ def test_a_ray_job_on_s3_storage_succeeds_and_chat_loads_its_adapter_once(
     assert job.run_dir.parent == storage.face_root(uri) / "runs"
     run_uri = f"{uri}/runs/{job.run_dir.name}"
     assert storage.remote_of(job.run_dir) == run_uri
+    _wait_until(store, job_id, lambda job: job.step >= 4 or job.state not in ("queued", "running"), 180)
+    assert store.cancel(job_id).cancel_requested  # its request goes into the bucket
+    _wait_until(store, job_id, lambda job: job.state not in ("queued", "running"), 60)
+    job = store.get(job_id)
+    assert job.state == "cancelled" and 4 <= job.step < steps, (job.error, store.read_log(job_id)[0][-3000:])
+    assert f"checkpoints/checkpoint-{job.step}/trainer_state.json" in s3_objects(
+        f"team/runs/{job.run_dir.name}"
+    )
+
+    assert store.resume(job_id).resumes_from_checkpoint  # the checkpoint is seen from here
+    cluster.start(store, job_id)
     _wait_until(store, job_id, lambda job: job.state not in ("queued", "running"), 180)
-    print(f"ray job on s3: {time.monotonic() - started:.1f} s")  # noqa: T201
+    with capsys.disabled():
+        print(f"ray job on s3, cancelled at {job.step} and resumed: {time.monotonic() - started:.1f} s")  # noqa: T201
 
     job = store.get(job_id)
     assert job.state == "succeeded", (job.error, store.read_log(job_id)[0][-3000:])
@@ -215,7 +231,7 @@ def test_a_ray_job_on_s3_storage_succeeds_and_chat_loads_its_adapter_once(
         "status.json",
         "metrics.jsonl",
     } <= set(objects)
-    assert job.step == 6 and len(loss_rows(store, job_id)) == 6  # read from the bucket through the face
+    assert job.step == steps and sorted(loss_rows(store, job_id)) == list(range(1, steps + 1))  # each once
     assert main(["jobs", "show", job_id]) == 0
     shown = capsys.readouterr().out
     assert f"storage     {run_uri}" in shown and "metrics rows:" in shown and f"{run_uri}/adapter" in shown
