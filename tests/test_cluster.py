@@ -244,6 +244,20 @@ def test_a_ray_job_on_s3_storage_is_cancelled_resumed_and_chat_loads_its_adapter
     assert runs.adapter_folder("on-s3") == adapter_cache.cache_folder(run_uri) / "adapter"
 
 
+def test_several_workers_with_object_storage_are_refused_in_one_line(
+    ray_head, s3_env, tiny_model_dir, chat_file
+):
+    store = JobStore()
+    pair = make_recipe(tiny_model_dir, chat_file, name="two-s3", num_workers=2)
+    job_id = store.submit(pair, placement=cluster.ray_placement(ray_head, f"s3://{BUCKET}/team"))
+    with pytest.raises(
+        ConfigError, match=r"train.num_workers: 2 with object storage \(s3://.*\) is not supported yet"
+    ):
+        cluster.start(store, job_id)
+    job = store.get(job_id)
+    assert job.state == "failed" and "give --storage a folder every node sees" in job.error
+
+
 def _wait_until(store: JobStore, job_id: str, condition, timeout: float) -> None:
     """wait_for, telling the job's state and log tail when it times out."""
     try:

@@ -168,6 +168,21 @@ def test_a_run_on_s3_is_mirrored_cancelled_resumed_and_its_adapter_cached_once(
     storage.Remote(uri).write_bytes("adapter/README.md", b"changed")  # a changed remote: fetched again
     assert (runs.adapter_folder("on-s3") / "README.md").read_text() == "changed"
 
+    # Every command that takes an adapter by run name gets the cached copy (one door: adapter_folder).
+    from lora_studio.cli import build_parser
+    from lora_studio.cli.use import served_adapters
+
+    parser = build_parser()
+    for argv in (
+        ["chat", "on-s3"],
+        ["merge", "on-s3", "--out", str(tmp_path / "merged")],
+        ["export", "on-s3", "--out", str(tmp_path / "a.gguf")],
+        ["verify", "on-s3"],
+        ["eval", "on-s3", "--data", str(chat_file)],
+    ):
+        assert parser.parse_args(argv).adapter == str(folder), argv
+    assert served_adapters(["on-s3"]) == (["on-s3"], [str(folder)])  # serve
+
 
 def test_a_damaged_adapter_in_the_bucket_never_enters_the_cache(s3_env, tiny_adapters, tmp_path):
     face = storage.face_root(f"s3://{BUCKET}/damaged") / "run-1"
