@@ -9,7 +9,8 @@ path (<tmp>/lora-studio-scratch/<run>: the checkpoint paths the Trainer records 
 node) and mirrors it to the bucket. The order of uploads is what makes a reader safe:
 - a checkpoint's trainer_state.json goes up after the rest of it (run_folder: that file makes it
   whole); checkpoints the Trainer deleted (save_total_limit) are deleted from the bucket too;
-- status.json and metrics.jsonl every few seconds, so `jobs list` shows progress;
+- status.json and metrics.jsonl every few seconds, so `jobs list` shows progress (train.log and
+  the rest with each checkpoint);
 - at the end, the adapter, its lora_studio.json last, and then status.json last of all: a run
   reads as succeeded only once its adapter is all there.
 A resumed attempt pulls the small files and every whole checkpoint back first. A cancel is the
@@ -73,10 +74,12 @@ class RunMirror:
         return self._cancelled
 
     def push(self, *, checkpoints: bool = False, final: bool = False) -> None:
-        """Upload what changed: checkpoints (when asked, or final), the adapter (final), then status.json."""
+        """Upload what changed: metrics; with `checkpoints` (or `final`) the checkpoints and the
+        other files; with `final` the adapter; then status.json."""
+        names = ["metrics.jsonl"]  # often: progress (train.log grows, and S3 cannot append)
         if checkpoints or final:
             self._push_checkpoints()
-        names = ["config.yaml", "data_report.json", "metrics.jsonl", "train.log"]
+            names = ["config.yaml", "data_report.json", "metrics.jsonl", "train.log"]
         if final and (self.scratch / "adapter").is_dir():
             adapter = sorted(self._files("adapter"), key=lambda n: n.endswith("/lora_studio.json"))
             names += adapter  # lora_studio.json last: it is what makes an adapter folder whole
@@ -85,6 +88,11 @@ class RunMirror:
                 self.remote.upload(self.scratch / name, name)
                 self._remember(name)
         self._pushed_at = time.monotonic()
+
+    def push_if_due(self) -> None:
+        """Progress (metrics, status) at most every PUSH_SECONDS."""
+        if time.monotonic() - self._pushed_at >= PUSH_SECONDS:
+            self.push()
 
     def close(self) -> None:
         """Delete the scratch copy once the bucket has the run (after the final push)."""
@@ -135,5 +143,4 @@ class _MirrorCallback(TrainerCallback):
         self.mirror.push(checkpoints=True)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if time.monotonic() - self.mirror._pushed_at >= PUSH_SECONDS:
-            self.mirror.push()
+        self.mirror.push_if_due()

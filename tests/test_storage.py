@@ -198,3 +198,28 @@ def test_a_damaged_adapter_in_the_bucket_never_enters_the_cache(s3_env, tiny_ada
     ):
         adapter_cache.fetch(face)
     assert not (adapter_cache.cache_folder(uri) / "adapter").exists()
+
+
+def test_an_upload_cut_short_never_leaves_an_adapter_that_looks_finished(
+    s3_env, tiny_model_dir, chat_file, tmp_path, monkeypatch
+):
+    """The final push fails just before the adapter's lora_studio.json: the bucket holds its weights,
+    but neither the run's status nor the cache takes it for a finished adapter."""
+    face, uri = _submit_here(tmp_path, make_recipe(tiny_model_dir, chat_file, name="cut"), "c0ffee1234")
+    upload = storage.Remote.upload
+
+    def cut_short(self: storage.Remote, local: Path, name: str) -> None:
+        if name == "adapter/lora_studio.json":
+            raise storage.StorageError("connection reset (the test's)")
+        upload(self, local, name)
+
+    monkeypatch.setattr(storage.Remote, "upload", cut_short)
+    with pytest.raises(storage.StorageError, match="connection reset"):
+        _run_on_node(uri, "c0ffee1234", 1, False)
+    objects = s3_objects(uri.split(f"{BUCKET}/", 1)[1])
+    assert "adapter/adapter_model.safetensors" in objects and "adapter/lora_studio.json" not in objects
+    assert runs.read_run(face).state != "succeeded"  # status.json goes up after the adapter
+    with pytest.raises(ModelError, match="has no finished adapter yet"):
+        runs.adapter_folder("cut")
+    with pytest.raises(ModelError, match=r"holds no complete adapter \(no lora_studio.json\)"):
+        adapter_cache.fetch(face)
