@@ -20,6 +20,7 @@ from test_jobs import make_recipe
 from transformers import TrainerCallback
 
 from lora_studio import adapter_cache, cluster, runs, storage
+from lora_studio.cli import main
 from lora_studio.errors import ConfigError, ModelError
 from lora_studio.job_process import run_job
 
@@ -112,7 +113,7 @@ class CancelAt(TrainerCallback):
 
 
 def test_a_run_on_s3_is_mirrored_cancelled_resumed_and_its_adapter_cached_once(
-    s3_env, tiny_model_dir, chat_file, tmp_path, caplog
+    s3_env, tiny_model_dir, chat_file, tmp_path, caplog, capsys
 ):
     recipe = make_recipe(tiny_model_dir, chat_file, name="on-s3", max_steps=40, eval_every_steps=4)
     face, uri = _submit_here(tmp_path, recipe, "a1b2c3d4e5")
@@ -141,6 +142,11 @@ def test_a_run_on_s3_is_mirrored_cancelled_resumed_and_its_adapter_cached_once(
     assert all(after[s] == before[s] for s in range(1, cancelled_at + 1))  # kept, not redone
     objects = s3_objects(key)
     assert {"adapter/lora_studio.json", "adapter/adapter_model.safetensors", "config.yaml"} <= set(objects)
+    capsys.readouterr()
+    assert main(["runs", "list"]) == 0 and uri in capsys.readouterr().out
+    assert main(["runs", "show", "on-s3"]) == 0
+    shown = capsys.readouterr().out
+    assert f"storage   {uri}" in shown and "try it:   lora-studio chat on-s3" in shown
     kept = {n.split("/")[1] for n in objects if n.startswith("checkpoints/")}
     assert "checkpoint-40" in kept and len(kept) <= 3, kept  # the Trainer's deletions mirrored too
     assert all(f"checkpoints/{c}/trainer_state.json" in objects for c in kept)  # each one whole
