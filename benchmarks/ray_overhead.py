@@ -1,13 +1,15 @@
 """A Ray job against a local job on the same tiny recipe, and 1 against 2 Ray Train CPU workers.
 
     ray start --head --num-cpus 2                     # a head on this machine (dashboard on :8265)
-    .venv/bin/python benchmarks/ray_overhead.py --address http://127.0.0.1:8265 [--steps 30]
+    .venv/bin/python benchmarks/ray_overhead.py --address http://127.0.0.1:8265 [--steps 30] [--storage s3://B/P]
 
 Trains the tests' tiny Llama (tests/tiny_model.py, nothing downloads) on 40 chat rows, as jobs
 one after another in a fresh studio home: first on this machine's worker (started cold, as
 `jobs submit` does), then on the Ray cluster, then on the cluster with `train.num_workers: 2` and
-half the per-worker batch (the same global batch). For each: seconds from submit to the first
-logged step and to the end, and the Trainer's own train_runtime. Not a test: it reports.
+half the per-worker batch (the same global batch), and with `--storage URI` once more on one
+process with its run in that bucket (the head's environment must reach it). For each: seconds
+from submit to the first logged step and to the end, and the Trainer's own train_runtime. Not a
+test: it reports.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"))
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--storage", help="also run one job with its run on this s3:// or gs:// URI")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="ray-overhead-"))
     os.environ["LORA_STUDIO_HOME"] = str(root / "home")
@@ -73,6 +76,10 @@ def main() -> None:
         ("ray, 1 process", recipe("ray1"), cluster.ray_placement(args.address)),
         ("ray, 2 workers", recipe("ray2", batch=2, workers=2), cluster.ray_placement(args.address)),
     ]
+    if args.storage:  # its progress is seen every few seconds (run_mirror.PUSH_SECONDS): first step is late
+        runs.append(
+            ("ray, 1, on storage", recipe("ray-s3"), cluster.ray_placement(args.address, args.storage))
+        )
     print(f"load average before: {os.getloadavg()}")
     for label, spec, placement in runs:
         started = time.monotonic()

@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import runs
+from . import storage as storage_uris
 from .config import Recipe
 from .errors import ConfigError, JobError, LoraStudioError
-from .job_record import Job, JobState
+from .job_record import FINISHED_STATES, Job, JobState
 
 
 class JobStore(Protocol):
@@ -71,7 +72,8 @@ class Placement:
 
     cluster: str  # "ray"
     address: str
-    storage: Path | None = None  # a folder every node sees; None: the studio home (one-machine clusters)
+    # A folder every node sees; for s3:// or gs:// storage, its face here (storage.py); None: the studio home.
+    storage: Path | None = None
 
 
 def ray_placement(address: str | None = None, storage: str | Path | None = None) -> Placement:
@@ -86,11 +88,8 @@ def _storage(storage: str | Path | None) -> Path | None:
     if storage is None or str(storage) == "":
         return None
     text = str(storage)
-    if "://" in text:  # s3://, gs://: not yet; say what works
-        raise ConfigError(
-            f"--storage {text}: object store URIs are not supported yet; give a folder every node "
-            "sees (NFS, a mounted bucket), e.g. --storage /mnt/shared/lora-runs"
-        )
+    if storage_uris.is_uri(text):  # s3://, gs://: the run folders' face on this machine stands for it
+        return storage_uris.face_root(text)
     path = Path(text).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -157,14 +156,14 @@ class RayExecutor:
         client = self._client()
         attempt = store.dispatched(job.id, submission_id)
         recipe = Recipe.from_dict(job.recipe)
-        job.run_dir.mkdir(parents=True, exist_ok=True)
-        (job.run_dir / CANCEL_FILE).unlink(missing_ok=True)
-        (job.run_dir / JOB_FILE).write_text(
-            json.dumps({"id": job.id, "name": job.name, "recipe": job.recipe})
-        )
-        # The index on this machine points at the run folder, so `chat NAME` & co. find it from here.
+        try:
+            run_dir = _hand_over_run_folder(job, recipe)
+        except LoraStudioError as e:
+            store.settle(job.id, attempt, "failed", error=str(e))
+            raise
+        # The index on this machine points at the run folder (or its face), so `chat NAME` & co. find it.
         runs.register(job.run_dir, job.id, job.name, recipe.model.base_model, recipe.task, job.created_at)
-        cmd = ["python", "-m", "lora_studio.job_process", "--run-dir", str(job.run_dir)]
+        cmd = ["python", "-m", "lora_studio.job_process", "--run-dir", run_dir]
         cmd += ["--resume"] if job.resumes_from_checkpoint else []
         workers = recipe.train.num_workers
         try:
@@ -228,12 +227,7 @@ class RayExecutor:
         """
         if job.submission_id is None:
             return
-        cancel_file = job.run_dir / CANCEL_FILE
-        again = cancel_file.exists()
-        try:
-            cancel_file.write_text("cancelled")
-        except OSError:  # storage this machine cannot write: only Ray's stop is left
-            again = True
+        again = _request_cancel(job.run_dir)
         try:
             if again or self._client().get_job_status(job.submission_id) == "PENDING":
                 self._client().stop_job(job.submission_id)
@@ -242,6 +236,47 @@ class RayExecutor:
 
     def _client(self) -> Any:
         return _ray_client(self.address)
+
+
+def _hand_over_run_folder(job: Job, recipe: Recipe) -> str:
+    """Put the job's spec where its node reads it, with no cancel left over; returns the run folder
+    as the node sees it: a shared path, or the URI of a run on object storage (storage.py)."""
+    spec = json.dumps({"id": job.id, "name": job.name, "recipe": job.recipe})
+    uri = storage_uris.uri_of_face(job.run_dir)
+    if uri is None:
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        (job.run_dir / CANCEL_FILE).unlink(missing_ok=True)
+        (job.run_dir / JOB_FILE).write_text(spec)
+        return str(job.run_dir)
+    if recipe.train.num_workers > 1:
+        raise ConfigError(
+            f"train.num_workers: {recipe.train.num_workers} with object storage ({uri}) is not supported "
+            "yet: give --storage a folder every node sees, or train on one worker"
+        )
+    remote = storage_uris.Remote(uri)
+    with contextlib.suppress(FileNotFoundError):
+        remote.delete(CANCEL_FILE)
+    remote.write_bytes(JOB_FILE, spec.encode())
+    storage_uris.link(job.run_dir, uri)  # the face: this machine's copy of the small files
+    return uri
+
+
+def _request_cancel(run_dir: Path) -> bool:
+    """Write the cancel request where the job process looks; True if one was there already (or
+    it could not be written: then only Ray's stop is left)."""
+    uri = storage_uris.remote_of(run_dir)
+    try:
+        if uri is None:
+            again = (run_dir / CANCEL_FILE).exists()
+            (run_dir / CANCEL_FILE).write_text("cancelled")
+            return again
+        remote = storage_uris.Remote(uri)
+        again = remote.exists(CANCEL_FILE)
+        remote.write_bytes(CANCEL_FILE, b"cancelled")
+        return again
+    except (OSError, LoraStudioError) as e:
+        log.warning("cannot write the cancel request for %s: %s", run_dir, e)
+        return True
 
 
 _clients: dict[str, Any] = {}
@@ -305,6 +340,8 @@ def sync(store: JobStore) -> list[str]:
         if seen is None:
             continue
         state, error = seen  # an end is recorded in its run folder; running is the job process's to say
+        if state in (*FINISHED_STATES, "interrupted"):
+            storage_uris.refresh(job.run_dir, force=True)  # on object storage: its copy here, as it ended
         if store.settle(job.id, job.attempts, state, error=error) and state == "interrupted":
             lost.append(job.id)
     return lost
@@ -328,13 +365,28 @@ class RunFolderJob:
     `outcome` is how the attempt ended, for the process's exit code (which the cluster reports).
     """
 
-    def __init__(self, run_dir: Path, resume: bool):
-        self.run_dir, self.resume = Path(run_dir), resume
+    def __init__(self, run_dir: str | Path, resume: bool):
+        self.resume, self.mirror = resume, None
+        if storage_uris.is_uri(run_dir):  # on object storage: trained in a local copy, mirrored up
+            from .run_mirror import RunMirror  # imports transformers: a job process has it loaded
+
+            self.mirror = RunMirror(str(run_dir), resume)
+        self.run_dir = self.mirror.scratch if self.mirror else Path(run_dir)
         self.outcome: str | None = None
+        self._spec: dict[str, Any] | None = None
 
     def get(self, job_id: str) -> _Spec:
-        spec = json.loads((self.run_dir / JOB_FILE).read_text())
-        return _Spec(spec["name"], spec["recipe"], self.resume, self.outcome or "running")
+        if self._spec is None:  # read once: a mirror's scratch copy is gone once it ended
+            self._spec = json.loads((self.run_dir / JOB_FILE).read_text())
+        spec = self._spec
+        recipe = spec["recipe"]
+        if self.mirror:  # the scratch copy stands for the run folder on this node
+            recipe = {**recipe, "train": {**recipe["train"], "output_dir": str(self.run_dir)}}
+        return _Spec(spec["name"], recipe, self.resume, self.outcome or "running")
+
+    def callbacks(self) -> list[Any]:
+        """The job's own training callbacks: the mirror's, for a run on object storage."""
+        return [self.mirror.callback()] if self.mirror else []
 
     def attempt_started(self, job_id: str, attempt: int, pid: int) -> None:
         pass
@@ -343,6 +395,8 @@ class RunFolderJob:
         pass  # the cluster watches its processes
 
     def stop_reason(self, job_id: str, attempt: int) -> str | None:
+        if self.mirror:
+            return "cancelled" if self.mirror.cancel_requested(CANCEL_FILE) else None
         return "cancelled" if (self.run_dir / CANCEL_FILE).exists() else None
 
     @contextlib.contextmanager
@@ -352,6 +406,9 @@ class RunFolderJob:
     def finish(self, job_id: str, attempt: int, state: str, *, error: str | None = None) -> bool:
         self.outcome = state
         runs.write_status(self.run_dir, state, error=error)  # the run folder is the job's record
+        if self.mirror:  # what is left, the adapter, then status.json: the bucket's word on how it ended
+            self.mirror.push(final=True)
+            self.mirror.close()
         return True
 
     def exit_code(self) -> int:

@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from transformers import TrainerCallback
@@ -79,10 +80,11 @@ class StopOnRequest(TrainerCallback):
             )
 
 
-def run_job(store: JobStore | RunFolderJob, job_id: str, attempt: int) -> None:
+def run_job(store: JobStore | RunFolderJob, job_id: str, attempt: int, callbacks: Sequence[Any] = ()) -> None:
     """Train one attempt of a job and record how it ended (never raises for a training failure).
 
-    `store` is the job store, or on a cluster node the run folder standing in for it (cluster.py).
+    `store` is the job store, or on a cluster node the run folder standing in for it (cluster.py),
+    whose own `callbacks` (a mirror to object storage) go before the stopper, which raises.
     """
     job = store.get(job_id)
     set_remote_code(job.trust_remote_code)  # this job's own permission, never the environment's
@@ -103,13 +105,15 @@ def run_job(store: JobStore | RunFolderJob, job_id: str, attempt: int) -> None:
         fit(
             recipe,
             resume=job.resumes_from_checkpoint,
-            callbacks=[stopper],
+            callbacks=[*callbacks, stopper],
             fence=lambda: store.fence(job_id, attempt),  # a superseded attempt writes nothing more
         )
     except TrainingCancelled as e:
-        if stopper.reason != "superseded" and store.stop_reason(job_id, attempt) != "superseded":
+        # Several Ray Train workers stop in their own processes: then the stopper here saw nothing.
+        reason = stopper.reason or store.stop_reason(job_id, attempt)
+        if reason != "superseded" and store.stop_reason(job_id, attempt) != "superseded":
             store.finish(
-                job_id, attempt, "cancelled" if stopper.reason == "cancelled" else "interrupted", error=str(e)
+                job_id, attempt, "cancelled" if reason == "cancelled" else "interrupted", error=str(e)
             )
     except KeyboardInterrupt:
         store.finish(job_id, attempt, "interrupted", error="stopped by a signal before the next checkpoint")
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.run_dir:  # on a cluster: the cluster reports how it ended, from the exit code
         folder = RunFolderJob(args.run_dir, args.resume)
-        run_job(folder, args.job[0], int(args.job[1]))
+        run_job(folder, args.job[0], int(args.job[1]), folder.callbacks())
         return folder.exit_code()
     if not args.job:  # the spare: libraries are loaded, wait for a job
         line = sys.stdin.readline().split()

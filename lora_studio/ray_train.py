@@ -11,18 +11,28 @@ Rank 0 writes the run folder (runs.is_main_process reads RANK, which Ray Train s
 every node sees. A worker that dies (node lost, out of memory) makes Ray Train restart the group
 (`FailureConfig`), which continues from the run folder's last whole checkpoint. What is not exact
 on several processes (the fast path's levers) is left out with one log line each (fast_path.py),
-as under `accelerate launch`. A cancel stops the whole group at once (Ray's stop ends the driver
-and its workers): `resume` continues from the last checkpoint.
+as under `accelerate launch`.
+
+A cancel stops the group at its next step with a checkpoint, as a one-process job does. Rank 0
+looks for the run folder's cancel file at each step and the workers agree through one all-reduce
+of a flag on the group Ray Train made (every rank must stop at the same step, or the others wait
+forever in the next gradient all-reduce). They save, end their loop without an error (an error
+would make Ray Train restart the group) and the driver reports the run cancelled. Ray's own stop
+(a second cancel) still ends the whole group at once; `resume` continues from the last checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from . import runs
+from .cluster import CANCEL_FILE
 from .config import Recipe
-from .errors import LoraStudioError
+from .errors import LoraStudioError, TrainingCancelled
 from .run_folder import last_complete_checkpoint
 from .training import RunResult, train
 
@@ -50,7 +60,11 @@ def train_on_workers(recipe: Recipe, *, resume: bool = False, **_ignored: Any) -
     )
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"recipe": recipe.to_dict(), "resume": resume},
+        train_loop_config={
+            "recipe": recipe.to_dict(),
+            "resume": resume,
+            "cancel_file": str(recipe.output_dir / CANCEL_FILE),  # cluster.RayExecutor.stop writes it
+        },
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu),
         run_config=ray.train.RunConfig(
             name="ray-train",
@@ -62,6 +76,8 @@ def train_on_workers(recipe: Recipe, *, resume: bool = False, **_ignored: Any) -
     if result.error is not None:
         raise LoraStudioError(f"training on {t.num_workers} Ray Train workers failed: {result.error}")
     status = runs.read_status(recipe.output_dir)
+    if status.get("state") == "cancelled":  # the workers stopped on a cancel, with a checkpoint
+        raise TrainingCancelled(status.get("error") or "cancelled")
     if status.get("state") != "succeeded":
         raise LoraStudioError(f"the Ray Train workers ended without an adapter: {status.get('error')}")
     return RunResult(recipe.output_dir, recipe.output_dir / runs.ADAPTER, status.get("metrics") or {})
@@ -75,4 +91,46 @@ def _worker_loop(config: dict[str, Any]) -> None:
     recipe = Recipe.from_dict(config["recipe"])
     # After a restart (FailureConfig) continue from the last whole checkpoint the run folder has.
     resume = config["resume"] or last_complete_checkpoint(recipe.output_dir) is not None
-    train(recipe, resume=resume, callbacks=[RayTrainReportCallback()], prepare_trainer=prepare_trainer)
+    stop = StopTogether(Path(config["cancel_file"]))
+    try:  # Ray's callback first: it reports each checkpoint before a cancel ends the loop in on_save
+        train(
+            recipe, resume=resume, callbacks=[RayTrainReportCallback(), stop], prepare_trainer=prepare_trainer
+        )
+    except TrainingCancelled:
+        if not stop.cancelled:
+            raise
+        # Rank 0 wrote the run folder's status (cancelled); ending normally keeps Ray Train from
+        # restarting the group as it would after a failure.
+
+
+class StopTogether(TrainerCallback):
+    """Every worker stops at the same step, with a checkpoint, once rank 0 sees the cancel file."""
+
+    def __init__(self, cancel_file: Path):
+        self.cancel_file = cancel_file
+        self.cancelled = False
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+        import torch
+        import torch.distributed as dist
+
+        asked = runs.is_main_process() and self.cancel_file.exists()
+        if dist.is_available() and dist.is_initialized():  # one flag, the same answer on every rank
+            device = (
+                torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            )
+            flag = torch.tensor([int(asked)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            asked = bool(flag.item())
+        if asked:
+            self.cancelled = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.cancelled:
+            raise TrainingCancelled(
+                f"cancelled at step {state.global_step} of {state.max_steps}; "
+                f"checkpoint-{state.global_step} saved, `resume` continues from it"
+            )

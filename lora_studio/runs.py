@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import storage
 from .config import DEFAULT_BASE_MODEL, Recipe
 from .errors import ConfigError, ModelError
 from .files import atomic_write_text, pid_exists, settle_folder
@@ -157,7 +158,8 @@ def start(recipe: Recipe, data_report: dict[str, Any], resume_step: int | None) 
         "progress": {"step": resume_step or 0, "max_steps": (old.get("progress") or {}).get("max_steps")},
     }
     atomic_write_text(run_dir / STATUS_FILE, json.dumps(status, indent=2))
-    register(run_dir, run_id, recipe.name, recipe.model.base_model, recipe.task, status["created_at"])
+    if not storage.is_scratch(run_dir):  # a node's copy of a run on object storage: its face is indexed
+        register(run_dir, run_id, recipe.name, recipe.model.base_model, recipe.task, status["created_at"])
 
 
 def trim_metrics(run_dir: Path, resume_step: int | None) -> None:
@@ -191,6 +193,7 @@ def write_status(run_dir: Path, state: str | None = None, durable: bool = True, 
         status["ended_at"] = status["updated_at"]
     Path(run_dir).mkdir(parents=True, exist_ok=True)  # a job's folder: its status comes before training
     atomic_write_text(Path(run_dir) / STATUS_FILE, json.dumps(status, indent=2, default=str), durable)
+    storage.write_through(Path(run_dir), STATUS_FILE)  # a run on object storage: the bucket's copy too
 
 
 def write_progress(run_dir: Path, step: int, max_steps: int | None, seconds_per_step: float | None) -> None:
@@ -234,11 +237,17 @@ def _id_in_name(run_dir: Path, name: str) -> str | None:
 # --- reading a folder back -------------------------------------------------------------------------
 def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
     """A run's metrics.jsonl rows in order (a line a crash cut short is skipped)."""
+    storage.refresh(run_dir)  # a run on object storage: its face's copy, fresh
     return read_metrics(Path(run_dir) / METRICS_FILE)
 
 
 def read_status(run_dir: Path) -> dict[str, Any]:
-    """status.json as a dict; {} when there is none (not started, or not a run folder)."""
+    """status.json as a dict; {} when there is none (not started, or not a run folder).
+
+    For a run on object storage, its face's copy, refreshed from the bucket (storage.refresh):
+    metrics.jsonl and the checkpoint markers are refreshed with it.
+    """
+    storage.refresh(run_dir)
     try:
         status = json.loads((Path(run_dir) / STATUS_FILE).read_text())
     except (OSError, ValueError):
@@ -266,10 +275,16 @@ class Run:
     updated_at: float | None
     ended_at: float | None
     error: str | None
+    storage: str | None = None  # where the run lives when on object storage (s3://...); `folder` is its face
 
     @property
     def adapter(self) -> Path | None:
-        """The finished adapter folder, when the run succeeded and it is there."""
+        """The finished adapter folder, when the run succeeded and it is there (for a run on object
+        storage: once downloaded; `adapter_folder` downloads it)."""
+        if self.storage is not None:
+            from .adapter_cache import cached
+
+            return cached(self.folder) if self.state == "succeeded" else None
         folder = self.folder / ADAPTER
         return folder if self.state == "succeeded" and (folder / "lora_studio.json").is_file() else None
 
@@ -317,6 +332,7 @@ def read_run(run_dir: Path, entry: dict[str, Any] | None = None) -> Run:
         updated_at=status.get("updated_at"),
         ended_at=status.get("ended_at"),
         error=status.get("error"),
+        storage=storage.remote_of(run_dir),
     )
 
 
@@ -418,6 +434,10 @@ def adapter_folder(text: str) -> Path:
     if path.exists() or any(c in text for c in "/\\~") or text.startswith("."):
         return path
     run = find(text)
+    if run.storage is not None and run.state == "succeeded":  # downloaded once, then from the cache
+        from .adapter_cache import fetch
+
+        return fetch(run.folder)
     if run.adapter is None:
         raise ModelError(
             f"run {run.name} ({run.id}) has no finished adapter yet: it is {run.state} ({run.folder})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -20,15 +21,18 @@ import time
 from pathlib import Path
 
 import pytest
+import test_storage
 from test_jobs import loss_rows, make_recipe, wait_for
+from test_storage import BUCKET, s3_objects
 
-from lora_studio import cluster, runs
+from lora_studio import adapter_cache, cluster, runs, storage
 from lora_studio.cli import main
 from lora_studio.errors import ConfigError
 from lora_studio.jobs import JobStore
 from lora_studio.run_folder import checkpoint_step, last_complete_checkpoint
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.ray]
+s3_env = test_storage.s3_env  # a real S3 server for this module (moto), shared with the Ray head
 
 
 def _free_port() -> int:
@@ -65,8 +69,11 @@ def _head_command(temp: Path) -> tuple[list[str], str]:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory):
+def ray_head(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
     """A Ray head with 2 CPUs on this machine; yields its Job Submission address.
+
+    Its node reaches the module's S3 server (test_storage.s3_env) through its own environment,
+    as a real node reaches its bucket; without moto the S3 test alone is skipped.
 
     Stopped by signalling the process we started and then its process group (which Ray's own
     processes share), not by `ray stop`, which would stop every Ray on the machine.
@@ -75,7 +82,11 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
     pytest.importorskip("ray")
     folder = tmp_path_factory.mktemp("ray")
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must be < 108 bytes
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORA_STUDIO_HOME": str(folder / "node-home")}
+    try:
+        s3 = request.getfixturevalue("s3_env")
+    except pytest.skip.Exception:
+        s3 = {}
+    env = {**os.environ, **s3, "HF_HUB_OFFLINE": "1", "LORA_STUDIO_HOME": str(folder / "node-home")}
     # A node runs jobs with the `python` on its PATH (the README's setup): here, this test's venv.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     for attempt in range(3):  # a port taken between choosing it and Ray binding it: choose again
@@ -174,6 +185,77 @@ def test_a_ray_job_succeeds_with_its_run_on_storage_and_chat_loads_it(
     )
     assert runs.adapter_folder("on-ray") == job.adapter_dir  # the index here points at storage
     assert main(["chat", "on-ray", "--max-new-tokens", "4", "--prompt", "Repeat: word1"]) == 0
+
+
+def test_a_ray_job_on_s3_storage_is_cancelled_resumed_and_chat_loads_its_adapter_once(
+    ray_head, s3_env, tiny_model_dir, chat_file, tmp_path, capsys, caplog
+):
+    """--storage s3://: the node trains in scratch and mirrors to the bucket; `cancel` reaches it
+    through the bucket, `resume` continues from the checkpoint there; this machine reads the
+    run's copy of its small files, and `chat NAME` downloads the adapter once into the cache."""
+    steps = 80
+    recipe = _write(
+        tmp_path, make_recipe(tiny_model_dir, chat_file, name="on-s3", max_steps=steps, eval_every_steps=4)
+    )
+    uri = f"s3://{BUCKET}/team"
+    args = ["jobs", "submit", str(recipe), "--cluster", "ray", "--address", ray_head, "--storage", uri]
+    started = time.monotonic()
+    assert main(args) == 0
+    job_id = capsys.readouterr().out.strip().splitlines()[-1]
+    store = JobStore()
+    job = store.get(job_id)
+    assert job.run_dir.parent == storage.face_root(uri) / "runs"
+    run_uri = f"{uri}/runs/{job.run_dir.name}"
+    assert storage.remote_of(job.run_dir) == run_uri
+    _wait_until(store, job_id, lambda job: job.step >= 4 or job.state not in ("queued", "running"), 180)
+    assert store.cancel(job_id).cancel_requested  # its request goes into the bucket
+    _wait_until(store, job_id, lambda job: job.state not in ("queued", "running"), 60)
+    job = store.get(job_id)
+    assert job.state == "cancelled" and 4 <= job.step < steps, (job.error, store.read_log(job_id)[0][-3000:])
+    assert f"checkpoints/checkpoint-{job.step}/trainer_state.json" in s3_objects(
+        f"team/runs/{job.run_dir.name}"
+    )
+
+    assert store.resume(job_id).resumes_from_checkpoint  # the checkpoint is seen from here
+    cluster.start(store, job_id)
+    _wait_until(store, job_id, lambda job: job.state not in ("queued", "running"), 180)
+    with capsys.disabled():
+        print(f"ray job on s3, cancelled at {job.step} and resumed: {time.monotonic() - started:.1f} s")  # noqa: T201
+
+    job = store.get(job_id)
+    assert job.state == "succeeded", (job.error, store.read_log(job_id)[0][-3000:])
+    objects = s3_objects(f"team/runs/{job.run_dir.name}")
+    assert {
+        "adapter/lora_studio.json",
+        "adapter/adapter_model.safetensors",
+        "status.json",
+        "metrics.jsonl",
+    } <= set(objects)
+    assert job.step == steps and sorted(loss_rows(store, job_id)) == list(range(1, steps + 1))  # each once
+    assert main(["jobs", "show", job_id]) == 0
+    shown = capsys.readouterr().out
+    assert f"storage     {run_uri}" in shown and "metrics rows:" in shown and f"{run_uri}/adapter" in shown
+
+    caplog.set_level(logging.INFO, logger="lora_studio.adapter_cache")
+    for _ in range(2):
+        assert main(["chat", "on-s3", "--max-new-tokens", "4", "--prompt", "Repeat: word1"]) == 0
+    downloads = [r for r in caplog.records if r.getMessage().startswith("downloading the adapter")]
+    assert len(downloads) == 1  # the second chat loaded the cached copy
+    assert runs.adapter_folder("on-s3") == adapter_cache.cache_folder(run_uri) / "adapter"
+
+
+def test_several_workers_with_object_storage_are_refused_in_one_line(
+    ray_head, s3_env, tiny_model_dir, chat_file
+):
+    store = JobStore()
+    pair = make_recipe(tiny_model_dir, chat_file, name="two-s3", num_workers=2)
+    job_id = store.submit(pair, placement=cluster.ray_placement(ray_head, f"s3://{BUCKET}/team"))
+    with pytest.raises(
+        ConfigError, match=r"train.num_workers: 2 with object storage \(s3://.*\) is not supported yet"
+    ):
+        cluster.start(store, job_id)
+    job = store.get(job_id)
+    assert job.state == "failed" and "give --storage a folder every node sees" in job.error
 
 
 def _wait_until(store: JobStore, job_id: str, condition, timeout: float) -> None:
@@ -284,6 +366,41 @@ def test_two_ray_train_workers_train_the_tiny_model_like_one_process(
     # The same global batches, split over two processes (gradients averaged by DDP): measured equal
     # to 1e-4 here; allow for summation order and a different token normalisation per rank.
     assert abs(two - one) < 0.01
+
+
+def test_cancel_stops_two_ray_train_workers_at_the_next_step_with_a_checkpoint(
+    ray_head, tiny_model_dir, chat_file, tmp_path
+):
+    store = JobStore()
+    pair = make_recipe(
+        tiny_model_dir,
+        chat_file,
+        name="two-stop",
+        per_device_train_batch_size=2,
+        num_workers=2,
+        max_steps=200,
+    )
+    job_id = store.submit(pair, placement=_placement(ray_head, tmp_path / "shared"))
+    cluster.start(store, job_id)
+    run_dir = store.get(job_id).run_dir
+    _wait_until(
+        store,
+        job_id,
+        lambda job: runs.read_run(run_dir).step >= 4 or job.state not in ("queued", "running"),
+        240,
+    )
+    asked_at = runs.read_run(run_dir).step
+    assert store.cancel(job_id).cancel_requested
+    _wait_until(store, job_id, lambda job: job.state not in ("queued", "running"), 120)
+    job = store.get(job_id)
+    assert job.state == "cancelled", (job.error, store.read_log(job_id)[0][-3000:])
+    print(f"2 workers: cancel asked at step {asked_at}, stopped at {job.step}")  # noqa: T201
+    # The next step, give or take the steps that ran while the cancel was being written.
+    assert asked_at <= job.step <= asked_at + 5 and job.attempts == 1, job.error
+    assert (run_dir / "checkpoints" / f"checkpoint-{job.step}" / "trainer_state.json").is_file()
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "cancelled"
+    log_text = store.read_log(job_id)[0]
+    assert log_text.count("Setting up process group for") == 1, log_text[-3000:]  # no group restart
 
 
 @pytest.mark.browser

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .. import cluster
+from .. import cluster, storage
 from ..config import add_set_argument
 from ..evaluation.overfit import warning_lines
 from ..jobs import JOB_STATES, Job, JobStore
@@ -133,10 +133,17 @@ def run_submit(args: argparse.Namespace) -> int:
     where = "not started (--no-worker)" if args.no_worker else cluster.start(store, job_id)
     place = f"position {job.queue_position}" if job.queue_position else job.where
     print(f"queued {job.name} as job {job_id} ({place}); {where}")
-    print(f"run folder: {job.run_dir}")
+    uri = storage.remote_of(job.run_dir)
+    print(f"run folder: {uri} (its copy here: {job.run_dir})" if uri else f"run folder: {job.run_dir}")
     print(f"follow it:  lora-studio jobs logs {job_id} --follow")
     print(job_id)
     return 0
+
+
+def _adapter_line(job: Job, uri: str | None) -> str | None:
+    if uri and job.state == "succeeded":  # on object storage: fetched by the run's name
+        return f"{uri}/adapter (`lora-studio chat {job.name}` downloads it once)"
+    return str(job.adapter_dir) if job.adapter_dir else None
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -166,6 +173,7 @@ def run_show(args: argparse.Namespace) -> int:
         print(json.dumps({**job.to_dict(), "metrics_rows": rows}, indent=2, default=str))
         return 0
     cancel = " (cancel requested)" if job.cancel_requested else ""
+    uri = storage.remote_of(job.run_dir)
     print(printable(f"job {job.id}: {job.name}, {'damaged' if job.damaged else job.state}") + cancel)
     details = {
         "progress": _progress(job)
@@ -177,8 +185,9 @@ def run_show(args: argparse.Namespace) -> int:
         "attempts": str(job.attempts),
         "runs on": job.where + (f" ({job.submission_id})" if job.submission_id else ""),
         "run folder": str(job.run_dir),
+        "storage": uri,  # a run on object storage: `run folder` is its copy here (storage.py)
         "log": str(job.log_path),
-        "adapter": job.adapter_dir and str(job.adapter_dir),
+        "adapter": _adapter_line(job, uri),
         "error": job.error,
         "warnings": "\n              ".join(warning_lines(job.run_dir)) or None,  # overfit.py's alarms
         "threads": (read_status(job.run_dir).get("threads") or {}).get("why"),  # thread_tuning.py

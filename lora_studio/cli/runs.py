@@ -72,6 +72,7 @@ def run_show(args: argparse.Namespace) -> int:
         "steps": _steps(run),
         "best val": num(run.best_val_loss),
         "folder": str(run.folder),
+        "storage": run.storage,  # on object storage: `folder` is its copy of the small files here
         "adapter": run.adapter and str(run.adapter),
         "created": when(run.created_at),
         "updated": when(run.updated_at),
@@ -81,7 +82,7 @@ def run_show(args: argparse.Namespace) -> int:
     for key, value in details.items():
         if value:
             print(f"  {key:<9} {printable(value)}")
-    if run.adapter:
+    if run.adapter or (run.storage and run.state == "succeeded"):  # in a bucket: chat downloads it
         print(printable(f"  try it:   lora-studio chat {run.name if _unique(run) else run.id} --compare"))
     return 0
 
@@ -100,7 +101,7 @@ def _print(found: list[runs.Run], as_json: bool, empty: str) -> int:
         print(
             f"{printable(r.name)[:20]:<20} {printable(r.id)[:10]:<10} {printable(_short(r.base_model)):<24} "
             f"{printable(r.state):<11} {_steps(r):>9} {num(r.best_val_loss):>8} {_age(r.created_at):>5}  "
-            f"{printable(r.folder)}"
+            f"{printable(r.storage or r.folder)}"
         )  # fields of an index anyone could have written: never raw control characters
     return 0
 
