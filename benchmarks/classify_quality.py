@@ -79,6 +79,7 @@ def run_head(train_file: Path, test: list[dict], out: Path, extra: list[str]) ->
         "val_accuracy": m.get("val_accuracy"),
         "global_step": m["global_step"],
         "best_checkpoint": m.get("best_checkpoint"),
+        "kept_start": m.get("kept_start"),
         "epochs": _epochs(result.run_dir),
     }
 
@@ -170,7 +171,7 @@ def table(results: dict) -> list[str]:
             if method == "head":
                 notes = (
                     f"step 0: {r['step0_val_accuracy']:.1%} val; stopped at epoch {r['epochs']:.1f}, "
-                    f"best {r['best_checkpoint']}"
+                    f"best {'the start (frozen body)' if r.get('kept_start') else r['best_checkpoint']}"
                 )
             elif method == "chat":
                 notes = f"{r['no_label_answers']} answers named no label"

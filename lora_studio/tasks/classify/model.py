@@ -15,6 +15,7 @@ sees only what came before, so padding after the text changes nothing). The head
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,7 @@ from ...errors import ConfigError, ModelError
 from ...models import BaseModelRef, load_tokenizer, loading_kwargs, resolve_base
 from ...text_checks import check_text
 from ...threads import use as use_threads
+from .prompt import ClassifyPrompt
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +160,17 @@ class Prediction:
 class Classifier:
     """A sequence classifier ready for texts: adapter on its base, or a merged model folder."""
 
-    def __init__(self, model: Any, tokenizer: Any, labels: Sequence[str], max_length: int, source: str):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        labels: Sequence[str],
+        max_length: int,
+        source: str,
+        prompt: ClassifyPrompt | None = None,
+    ):
         self.model = model.eval()
+        self.prompt = prompt or ClassifyPrompt()  # how texts were read in training (prompt.py)
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "right"  # the head reads the last real token; see the module doc
         self.labels = list(labels)
@@ -182,7 +193,8 @@ class Classifier:
         model, ref = load_classification_base(settings, labels, tokenizer.pad_token_id)
         peft = apply_adapter(model, folder, meta, ref, settings.base_model)
         max_length = int(((meta.get("recipe") or {}).get("data") or {}).get("max_length") or 512)
-        return cls(peft, tokenizer, labels, max_length, str(folder))
+        prompt = ClassifyPrompt.from_metadata(meta.get("classification"))
+        return cls(peft, tokenizer, labels, max_length, str(folder), prompt)
 
     @classmethod
     def from_merged(cls, folder: str | Path) -> Classifier:
@@ -198,7 +210,8 @@ class Classifier:
             raise ModelError(f"cannot load {folder} as a sequence classifier: {e}") from None
         tokenizer = load_tokenizer(folder)
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        return cls(model, tokenizer, labels, int(tokenizer.model_max_length), str(folder))
+        prompt = ClassifyPrompt.from_metadata(merged_classification(folder))
+        return cls(model, tokenizer, labels, int(tokenizer.model_max_length), str(folder), prompt)
 
     @torch.inference_mode()
     def probabilities(
@@ -217,13 +230,7 @@ class Classifier:
         device = next(self.model.parameters()).device
         for start in batches:
             chunk = order[start : start + batch_size]
-            inputs = self.tokenizer(
-                [texts[i] for i in chunk],
-                truncation=True,
-                max_length=self.max_length,
-                padding=True,
-                return_tensors="pt",
-            )
+            inputs = self.prompt.encode_batch([texts[i] for i in chunk], self.tokenizer, self.max_length)
             with self._lock:
                 use_threads("classification")  # this process's share of the cores now (threads.py)
                 logits = self.model(
@@ -242,6 +249,16 @@ class Classifier:
             )
             for row in probs
         ]
+
+
+def merged_classification(folder: Path) -> dict[str, Any] | None:
+    """The `classification` metadata a merged folder keeps in lora_studio_merge.json (None: not ours)."""
+    from ...export import MERGE_INFO_FILE
+
+    try:
+        return json.loads((folder / MERGE_INFO_FILE).read_text()).get("classification")
+    except (OSError, ValueError, AttributeError):
+        return None  # a classifier merged elsewhere: bare texts
 
 
 def float32_settings(metadata: dict[str, Any]) -> ModelSettings:
