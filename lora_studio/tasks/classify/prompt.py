@@ -71,6 +71,10 @@ class ClassifyPrompt:
             "truncated": len(body) > room,
         }
 
+    def prefix_ids(self, tokenizer: Any) -> list[int]:
+        """The tokens every encoded text starts with (what comes before the text)."""
+        return _ids(tokenizer, self.before)
+
     def encode_batch(self, texts: Sequence[str], tokenizer: Any, max_length: int) -> dict[str, Any]:
         """Right-padded tensors (input_ids, attention_mask) of `texts`, for the model's forward pass."""
         import torch
