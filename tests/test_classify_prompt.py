@@ -44,10 +44,10 @@ def prompted_recipe(model_dir: Path, train_file: Path, run_dir: Path, prompt: st
             "data": {"train_file": str(train_file), "max_length": MAX_LENGTH, "val_fraction": 0.2},
             "train": {
                 "output_dir": str(run_dir),
-                "num_train_epochs": 1,
+                "num_train_epochs": 4,
                 "per_device_train_batch_size": 8,
-                "eval_every_steps": 5,
-                "learning_rate": 1e-2,
+                "eval_every_steps": 6,
+                "learning_rate": 3e-2,
             },
             "classify": {"prompt": prompt},
         }
@@ -193,3 +193,17 @@ def test_the_prompt_start_runs_once_and_gives_the_full_pass_probabilities(prompt
         full = torch.softmax(classifier.model(**batch).logits, -1)
     assert torch.allclose(reused, full, atol=1e-5)
     assert torch.allclose(classifier.probabilities(texts[:1]), full[:1], atol=1e-5)  # the kept start, again
+
+
+def test_word_labels_in_the_prompt_keep_the_label_words_rows_as_a_frozen_verbalizer(
+    prompted: tuple[Recipe, Path],
+):
+    """Trained with the prompt, word labels' head is the label words' embedding rows, unscaled and
+    unchanged by training (only LoRA trained); the LoRA update is not zero."""
+    from lora_studio.tasks.classify.head_init import label_word_rows
+
+    _, adapter = prompted
+    classifier = Classifier.from_adapter(adapter)
+    expected = label_word_rows(classifier.model, classifier.tokenizer, LABELS)
+    assert torch.equal(head_weight(classifier.model).detach().float(), expected)
+    assert any(p.abs().sum() > 0 for n, p in classifier.model.named_parameters() if "lora_B" in n)

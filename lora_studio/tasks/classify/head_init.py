@@ -133,13 +133,18 @@ def init_head(
     label_ids: torch.Tensor,
     kind: HeadInit | None = None,
     fit: bool = True,
+    verbalizer: bool = False,
 ) -> HeadInit:
     """Set the head's rows from the label words or the class prototypes of `features` (training rows'
     last-token head inputs, from `head_features.head_inputs`), fitted to them unless `fit` is off;
-    returns which start it took."""
-    kind = kind or init_kind(labels)
+    returns which start it took. A `verbalizer` takes the label words' rows as they are, unscaled and
+    unfitted: its logits are the base's own next-token logits for the label words."""
+    kind = "label_words" if verbalizer else kind or init_kind(labels)
     features = features.float()
-    rows = start_rows(model, tokenizer, labels, features, label_ids, kind)
+    if verbalizer:
+        rows, fit = label_word_rows(model, tokenizer, labels), False
+    else:
+        rows = start_rows(model, tokenizer, labels, features, label_ids, kind)
     start_accuracy = _accuracy(rows, features, label_ids)
     if fit:
         rows = fitted_rows(rows, features, label_ids)

@@ -97,9 +97,8 @@ def informed_head(model: Any, tokenizer: Any, data: ClassifyData, fast: Classify
     features = torch.empty_like(last)
     features[order] = last
     label_ids = torch.tensor([row["labels"] for row in data.train])
-    return init_head(
-        model, tokenizer, data.label_map.labels, features, label_ids, fit=not is_verbalizer(data)
-    )
+    labels = data.label_map.labels
+    return init_head(model, tokenizer, labels, features, label_ids, verbalizer=is_verbalizer(data))
 
 
 def is_verbalizer(data: ClassifyData) -> bool:
