@@ -133,18 +133,13 @@ def init_head(
     label_ids: torch.Tensor,
     kind: HeadInit | None = None,
     fit: bool = True,
-    verbalizer: bool = False,
 ) -> HeadInit:
     """Set the head's rows from the label words or the class prototypes of `features` (training rows'
     last-token head inputs, from `head_features.head_inputs`), fitted to them unless `fit` is off;
-    returns which start it took. A `verbalizer` takes the label words' rows as they are, unscaled and
-    unfitted: its logits are the base's own next-token logits for the label words."""
-    kind = "label_words" if verbalizer else kind or init_kind(labels)
+    returns which start it took."""
+    kind = kind or init_kind(labels)
     features = features.float()
-    if verbalizer:
-        rows, fit = label_word_rows(model, tokenizer, labels), False
-    else:
-        rows = start_rows(model, tokenizer, labels, features, label_ids, kind)
+    rows = start_rows(model, tokenizer, labels, features, label_ids, kind)
     start_accuracy = _accuracy(rows, features, label_ids)
     if fit:
         rows = fitted_rows(rows, features, label_ids)
@@ -158,6 +153,18 @@ def init_head(
         f", fitted to the frozen features: {100 * _accuracy(rows, features, label_ids):.1f}%" if fit else "",
     )
     return kind
+
+
+@torch.no_grad()
+def init_verbalizer(model: Any, tokenizer: Any, labels: Sequence[str]) -> HeadInit:
+    """The label words' rows as they are, unscaled and unfitted: the head's logits are the base's own
+    next-token logits for the label words (no features needed, so no pass through the base)."""
+    weight = head_weight(model)
+    weight.copy_(label_word_rows(model, tokenizer, labels).to(weight.device, weight.dtype))
+    log.info(
+        "head: the label words' rows as the base has them (%d labels), frozen: a verbalizer", len(labels)
+    )
+    return "label_words"
 
 
 def _accuracy(rows: torch.Tensor, features: torch.Tensor, label_ids: torch.Tensor) -> float:

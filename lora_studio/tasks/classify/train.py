@@ -76,12 +76,15 @@ def build_classifier_trainer(
 
 def informed_head(model: Any, tokenizer: Any, data: ClassifyData, fast: ClassifyFastPath | None) -> str:
     """Start the head from the label words or the class prototypes (head_init), reading the training
-    rows' features through the frozen base once (with the fast path, this fills its feature cache)."""
+    rows' features through the frozen base once (with the fast path, this fills its feature cache);
+    a verbalizer needs no features."""
     from transformers import DataCollatorWithPadding
 
     from .features import head_inputs
-    from .head_init import init_head
+    from .head_init import init_head, init_verbalizer
 
+    if is_verbalizer(data):  # its rows do not depend on the features: no pass through the base
+        return init_verbalizer(model, tokenizer, data.label_map.labels)
     collate = fast.collate if fast is not None else DataCollatorWithPadding(tokenizer)
     order = sorted(range(len(data.train)), key=lambda i: len(data.train[i]["input_ids"]))  # less padding
     batches = (
@@ -97,8 +100,7 @@ def informed_head(model: Any, tokenizer: Any, data: ClassifyData, fast: Classify
     features = torch.empty_like(last)
     features[order] = last
     label_ids = torch.tensor([row["labels"] for row in data.train])
-    labels = data.label_map.labels
-    return init_head(model, tokenizer, labels, features, label_ids, verbalizer=is_verbalizer(data))
+    return init_head(model, tokenizer, data.label_map.labels, features, label_ids)
 
 
 def is_verbalizer(data: ClassifyData) -> bool:
@@ -117,7 +119,6 @@ def freeze_verbalizer(model: Any, data: ClassifyData) -> None:
 
     if is_verbalizer(data):
         head_weight(model).requires_grad_(False)
-        log.info("head: the label words' rows, frozen (a verbalizer); LoRA trains the body to answer")
 
 
 class KeepStartIfBetter(TrainerCallback):
