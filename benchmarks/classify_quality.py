@@ -247,6 +247,13 @@ def main() -> int:
         "--base-model", default=None, help="another base for every method (a smoke test on a small model)"
     )
     parser.add_argument(
+        "--head-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting of the classify recipe (repeatable), e.g. num_train_epochs=10",
+    )
+    parser.add_argument(
         "--measure-inference",
         action="store_true",
         help="only measure rows/s again on the head and chat adapters an earlier run left in --out",
@@ -272,7 +279,7 @@ def main() -> int:
         for method in args.methods.split(","):
             log.info("%s: %s (%d training rows, %d test rows)", name, method, len(train_rows), len(test))
             if method == "head":
-                r = run_head(train_file, test, args.out / "runs" / f"{name}-head", extra)
+                r = run_head(train_file, test, args.out / "runs" / f"{name}-head", extra + args.head_set)
             elif method == "chat":
                 r = run_chat(train_rows, test, args.out / "runs" / f"{name}-chat", extra)
             else:
