@@ -2,6 +2,7 @@
 
     python benchmarks/classify_quality.py [--sets words,ids,long] [--methods head,chat,probe]
                                           [--out classify-quality-out] [--threads N]
+    python benchmarks/classify_quality.py --measure-inference --out classify-quality-out
 
 For each set (benchmarks/classify_sets.py: few word labels; 60 opaque-id labels with 10 rows each;
 long e-mails) and each method, in one process, one after another:
@@ -12,6 +13,8 @@ long e-mails) and each method, in one process, one after another:
 it prints accuracy and macro F1 on the held-out test rows, training seconds (wall clock of the whole
 training call: data, model load, feature pass, training) and inference rows/s (model loaded,
 batches of 16). Results go to OUT/classify_quality.json as they come, and a table at the end.
+`--measure-inference` measures rows/s again, side by side, on the head and chat adapters a run left
+in OUT (the head also with its prompt's start run for every batch, to show what reusing it buys).
 Goal for the head: accuracy >= chat's and clearly above the probe's, <= 1/3 of chat's training
 time, >= 5x chat's inference rows/s.
 """
@@ -66,9 +69,7 @@ def run_head(train_file: Path, test: list[dict], out: Path, extra: list[str]) ->
     result = train(recipe)
     train_s = time.perf_counter() - started
     classifier = Classifier.from_adapter(result.adapter_dir)
-    started = time.perf_counter()
-    predicted = [p.label for p in classifier.predict([r["text"] for r in test], batch_size=BATCH)]
-    rows_s = len(test) / (time.perf_counter() - started)
+    predicted, rows_s = head_inference(classifier, test)
     m = result.metrics
     return {
         **scores([r["label"] for r in test], predicted, classifier.labels),
@@ -79,8 +80,16 @@ def run_head(train_file: Path, test: list[dict], out: Path, extra: list[str]) ->
         "val_accuracy": m.get("val_accuracy"),
         "global_step": m["global_step"],
         "best_checkpoint": m.get("best_checkpoint"),
+        "kept_start": m.get("kept_start"),
         "epochs": _epochs(result.run_dir),
     }
+
+
+def head_inference(classifier: object, test: list[dict]) -> tuple[list[str], float]:
+    """(predicted labels, rows/s) in batches of BATCH, the model loaded."""
+    started = time.perf_counter()
+    predicted = [p.label for p in classifier.predict([r["text"] for r in test], batch_size=BATCH)]
+    return predicted, len(test) / (time.perf_counter() - started)
 
 
 def _epochs(run_dir: Path) -> float | None:
@@ -102,8 +111,6 @@ def label_in(answer: str, labels: list[str]) -> str:
 
 def run_chat(train_rows: list[dict], test: list[dict], out: Path, extra: list[str]) -> dict:
     from lora_studio import Recipe, train
-    from lora_studio.adapters import load_adapted
-    from lora_studio.evaluation.answers import generate_answers
 
     labels = sorted({r["label"] for r in train_rows})
     data = write_jsonl(
@@ -116,13 +123,7 @@ def run_chat(train_rows: list[dict], test: list[dict], out: Path, extra: list[st
     started = time.perf_counter()
     result = train(recipe)
     train_s = time.perf_counter() - started
-    adapted = load_adapted(result.adapter_dir)
-    prompts = [[{"role": "user", "content": chat_prompt(r["text"], labels)}] for r in test]
-    started = time.perf_counter()
-    answers = generate_answers(
-        adapted.model.eval(), adapted.tokenizer, prompts, max_new_tokens=8, batch_size=BATCH
-    )
-    rows_s = len(test) / (time.perf_counter() - started)
+    answers, rows_s = chat_inference(result.adapter_dir, test, labels)
     predicted = [label_in(a, labels) for a in answers]
     return {
         **scores([r["label"] for r in test], predicted, labels),
@@ -133,6 +134,43 @@ def run_chat(train_rows: list[dict], test: list[dict], out: Path, extra: list[st
         "global_step": result.metrics["global_step"],
         "sample_answers": answers[:3],
     }
+
+
+def chat_inference(adapter_dir: Path, test: list[dict], labels: list[str]) -> tuple[list[str], float]:
+    """(greedy answers, rows/s) in batches of BATCH, the model loaded."""
+    from lora_studio.adapters import load_adapted
+    from lora_studio.evaluation.answers import generate_answers
+
+    adapted = load_adapted(adapter_dir)
+    prompts = [[{"role": "user", "content": chat_prompt(r["text"], labels)}] for r in test]
+    started = time.perf_counter()
+    answers = generate_answers(
+        adapted.model.eval(), adapted.tokenizer, prompts, max_new_tokens=8, batch_size=BATCH
+    )
+    return answers, len(test) / (time.perf_counter() - started)
+
+
+def measure_inference(out: Path, sets: list[str]) -> list[str]:
+    """Rows/s again, side by side in this process, of the adapters a run left in OUT/runs: the head
+    (the prompt's start run once, and with it run for every batch) and the chat LoRA."""
+    from lora_studio.tasks.classify.model import Classifier
+
+    lines = [
+        "| set | head rows/s | head, prompt start per batch | chat LoRA rows/s | load |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name in sets:
+        train_rows, test = SETS[name]()
+        labels = sorted({r["label"] for r in train_rows})
+        classifier = Classifier.from_adapter(out / "runs" / f"{name}-head" / "adapter")
+        head_inference(classifier, test[:BATCH])  # warm-up
+        _, reused = head_inference(classifier, test)
+        classifier._prefix = lambda device: None  # type: ignore[method-assign]  # every batch runs it all
+        _, per_batch = head_inference(classifier, test)
+        _, chat = chat_inference(out / "runs" / f"{name}-chat" / "adapter", test, labels)
+        lines.append(f"| {name} | {reused:.1f} | {per_batch:.1f} | {chat:.1f} | {os.getloadavg()[0]:.1f} |")
+        log.info(lines[-1])
+    return lines
 
 
 def run_probe(train_file: Path, test: list[dict], extra: list[str]) -> dict:
@@ -170,7 +208,7 @@ def table(results: dict) -> list[str]:
             if method == "head":
                 notes = (
                     f"step 0: {r['step0_val_accuracy']:.1%} val; stopped at epoch {r['epochs']:.1f}, "
-                    f"best {r['best_checkpoint']}"
+                    f"best {'the start (frozen body)' if r.get('kept_start') else r['best_checkpoint']}"
                 )
             elif method == "chat":
                 notes = f"{r['no_label_answers']} answers named no label"
@@ -208,12 +246,27 @@ def main() -> int:
     parser.add_argument(
         "--base-model", default=None, help="another base for every method (a smoke test on a small model)"
     )
+    parser.add_argument(
+        "--head-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting of the classify recipe (repeatable), e.g. num_train_epochs=10",
+    )
+    parser.add_argument(
+        "--measure-inference",
+        action="store_true",
+        help="only measure rows/s again on the head and chat adapters an earlier run left in --out",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.measure_inference:
+        print("\n".join(measure_inference(args.out, args.sets.split(","))))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "classify_quality.json"
     extra = [f"base_model={args.base_model}"] if args.base_model else []
@@ -226,7 +279,7 @@ def main() -> int:
         for method in args.methods.split(","):
             log.info("%s: %s (%d training rows, %d test rows)", name, method, len(train_rows), len(test))
             if method == "head":
-                r = run_head(train_file, test, args.out / "runs" / f"{name}-head", extra)
+                r = run_head(train_file, test, args.out / "runs" / f"{name}-head", extra + args.head_set)
             elif method == "chat":
                 r = run_chat(train_rows, test, args.out / "runs" / f"{name}-chat", extra)
             else:

@@ -188,6 +188,11 @@ class ClassifySettings:
     class_weight: Literal["none", "balanced"] = _f(
         "none", "'balanced' weights the loss by inverse class frequency (for skewed labels)."
     )
+    prompt: Literal["auto", "none"] = _f(
+        "auto",
+        "'auto' shows each text inside the base's chat template with a one-line instruction, so the head "
+        "reads the state where the model would answer; 'none': the bare text.",
+    )
 
 
 SECTIONS: dict[str, type] = {

@@ -72,11 +72,15 @@ class ClassifyTask:
         resuming: bool = False,
     ) -> Any:
         from .fast import prepare as prepare_fast_path
-        from .train import build_classifier_trainer, informed_head
+        from .train import KeepStartIfBetter, build_classifier_trainer, freeze_verbalizer, informed_head
 
         fast = prepare_fast_path(recipe, model, tokenizer, data, ref.folder)  # None: the plain path
         if not resuming:  # a resumed run's head comes from its checkpoint
             informed_head(model, tokenizer, data, fast)
+            if data.val:  # the start is a candidate too: kept when fine-tuning does not beat it
+                best = self.best_checkpoint[recipe.train.select_best]
+                callbacks = [*callbacks, KeepStartIfBetter(model, *best)]
+        freeze_verbalizer(model, data)  # resumed too: the same parameters train
         return build_classifier_trainer(recipe, model, tokenizer, data, args, callbacks, fast)
 
     def results(self, recipe: Recipe, trainer: Any, data: Any) -> Results:
@@ -95,7 +99,7 @@ class ClassifyTask:
                 log.info("validation scores:\n%s", "\n".join(scores.lines()))
 
         labels = json.dumps(data.label_map.to_dict(), indent=2)
-        metadata = classification_metadata(recipe, data.label_map)
+        metadata = classification_metadata(recipe, data.label_map, data.prompt)
         return Results(metrics, metadata, {LABELS_FILE: labels}, write)
 
     # --- use --------------------------------------------------------------------------------------

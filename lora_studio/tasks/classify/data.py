@@ -27,6 +27,7 @@ from ...config import ClassifySettings
 from ...data import data_fingerprint, read_rows
 from ...errors import DataError
 from ...text_checks import check_text
+from .prompt import ClassifyPrompt, choose_prompt
 
 IMBALANCE_RATIO = 3.0  # largest / smallest class size that counts as real skew
 FEW_ROWS = 5  # a class with fewer training rows than this is hard to learn
@@ -172,13 +173,6 @@ def class_weights(rows: list[LabeledText], label_map: LabelMap) -> list[float]:
     return [len(rows) / (len(label_map.labels) * counts[label]) for label in label_map.labels]
 
 
-# --- tokenizing ------------------------------------------------------------------------------------
-def encode_text(text: str, tokenizer: Any, max_length: int) -> dict[str, Any]:
-    """Token ids of one text, cut to max_length (a longer text loses its end)."""
-    ids = tokenizer(text)["input_ids"]
-    return {"input_ids": ids[:max_length], "length": len(ids), "truncated": len(ids) > max_length}
-
-
 # --- the whole preparation and its report ----------------------------------------------------------
 @dataclass
 class ClassifyReport:
@@ -224,6 +218,7 @@ class ClassifyData:
     fingerprint: str
     train_rows: list[LabeledText]
     val_rows: list[LabeledText]
+    prompt: ClassifyPrompt = field(default_factory=ClassifyPrompt)  # how each text became input_ids
 
 
 def dedupe_rows(rows: list[LabeledText]) -> list[LabeledText]:
@@ -253,14 +248,18 @@ def prepare_classification(
     check_label_sets(train_rows, val_rows, Path(settings.train_file).name)
     label_map = LabelMap.from_labels(r.label for r in train_rows)
     ids = label_map.label2id
+    prompt = choose_prompt(columns.prompt, label_map.labels, tokenizer, settings.max_length)
 
     def encoded(rows: list[LabeledText]) -> list[dict[str, Any]]:
-        return [{**encode_text(r.text, tokenizer, settings.max_length), "labels": ids[r.label]} for r in rows]
+        return [
+            {**prompt.encode(r.text, tokenizer, settings.max_length), "labels": ids[r.label]} for r in rows
+        ]
 
     train, val = encoded(train_rows), encoded(val_rows)
     report = make_report(train_rows, val_rows, label_map, train + val, settings.max_length)
-    digest = hashlib.sha256((data_fingerprint(settings) + json.dumps([text, label])).encode()).hexdigest()
-    return ClassifyData(train, val, label_map, report, digest, train_rows, val_rows)
+    fields = [text, label] + ([] if prompt.plain else [prompt.to_dict()])  # bare texts: as before prompts
+    digest = hashlib.sha256((data_fingerprint(settings) + json.dumps(fields)).encode()).hexdigest()
+    return ClassifyData(train, val, label_map, report, digest, train_rows, val_rows, prompt)
 
 
 def make_report(

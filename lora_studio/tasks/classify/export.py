@@ -6,7 +6,9 @@
 The merged folder is a plain transformers sequence classifier:
 `AutoModelForSequenceClassification.from_pretrained(folder)` loads it without PEFT, with `id2label`,
 `label2id` and `pad_token_id` in its config, and its tokenizer's `model_max_length` is the training
-max_length (so `tokenizer(text, truncation=True)` cuts texts as training did). Both commands compare
+max_length (so `tokenizer(text, truncation=True)` cuts bare texts as training did). A classifier
+trained with a prompt (prompt.py) records it in lora_studio_merge.json, where `Classifier.from_merged`
+reads it; plain transformers users wrap each text in its `before` and `after`. Both commands compare
 label probabilities on the same texts (the adapter's own training texts when its data file is still
 there): merging always starts from the unquantized float32 base, so the merged model must match
 the float32 adapter within the saved dtype's rounding, and pick the same label.
@@ -101,6 +103,7 @@ class ClassifierMergeReport:
     labels: tuple[str, ...]
     check: ProbabilityCheck
     seconds: float
+    prompted: bool = False  # the classifier reads texts inside a prompt (prompt.py), recorded in the folder
 
     def lines(self) -> list[str]:
         return [
@@ -108,6 +111,11 @@ class ClassifierMergeReport:
             f"{len(self.labels)} labels, {self.seconds:.1f} s)",
             self.check.line(),
             "loads with: AutoModelForSequenceClassification.from_pretrained(folder)  (no PEFT needed)",
+            *(
+                [f"texts are read inside a prompt: see 'classification.prompt' in {MERGE_INFO_FILE}"]
+                if self.prompted
+                else []
+            ),
         ]
 
 
@@ -135,20 +143,22 @@ def merge_classifier(
         adapter.tokenizer.save_pretrained(tmp)
         del merged, adapter
         dtype_name = str(save_dtype).split(".")[-1]
-        got = Classifier.from_merged(tmp).probabilities(texts)
-        check = compare_probabilities(
-            "merged vs unmerged adapter", reference, got, PROBABILITY_TOLERANCE[dtype_name]
-        )
         info = {
             "adapter": str(adapter_dir),
             "task": "classify",
             "base_model": settings.base_model,
             "base_model_hash": meta.get("base_model_hash"),
-            "classification": meta.get("classification"),
+            "classification": meta.get("classification"),  # with the prompt texts are read in
             "dtype": dtype_name,
-            "check": check.__dict__,
             "merged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        # written before the check: the merged folder is loaded as a user would, prompt and all
+        (tmp / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+        got = Classifier.from_merged(tmp).probabilities(texts)
+        check = compare_probabilities(
+            "merged vs unmerged adapter", reference, got, PROBABILITY_TOLERANCE[dtype_name]
+        )
+        info["check"] = check.__dict__
         (tmp / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
         if not check.passed:
             raise ModelError(
@@ -158,7 +168,10 @@ def merge_classifier(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     labels = tuple((meta.get("classification") or {}).get("labels") or ())
-    return ClassifierMergeReport(out_dir, settings.base_model, dtype_name, labels, check, time.time() - start)
+    prompted = bool((meta.get("classification") or {}).get("prompt"))
+    return ClassifierMergeReport(
+        out_dir, settings.base_model, dtype_name, labels, check, time.time() - start, prompted
+    )
 
 
 # --- verify ----------------------------------------------------------------------------------------

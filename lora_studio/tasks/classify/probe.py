@@ -24,6 +24,7 @@ from ...models import load_tokenizer, resolve_base
 from .data import LabeledText, LabelMap
 from .features import head_inputs
 from .model import load_classification_base
+from .prompt import ClassifyPrompt, PromptSetting, choose_prompt
 
 log = logging.getLogger(__name__)
 
@@ -89,33 +90,38 @@ def choose_fit(
 class LinearProbe:
     """The frozen base and a fitted logistic regression: a classifier with no fine-tuning."""
 
-    def __init__(self, model: Any, tokenizer: Any, labels: Sequence[str], fit: LinearFit, max_length: int):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        labels: Sequence[str],
+        fit: LinearFit,
+        max_length: int,
+        prompt: ClassifyPrompt | None = None,
+    ):
         self.model, self.tokenizer, self.labels = model, tokenizer, list(labels)
-        self.fit, self.max_length = fit, max_length
+        self.fit, self.max_length, self.prompt = fit, max_length, prompt or ClassifyPrompt()
 
     def features(self, texts: Sequence[str]) -> torch.Tensor:
-        return text_features(self.model, self.tokenizer, texts, self.max_length)
+        return text_features(self.model, self.tokenizer, texts, self.max_length, self.prompt)
 
     def predict(self, texts: Sequence[str]) -> list[str]:
         ids = self.fit.logits(self.features(texts)).argmax(-1)
         return [self.labels[int(i)] for i in ids]
 
 
-def text_features(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int) -> torch.Tensor:
-    """[last token, mean over tokens] of each text's final hidden states, batches sorted by length."""
-    tokenizer.padding_side = "right"
+def text_features(
+    model: Any, tokenizer: Any, texts: Sequence[str], max_length: int, prompt: ClassifyPrompt | None = None
+) -> torch.Tensor:
+    """[last token, mean over tokens] of each text's final hidden states (read in `prompt`, by default
+    the bare text), batches sorted by length."""
+    prompt = prompt or ClassifyPrompt()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     batches = (
-        tokenizer(
-            [texts[i] for i in order[start : start + BATCH]],
-            truncation=True,
-            max_length=max_length,
-            padding=True,
-            return_tensors="pt",
-        )
+        prompt.encode_batch([texts[i] for i in order[start : start + BATCH]], tokenizer, max_length)
         for start in range(0, len(order), BATCH)
     )
-    last, mean = head_inputs(model, ({k: b[k] for k in ("input_ids", "attention_mask")} for b in batches))
+    last, mean = head_inputs(model, batches)
     features = torch.empty(len(texts), last.shape[1] * 2)
     features[order] = torch.cat([last, mean], dim=1)
     return features
@@ -127,18 +133,21 @@ def train_probe(
     val_rows: Sequence[LabeledText] = (),
     max_length: int = 512,
     model_settings: ModelSettings | None = None,
+    prompt: PromptSetting = "none",
 ) -> LinearProbe:
-    """Read the texts through the frozen base once and fit the probe (penalty chosen on `val_rows`)."""
+    """Read the texts through the frozen base once and fit the probe (penalty chosen on `val_rows`).
+    The classic probe reads bare texts; `prompt="auto"` reads them as a prompted classifier does."""
     settings = model_settings or ModelSettings(base_model=base_model)
     tokenizer = load_tokenizer(resolve_base(settings.base_model, settings.revision).folder)
     label_map = LabelMap.from_labels(r.label for r in train_rows)
     model, _ = load_classification_base(settings, label_map.labels, tokenizer.pad_token_id)
     ids = label_map.label2id
+    chosen = choose_prompt(prompt, label_map.labels, tokenizer, max_length)
 
     def encoded(rows: Sequence[LabeledText]) -> tuple[torch.Tensor, torch.Tensor]:
-        features = text_features(model, tokenizer, [r.text for r in rows], max_length)
+        features = text_features(model, tokenizer, [r.text for r in rows], max_length, chosen)
         return features, torch.tensor([ids[r.label] for r in rows], dtype=torch.long)
 
     known = [r for r in val_rows if r.label in ids]
     fit = choose_fit(encoded(train_rows), encoded(known) if known else None, len(label_map.labels))
-    return LinearProbe(model, tokenizer, label_map.labels, fit, max_length)
+    return LinearProbe(model, tokenizer, label_map.labels, fit, max_length, chosen)
