@@ -116,6 +116,28 @@ def test_cli_classifies_texts_and_files(classifier_dir: Path, tmp_path: Path, ca
     assert "'alien' are not ones the classifier was trained on" in capsys.readouterr().err
 
 
+def test_cli_scores_a_linear_probe_beside_the_adapter(
+    classifier_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """`--baseline probe`: a probe on the frozen base, fitted on the adapter's own training rows,
+    scored on the same file; the line says what fine-tuning added."""
+    rows = toy_rows(10, seed=7)  # 30 fresh rows of the same three labels
+    src = write_jsonl(tmp_path / "test.jsonl", rows)
+    scores = tmp_path / "scores"
+    args = ["classify", str(classifier_dir), "--file", str(src), "--scores-dir", str(scores)]
+    assert main([*args, "--baseline", "probe"]) == 0
+    out = capsys.readouterr().out
+    probe = json.loads((scores / "probe_scores.json").read_text())
+    trained = json.loads((scores / "scores.json").read_text())
+    assert probe["rows"] == trained["rows"] == 30 and probe["labels"] == LABELS
+    assert f"a linear probe already gets {probe['accuracy']:.1%}; " in out
+    gain = (trained["accuracy"] - probe["accuracy"]) * 100
+    assert f"{gain:+.1f} points" in out or f"better by {-gain:.1f} points" in out
+
+    assert main(["classify", str(classifier_dir), TEXTS[0], "--baseline", "probe"]) == 2
+    assert "--baseline probe goes with a labelled --file" in capsys.readouterr().err
+
+
 def test_cli_needs_texts_or_a_file(classifier_dir: Path, capsys: pytest.CaptureFixture):
     assert main(["classify", str(classifier_dir)]) == 2
     assert "give texts to classify" in capsys.readouterr().err

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+from ..files import atomic_write_text
 from . import add_threads_flag
 from .options import command
 from .runs import adapter_arg
 
 if TYPE_CHECKING:
     from ..tasks.classify.model import Classifier
+    from ..tasks.classify.scores import ClassScores
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-column", help="the file's label field, for scoring (default: as trained)")
     p.add_argument("--scores-dir", help="write scores.json and confusion.png here (needs labels)")
     p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default 16)")
+    p.add_argument(
+        "--baseline",
+        choices=["probe"],
+        default=None,
+        help="with a labelled --file: also fit a linear probe on the frozen base (the adapter's training "
+        "rows, no LoRA) and score it on the file: what fine-tuning added",
+    )
     add_threads_flag(p, "classifying")
 
 
@@ -40,6 +50,8 @@ def run_classify(args: argparse.Namespace) -> int:
         raise ConfigError(
             'give texts to classify, or --file IN --out OUT (not both), e.g. lora-studio classify ADAPTER "text"'
         )
+    if args.baseline and not args.file:
+        raise ConfigError("--baseline probe goes with a labelled --file to score on")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: expected a positive number, got {args.batch_size}")
     columns = require_classifier(args.adapter).get("classification") or {}
@@ -79,4 +91,24 @@ def _classify_file(args: argparse.Namespace, classifier: Classifier, columns: di
             print("scores: " + ", ".join(str(p) for p in paths))
     elif args.scores_dir:
         raise ConfigError(f"--scores-dir: {args.file} has no label column to score against")
+    if args.baseline:
+        _probe_baseline(args, result.scores, columns)
     return 0
+
+
+def _probe_baseline(args: argparse.Namespace, trained: ClassScores | None, columns: dict) -> None:
+    from ..tasks.classify.baseline import fit_probe, probe_lines, probe_scores
+
+    if trained is None:
+        raise ConfigError(f"--baseline probe: {args.file} has no label column to score against")
+    probe = probe_scores(
+        fit_probe(args.adapter),
+        args.file,
+        args.text_column or columns.get("text_column", "text"),
+        args.label_column or columns.get("label_column", "label"),
+    )
+    print("\n".join(probe_lines(probe, trained)))
+    if args.scores_dir:
+        path = Path(args.scores_dir) / "probe_scores.json"
+        atomic_write_text(path, json.dumps(probe.to_dict(), indent=2))
+        print(f"probe scores: {path}")

@@ -18,6 +18,7 @@ from typing import Any
 from ...config import Recipe, VerifyTarget
 from ...models import BaseModelRef
 from ..base import Results
+from ..kinds import USE_INSTEAD
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 class ClassifyTask:
     name = "classify"
     generates_text = False
-    use_instead = "`lora-studio classify ADAPTER TEXT` or POST /v1/classify"
+    use_instead = USE_INSTEAD["classify"]
     best_checkpoint = {
         "val_loss": ("eval_loss", False),
         "macro_f1": ("eval_macro_f1", True),
