@@ -258,6 +258,22 @@ def test_several_workers_with_object_storage_are_refused_in_one_line(
     assert job.state == "failed" and "give --storage a folder every node sees" in job.error
 
 
+def _start_until_step(
+    store: JobStore, recipe: dict, placement: cluster.Placement, step: int, timeout: float
+) -> tuple[str, Path]:
+    """Submit and hand over a job, and wait until its run folder is at `step` (or it ended)."""
+    job_id = store.submit(recipe, placement=placement)
+    cluster.start(store, job_id)
+    run_dir = store.get(job_id).run_dir
+    _wait_until(
+        store,
+        job_id,
+        lambda job: runs.read_run(run_dir).step >= step or job.state not in ("queued", "running"),
+        timeout,
+    )
+    return job_id, run_dir
+
+
 def _wait_until(store: JobStore, job_id: str, condition, timeout: float) -> None:
     """wait_for, telling the job's state and log tail when it times out."""
     try:
@@ -293,15 +309,7 @@ def test_cancel_stops_a_ray_job_at_a_checkpoint_and_resume_survives_a_sigkill(
     again: it ends at the uninterrupted run's last step, each step logged once, the kept rows untouched."""
     store = JobStore()
     recipe = make_recipe(tiny_model_dir, chat_file, name="stop-go", max_steps=60, eval_every_steps=4)
-    job_id = store.submit(recipe, placement=_placement(ray_head, tmp_path / "shared"))
-    cluster.start(store, job_id)
-    run_dir = store.get(job_id).run_dir
-    _wait_until(
-        store,
-        job_id,
-        lambda job: runs.read_run(run_dir).step >= 5 or job.state not in ("queued", "running"),
-        120,
-    )
+    job_id, run_dir = _start_until_step(store, recipe, _placement(ray_head, tmp_path / "shared"), 5, 120)
     assert store.cancel(job_id).cancel_requested
     _wait_until(store, job_id, lambda job: job.state not in ("queued", "running"), 60)
     job = store.get(job_id)
@@ -380,15 +388,7 @@ def test_cancel_stops_two_ray_train_workers_at_the_next_step_with_a_checkpoint(
         num_workers=2,
         max_steps=200,
     )
-    job_id = store.submit(pair, placement=_placement(ray_head, tmp_path / "shared"))
-    cluster.start(store, job_id)
-    run_dir = store.get(job_id).run_dir
-    _wait_until(
-        store,
-        job_id,
-        lambda job: runs.read_run(run_dir).step >= 4 or job.state not in ("queued", "running"),
-        240,
-    )
+    job_id, run_dir = _start_until_step(store, pair, _placement(ray_head, tmp_path / "shared"), 4, 240)
     asked_at = runs.read_run(run_dir).step
     assert store.cancel(job_id).cancel_requested
     _wait_until(store, job_id, lambda job: job.state not in ("queued", "running"), 120)
