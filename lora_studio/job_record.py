@@ -79,7 +79,7 @@ class Job:
 
 
 def job_from_row(row: sqlite3.Row, queue: dict[str, int]) -> Job:
-    """The store's queue facts joined with its run folder's progress and metrics.
+    """The store's queue facts joined with its run folder's state, error, progress and metrics.
 
     A row that cannot be read (say its recipe is not JSON) becomes a Job marked `damaged`, so
     listing shows it beside the others and the worker fails it instead of stopping.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -136,6 +137,20 @@ def test_cli_scores_a_linear_probe_beside_the_adapter(
 
     assert main(["classify", str(classifier_dir), TEXTS[0], "--baseline", "probe"]) == 2
     assert "--baseline probe goes with a labelled --file" in capsys.readouterr().err
+
+    # An adapter from another machine: its training rows are not here, said in one line.
+    moved = tmp_path / "moved"
+    shutil.copytree(classifier_dir, moved)
+    meta = json.loads((moved / "lora_studio.json").read_text())
+    meta["recipe"]["data"]["train_file"] = str(tmp_path / "elsewhere" / "train.jsonl")
+    (moved / "lora_studio.json").write_text(json.dumps(meta))
+    assert (
+        main(["classify", str(moved), "--file", str(src), "--scores-dir", str(scores), "--baseline", "probe"])
+        == 2
+    )
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the classifier's own loading bar
+    assert last.startswith("error: --baseline probe is fitted on the adapter's own training rows")
+    assert "not on this machine" in last
 
 
 def test_cli_needs_texts_or_a_file(classifier_dir: Path, capsys: pytest.CaptureFixture):

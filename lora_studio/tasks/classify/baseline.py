@@ -29,6 +29,11 @@ def fit_probe(adapter_dir: str | Path) -> LinearProbe:
     meta = require_classifier(adapter_dir)
     recipe = Recipe.from_dict(meta["recipe"])
     columns = meta.get("classification") or {}
+    if not Path(recipe.data.train_file).is_file():  # an adapter trained on another machine
+        raise DataError(
+            f"--baseline probe is fitted on the adapter's own training rows, {recipe.data.train_file}, "
+            "which is not on this machine; put the file there, or score without --baseline"
+        )
     rows = load_labeled(
         recipe.data.train_file,
         columns.get("text_column", "text"),
