@@ -78,7 +78,6 @@ def choose_levers(recipe: Recipe, model: Any, not_for_task: dict[str, str] | Non
 
 def _ruled_out(name: str, recipe: Recipe, model: Any) -> str | None:
     base = model.get_base_model()
-    param = next(base.parameters())
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
         return "the base is quantized (QLoRA)"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -95,6 +94,13 @@ def _ruled_out(name: str, recipe: Recipe, model: Any) -> str | None:
         if any(p.requires_grad for p in head.parameters()):
             return "the output layer is trained (modules_to_save)"
         return None
+    return bf16_ruled_out(base)
+
+
+def bf16_ruled_out(base: Any) -> str | None:
+    """Why bf16 autocast would not speed up this (unquantized) model on its device; None: it would.
+    Training's bf16 lever and a classifier's inference (tasks/classify/model.py) share this rule."""
+    param = next(base.parameters())
     if param.device.type != "cpu":
         return f"on {param.device.type} the weights' dtype ({param.dtype}) is used"
     if param.dtype != torch.float32:

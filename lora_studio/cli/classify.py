@@ -35,6 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="with a labelled --file: also fit a linear probe on the frozen base (the adapter's training "
         "rows, no LoRA) and score it on the file: what fine-tuning added",
     )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto (default): bf16 autocast on CPUs with native bf16 (2-2.5x faster, probabilities within "
+        "~0.05), else fp32; fp32: exact fp32 probabilities",
+    )
     add_threads_flag(p, "classifying")
 
 
@@ -55,7 +62,7 @@ def run_classify(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: expected a positive number, got {args.batch_size}")
     columns = require_classifier(args.adapter).get("classification") or {}
-    classifier = Classifier.from_adapter(args.adapter)
+    classifier = Classifier.from_adapter(args.adapter, precision=args.precision)
     if args.texts:
         for text, prediction in zip(args.texts, classifier.predict(args.texts, args.batch_size), strict=True):
             print(f"{prediction.label}\t{prediction.confidence:.3f}\t{text}")

@@ -85,6 +85,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=16,
         help="requests that may wait for the model; more get 429 with Retry-After (default 16)",
     )
+    p.add_argument(
+        "--classify-precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="how classifiers read texts: auto (default) bf16 autocast on CPUs with native bf16, else "
+        "fp32; fp32: exact fp32 probabilities. Each /v1/classify response says which",
+    )
     add_threads_flag(p, "the server")
     p.add_argument(
         "--allowed-host",
@@ -255,7 +262,10 @@ def run_serve(args: argparse.Namespace) -> int:
     check_exposure(args.host, api_key, args.insecure_no_auth)  # before the model loads: fail fast
     names, paths = served_adapters(args.adapters)
     groups = group_by_task(dict(zip(names, map(Path, paths), strict=True)))
-    chat, classifiers = groups.pop("chat", {}), load_classifiers(groups.pop("classify", {}))
+    chat, classifiers = (
+        groups.pop("chat", {}),
+        load_classifiers(groups.pop("classify", {}), args.classify_precision),
+    )
     if not chat and not classifiers and args.base is None:
         raise ConfigError(
             "nothing to serve: give adapter folders, or --base MODEL to serve a base model alone"

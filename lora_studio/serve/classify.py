@@ -10,6 +10,8 @@ Response (200):
      "data": [{"object": "classification", "index": 0, "input": "my parcel never came",
                "label": "shipping", "probabilities": {"billing": 0.01, "shipping": 0.97, ...}}]}
 `labels` is the label order (id i is labels[i]); each row's probabilities cover every label and sum to 1.
+`precision` ("fp32" or "bf16") says how the texts were read: "bf16" on CPUs with native bf16 unless
+the server was started with --classify-precision fp32 (tasks/classify/model.Classifier).
 
 Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a bad body,
 401 for a missing or wrong key, 404 for an unknown classifier. A chat request whose `model` is a
@@ -27,7 +29,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-from ..tasks.classify.model import Classifier
+from ..tasks.classify.model import Classifier, Precision
 from .guards import Guards
 from .requests import APIError, parse_body
 
@@ -35,9 +37,9 @@ MAX_INPUTS = 256
 
 
 # --- loading -------------------------------------------------------------------------------------
-def load_classifiers(paths: dict[str, str | Path]) -> dict[str, Classifier]:
+def load_classifiers(paths: dict[str, str | Path], precision: Precision = "auto") -> dict[str, Classifier]:
     """Each classification adapter on its own base, as it was trained (heads differ in size)."""
-    return {name: Classifier.from_adapter(path) for name, path in paths.items()}
+    return {name: Classifier.from_adapter(path, precision=precision) for name, path in paths.items()}
 
 
 # --- routes --------------------------------------------------------------------------------------
@@ -100,6 +102,7 @@ def classify_response(
         "object": "list",
         "model": name,
         "labels": classifier.labels,
+        "precision": classifier.precision,  # "bf16": read under bf16 autocast (Classifier's precision)
         "data": [
             {
                 "object": "classification",

@@ -132,7 +132,7 @@ def merge_classifier(
     tmp.chmod(0o755)
     try:
         settings = float32_settings(meta)  # merge into full precision, whatever it was trained on
-        adapter = Classifier.from_adapter(adapter_dir, settings)
+        adapter = Classifier.from_adapter(adapter_dir, settings, precision="fp32")
         texts = check_texts(meta)
         reference = adapter.probabilities(texts)
         save_dtype = _save_dtype(dtype, resolve_base(settings.base_model, settings.revision).folder)
@@ -154,7 +154,7 @@ def merge_classifier(
         }
         # written before the check: the merged folder is loaded as a user would, prompt and all
         (tmp / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
-        got = Classifier.from_merged(tmp).probabilities(texts)
+        got = Classifier.from_merged(tmp, precision="fp32").probabilities(texts)
         check = compare_probabilities(
             "merged vs unmerged adapter", reference, got, PROBABILITY_TOLERANCE[dtype_name]
         )
@@ -215,7 +215,7 @@ def verify_classifier(
     """
     adapter_dir = Path(adapter_dir).expanduser().resolve()
     meta = require_classifier(adapter_dir)
-    adapter = Classifier.from_adapter(adapter_dir, float32_settings(meta))
+    adapter = Classifier.from_adapter(adapter_dir, float32_settings(meta), precision="fp32")
     chosen = list(texts) if texts else check_texts(meta)
     reference = adapter.probabilities(chosen)
     labels = [adapter.labels[int(i)] for i in reference.argmax(-1)]
@@ -226,7 +226,7 @@ def verify_classifier(
         if "merged" in targets:
             try:
                 folder = merged_dir or merge_classifier(adapter_dir, Path(work) / "merged").out_dir
-                merged = Classifier.from_merged(folder)
+                merged = Classifier.from_merged(folder, precision="fp32")
                 saved = json.loads((Path(folder) / "config.json").read_text()).get("dtype", "float32")
                 tolerance = PROBABILITY_TOLERANCE.get(saved, PROBABILITY_TOLERANCE["bfloat16"])
                 got = merged.probabilities(chosen)
@@ -271,12 +271,16 @@ def _check_server(
         if response.status_code != 200:
             report.errors.append(f"server ({url}): HTTP {response.status_code}: {response.text[:200]}")
             return
-        rows = response.json()["data"]
-        got = torch.tensor([[row["probabilities"][label] for label in adapter.labels] for row in rows])
+        body = response.json()
+        got = torch.tensor(
+            [[row["probabilities"][label] for label in adapter.labels] for row in body["data"]]
+        )
+        tolerance = PROBABILITY_TOLERANCE["float32"]
+        if body.get("precision") == "bf16":  # a server reading in bf16 (precision auto): like with like
+            reference = adapter.with_precision("bf16").probabilities(report.texts)
+            tolerance = PROBABILITY_TOLERANCE["bfloat16"]
         report.checks.append(
-            compare_probabilities(
-                f"server ({url}, model {name!r})", reference, got, PROBABILITY_TOLERANCE["float32"]
-            )
+            compare_probabilities(f"server ({url}, model {name!r})", reference, got, tolerance)
         )
 
 
