@@ -58,6 +58,26 @@ def test_label_map_survives_save_and_load(classifier_dir: Path):
     assert torch.allclose(alone, classifier.probabilities(TEXTS, batch_size=3), atol=1e-5)
 
 
+def test_precision_auto_reads_in_bf16_only_where_it_pays(
+    classifier_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import lora_studio.fast_path as fast_path
+
+    exact = Classifier.from_adapter(classifier_dir)
+    assert exact.precision == "fp32"  # the tiny model is too narrow for bf16 to pay (or no native bf16)
+    # bf16 autocast: the same labels, probabilities within the tolerance merge allows a bf16 model
+    bf16 = exact.with_precision("bf16")
+    assert (bf16.precision, bf16.labels) == ("bf16", exact.labels)
+    got, want = bf16.probabilities(TEXTS), exact.probabilities(TEXTS)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert torch.allclose(got, want, atol=5e-2) and not torch.equal(got, want)
+    # the rule training's bf16 lever uses: a CPU with native bf16 and a wide enough model
+    monkeypatch.setattr(fast_path, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(fast_path, "MIN_BF16_WIDTH", 16)
+    assert exact.with_precision("auto").precision == "bf16"
+    assert exact.with_precision("fp32").precision == "fp32"
+
+
 def test_merge_writes_a_plain_transformers_classifier_with_the_label_map(
     classifier_dir: Path, tmp_path: Path
 ):
@@ -153,6 +173,28 @@ def test_cli_scores_a_linear_probe_beside_the_adapter(
     assert "not on this machine" in last
 
 
+def test_eval_scores_a_classifier_on_a_test_file_with_the_probe(
+    classifier_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """`lora-studio eval CLASSIFIER --data TEST --baseline probe` is the classifier's eval: its scores
+    and the probe's, written to --out; the chat-only options are refused by name."""
+    src = write_jsonl(tmp_path / "test.jsonl", toy_rows(10, seed=7))
+    out = tmp_path / "eval"
+    assert (
+        main(["eval", str(classifier_dir), "--data", str(src), "--out", str(out), "--baseline", "probe"]) == 0
+    )
+    printed = capsys.readouterr().out
+    trained = json.loads((out / "scores.json").read_text())
+    probe = json.loads((out / "probe_scores.json").read_text())
+    assert trained["rows"] == probe["rows"] == 30
+    assert f"accuracy {trained['accuracy']:.1%}, macro F1" in printed
+    assert f"a linear probe already gets {probe['accuracy']:.1%}" in printed
+    assert (
+        main(["eval", str(classifier_dir), "--data", str(src), "--forgetting", "--baseline", "scratch"]) == 2
+    )
+    assert "--baseline scratch, --forgetting: not for a classifier" in capsys.readouterr().err
+
+
 def test_cli_needs_texts_or_a_file(classifier_dir: Path, capsys: pytest.CaptureFixture):
     assert main(["classify", str(classifier_dir)]) == 2
     assert "give texts to classify" in capsys.readouterr().err
@@ -193,7 +235,7 @@ def test_v1_classify_answers_labels_and_probabilities(server: str, classifier_di
     response = httpx.post(f"{server}/v1/classify", json={"model": "toy", "input": TEXTS}, timeout=60)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["model"] == "toy" and body["labels"] == LABELS
+    assert body["model"] == "toy" and body["labels"] == LABELS and body["precision"] == "fp32"
     for row, want, text in zip(body["data"], expected, TEXTS, strict=True):
         assert (row["input"], row["label"]) == (text, want.label)
         assert row["probabilities"] == pytest.approx(want.probabilities, abs=1e-5)

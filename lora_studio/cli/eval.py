@@ -2,6 +2,7 @@
 
 lora-studio eval smollm2-lora-cpu --data examples/json_extraction/test.jsonl
 lora-studio eval ADAPTER --data TEST --limit 20 --metric labels --baseline scratch --forgetting
+lora-studio eval CLASSIFIER --data TEST --baseline probe     # task: classify: accuracy, macro F1, a probe
 lora-studio fit examples/json_extraction/train.jsonl --models smollm2-135m-instruct,./my-model
 """
 
@@ -10,9 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import typing
+from pathlib import Path
 
+from ..adapters import read_metadata
 from ..config import Baseline
+from ..errors import ConfigError
 from ..evaluation.scoring import METRICS
+from ..tasks.kinds import generates_text
 from . import add_threads_flag
 from .options import command
 from .runs import adapter_arg
@@ -41,10 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--baseline",
-        choices=typing.get_args(Baseline),
+        choices=[*typing.get_args(Baseline), "probe"],
         default=None,
-        help="also train the same recipe on a randomly initialised base and score it "
-        "(what the pretrained weights brought; costs one more training run)",
+        help="scratch: also train the same recipe on a randomly initialised base and score it (what the "
+        "pretrained weights brought; one more training run). probe, for a classifier: also fit a linear "
+        "probe on the frozen base (what LoRA added)",
     )
     p.add_argument(
         "--forgetting", action="store_true", help="also score general ability on the built-in probe set"
@@ -81,6 +87,12 @@ def run_eval_command(args: argparse.Namespace) -> int:
     eval/report.md, report.json, examples.jsonl and plots beside the adapter."""
     from ..evaluation.report import EvalOptions, run_eval
 
+    if not generates_text(read_metadata(args.adapter)):
+        return _eval_classifier(args)
+    if args.baseline == "probe":
+        raise ConfigError(
+            "--baseline probe is for classifiers (task: classify); for chat, --baseline scratch"
+        )
     if args.checkpoints and not args.forgetting:
         args.forgetting = True  # checkpoints are scored for forgetting: asking for them asks for it
     report = run_eval(
@@ -104,6 +116,36 @@ def run_eval_command(args: argparse.Namespace) -> int:
     print("\n".join(report.table()))
     print(f"report: {report.out_dir / 'report.md'}")
     return 0
+
+
+def _eval_classifier(args: argparse.Namespace) -> int:
+    """A classifier is scored as `classify --file` scores it: accuracy, macro F1, per-class scores and
+    the confusion matrix in --out (default: <run>/eval/test), and the probe with --baseline probe."""
+    from .classify import run_classify
+
+    unsupported = {"--baseline scratch": args.baseline == "scratch", "--forgetting": args.forgetting}
+    unsupported.update({"--limit": args.limit is not None, "--no-base": not args.base})
+    if any(unsupported.values()):
+        names = ", ".join(k for k, v in unsupported.items() if v)
+        raise ConfigError(
+            f"{names}: not for a classifier (task: classify); it takes --data, --out, --baseline probe"
+        )
+    folder = Path(args.adapter).expanduser()
+    out = args.out or (folder.parent / "eval" / "test" if folder.name == "adapter" else folder / "eval")
+    return run_classify(
+        argparse.Namespace(
+            adapter=args.adapter,
+            texts=[],
+            file=args.data,
+            out=None,
+            scores_dir=str(out),
+            text_column=None,
+            label_column=None,
+            batch_size=args.batch_size,
+            baseline=args.baseline,
+            precision="auto",
+        )
+    )
 
 
 def run_fit_command(args: argparse.Namespace) -> int:

@@ -15,8 +15,8 @@ from ..errors import ModelError
 DEFAULT_TASK = "chat"  # adapters from before tasks existed are chat adapters
 TEXT_TASKS = ("chat",)  # tasks whose adapters write text (Task.generates_text)
 USE_INSTEAD = {  # what serves an adapter that does not write text (Task.use_instead)
-    "classify": "`lora-studio classify ADAPTER TEXT` or POST /v1/classify (scored: `classify ADAPTER "
-    "--file TEST --scores-dir DIR [--baseline probe]`)",
+    "classify": "`lora-studio classify ADAPTER TEXT` or POST /v1/classify (scored: `lora-studio eval "
+    "ADAPTER --data TEST [--baseline probe]`)",
 }
 
 
