@@ -110,10 +110,12 @@ class DataSettings:
     val_fraction: float = _f(
         0.1, "Share of train_file held out for validation when val_file is empty.", range=SHARE
     )
-    max_length: int = _f(
+    max_length: int | Literal["auto"] = _f(
         512,
-        "Longest example in tokens; longer ones are truncated.",
+        "Longest example in tokens; longer ones are truncated. 'auto' (task: classify, its default "
+        "there): chosen from the training texts' lengths, and said in the log and the data report.",
         range=Range(1, 131072),  # also bounds the text tokenised per row (data.CHARS_PER_TOKEN)
+        tasks={"auto": ("classify",)},
     )
     system_prompt: str | None = _f(
         None, "A system message added to chat examples that have none.", tasks=("chat",)
@@ -257,6 +259,8 @@ class Recipe:
             if not isinstance(values, dict):
                 problems.append(f"{section}: expected a mapping, got {type(values).__name__}")
                 values = {}
+            if section == "data" and task == "classify":  # unset, chosen from the data (classify/lengths.py)
+                values = {"max_length": "auto", **values}
             sections[section] = _build_section(kind, section, values, problems)
         task = task if task in typing.get_args(Task) else "chat"
         recipe = cls(name=name if isinstance(name, str) else "run", task=task, **sections)
@@ -387,7 +391,7 @@ def _range_problems(settings: Any) -> list[str]:
     problems = []
     for f in fields(settings):
         value, limits = getattr(settings, f.name), f.metadata.get("range")
-        if limits is None or value is None:
+        if limits is None or value is None or isinstance(value, str):  # a word choice, e.g. 'auto'
             continue
         if isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{f.name}: must be a finite number, got {value}")

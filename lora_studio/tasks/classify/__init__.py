@@ -36,18 +36,21 @@ class ClassifyTask:
     # --- training ---------------------------------------------------------------------------------
     def check_data(self, recipe: Recipe) -> None:
         from .data import load_labeled
+        from .lengths import reading_bound
 
         for path in (recipe.data.train_file, recipe.data.val_file):
             if path:
                 columns = recipe.classify
-                load_labeled(path, columns.text_column, columns.label_column, recipe.data.max_length)
+                load_labeled(
+                    path, columns.text_column, columns.label_column, reading_bound(recipe.data.max_length)
+                )
 
     def prepare(self, recipe: Recipe, tokenizer: Any) -> Any:
         from .data import prepare_classification
 
         data = prepare_classification(recipe.data, tokenizer, recipe.train.seed, recipe.classify)
         tokenizer.padding_side = "right"  # the head reads the last token that is not padding
-        tokenizer.model_max_length = recipe.data.max_length  # saved with it: a merged model truncates alike
+        tokenizer.model_max_length = data.max_length  # saved with it: a merged model truncates alike
         return data
 
     def build_model(self, recipe: Recipe, tokenizer: Any, data: Any) -> tuple[Any, BaseModelRef]:
@@ -100,7 +103,7 @@ class ClassifyTask:
                 log.info("validation scores:\n%s", "\n".join(scores.lines()))
 
         labels = json.dumps(data.label_map.to_dict(), indent=2)
-        metadata = classification_metadata(recipe, data.label_map, data.prompt)
+        metadata = classification_metadata(recipe, data.label_map, data.prompt, data.max_length)
         return Results(metrics, metadata, {LABELS_FILE: labels}, write)
 
     # --- use --------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from ...config import Recipe
 from ...errors import DataError
 from .data import load_labeled, stratified_split
 from .files import read_texts
+from .lengths import recorded_max_length
 from .model import require_classifier
 from .probe import LinearProbe, train_probe
 from .scores import ClassScores, score_predictions
@@ -34,14 +35,15 @@ def fit_probe(adapter_dir: str | Path) -> LinearProbe:
             f"--baseline probe is fitted on the adapter's own training rows, {recipe.data.train_file}, "
             "which is not on this machine; put the file there, or score without --baseline"
         )
+    max_length = recorded_max_length(meta)  # the texts are read as the classifier reads them
     rows = load_labeled(
         recipe.data.train_file,
         columns.get("text_column", "text"),
         columns.get("label_column", "label"),
-        recipe.data.max_length,
+        max_length,
     )
     train, val = stratified_split(rows, recipe.data.val_fraction, recipe.train.seed)
-    return train_probe(recipe.model.base_model, train, val, recipe.data.max_length, recipe.model)
+    return train_probe(recipe.model.base_model, train, val, max_length, recipe.model)
 
 
 def probe_scores(probe: LinearProbe, path: str | Path, text_column: str, label_column: str) -> ClassScores:

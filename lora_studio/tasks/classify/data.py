@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import re
 from collections import Counter
@@ -27,7 +28,11 @@ from ...config import ClassifySettings
 from ...data import data_fingerprint, read_rows
 from ...errors import DataError
 from ...text_checks import check_text
+from .lengths import AUTO, choose_max_length, reading_bound
+from .lengths import DEFAULT as DEFAULT_MAX_LENGTH
 from .prompt import ClassifyPrompt, choose_prompt
+
+log = logging.getLogger(__name__)
 
 IMBALANCE_RATIO = 3.0  # largest / smallest class size that counts as real skew
 FEW_ROWS = 5  # a class with fewer training rows than this is hard to learn
@@ -190,6 +195,7 @@ class ClassifyReport:
     leaked: int = 0  # validation texts also in training
     truncated: int = 0
     max_length: int = 0
+    max_length_chosen: str = ""  # how `auto` chose it (lengths.LengthChoice.line), empty when set
     token_lengths: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -205,6 +211,7 @@ class ClassifyReport:
             f"duplicates: {self.duplicates}; texts with conflicting labels: {self.conflicting}",
             f"train/validation leakage: {self.leaked}",
             f"truncated at max_length={self.max_length}: {self.truncated}",
+            *([self.max_length_chosen] if self.max_length_chosen else []),
             *(f"warning: {w}" for w in self.warnings),
         ]
 
@@ -219,6 +226,7 @@ class ClassifyData:
     train_rows: list[LabeledText]
     val_rows: list[LabeledText]
     prompt: ClassifyPrompt = field(default_factory=ClassifyPrompt)  # how each text became input_ids
+    max_length: int = DEFAULT_MAX_LENGTH  # the token limit used (chosen from the data under `auto`)
 
 
 def dedupe_rows(rows: list[LabeledText]) -> list[LabeledText]:
@@ -238,28 +246,41 @@ def prepare_classification(
     """Load, check, split, tokenize and report on the data of a classify recipe (`data` and `classify`)."""
     columns = columns or ClassifySettings()
     text, label = columns.text_column, columns.label_column
-    train_rows = load_labeled(settings.train_file, text, label, settings.max_length)
+    bound = reading_bound(settings.max_length, tokenizer)  # max_length: auto reads at its cap, then cuts
+    train_rows = load_labeled(settings.train_file, text, label, bound)
     if settings.dedupe:  # before the split, so no row can land on both sides
         train_rows = dedupe_rows(train_rows)
     if settings.val_file:
-        val_rows = load_labeled(settings.val_file, text, label, settings.max_length)
+        val_rows = load_labeled(settings.val_file, text, label, bound)
     else:
         train_rows, val_rows = stratified_split(train_rows, settings.val_fraction, seed)
     check_label_sets(train_rows, val_rows, Path(settings.train_file).name)
     label_map = LabelMap.from_labels(r.label for r in train_rows)
     ids = label_map.label2id
-    prompt = choose_prompt(columns.prompt, label_map.labels, tokenizer, settings.max_length)
+    prompt = choose_prompt(columns.prompt, label_map.labels, tokenizer, bound)
 
-    def encoded(rows: list[LabeledText]) -> list[dict[str, Any]]:
+    def encoded(rows: list[LabeledText], limit: int, first: list[dict] | None = None) -> list[dict[str, Any]]:
+        """`first`: the rows encoded at a higher limit; those that fit `limit` are the same, and kept."""
         return [
-            {**prompt.encode(r.text, tokenizer, settings.max_length), "labels": ids[r.label]} for r in rows
+            done
+            if done and done["length"] <= limit
+            else {**prompt.encode(r.text, tokenizer, limit), "labels": ids[r.label]}
+            for r, done in zip(rows, first or [None] * len(rows), strict=True)
         ]
 
-    train, val = encoded(train_rows), encoded(val_rows)
-    report = make_report(train_rows, val_rows, label_map, train + val, settings.max_length)
+    train, val = encoded(train_rows, bound), encoded(val_rows, bound)
+    max_length, choice = bound, None
+    if settings.max_length == AUTO:
+        overhead = prompt.encode("", tokenizer, bound)["length"]
+        choice = choose_max_length([row["length"] for row in train], overhead, bound)
+        log.info(choice.line())
+        max_length = choice.max_length
+        train, val = encoded(train_rows, max_length, train), encoded(val_rows, max_length, val)
+    report = make_report(train_rows, val_rows, label_map, train + val, max_length)
+    report.max_length_chosen = choice.line() if choice else ""
     fields = [text, label] + ([] if prompt.plain else [prompt.to_dict()])  # bare texts: as before prompts
     digest = hashlib.sha256((data_fingerprint(settings) + json.dumps(fields)).encode()).hexdigest()
-    return ClassifyData(train, val, label_map, report, digest, train_rows, val_rows, prompt)
+    return ClassifyData(train, val, label_map, report, digest, train_rows, val_rows, prompt, max_length)
 
 
 def make_report(

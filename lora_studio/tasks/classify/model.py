@@ -32,6 +32,7 @@ from ...errors import ConfigError, ModelError
 from ...models import BaseModelRef, load_tokenizer, loading_kwargs, resolve_base
 from ...text_checks import check_text
 from ...threads import use as use_threads
+from .lengths import recorded_max_length
 from .prompt import ClassifyPrompt
 
 log = logging.getLogger(__name__)
@@ -208,9 +209,8 @@ class Classifier:
         )
         model, ref = load_classification_base(settings, labels, tokenizer.pad_token_id)
         peft = apply_adapter(model, folder, meta, ref, settings.base_model)
-        max_length = int(((meta.get("recipe") or {}).get("data") or {}).get("max_length") or 512)
         prompt = ClassifyPrompt.from_metadata(meta.get("classification"))
-        return cls(peft, tokenizer, labels, max_length, str(folder), prompt, precision)
+        return cls(peft, tokenizer, labels, recorded_max_length(meta), str(folder), prompt, precision)
 
     @classmethod
     def from_merged(cls, folder: str | Path, precision: Precision = "auto") -> Classifier:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -23,6 +23,7 @@ from ...config import ModelSettings
 from ...models import load_tokenizer, resolve_base
 from .data import LabeledText, LabelMap
 from .features import head_inputs
+from .lengths import AUTO, choose_max_length, reading_bound
 from .model import load_classification_base
 from .prompt import ClassifyPrompt, PromptSetting, choose_prompt
 
@@ -131,18 +132,24 @@ def train_probe(
     base_model: str,
     train_rows: Sequence[LabeledText],
     val_rows: Sequence[LabeledText] = (),
-    max_length: int = 512,
+    max_length: int | Literal["auto"] = 512,
     model_settings: ModelSettings | None = None,
     prompt: PromptSetting = "none",
 ) -> LinearProbe:
     """Read the texts through the frozen base once and fit the probe (penalty chosen on `val_rows`).
-    The classic probe reads bare texts; `prompt="auto"` reads them as a prompted classifier does."""
+    The classic probe reads bare texts; `prompt="auto"` reads them as a prompted classifier does.
+    `max_length="auto"`: chosen from the training rows as a classifier's is (lengths.py)."""
     settings = model_settings or ModelSettings(base_model=base_model)
     tokenizer = load_tokenizer(resolve_base(settings.base_model, settings.revision).folder)
     label_map = LabelMap.from_labels(r.label for r in train_rows)
     model, _ = load_classification_base(settings, label_map.labels, tokenizer.pad_token_id)
     ids = label_map.label2id
-    chosen = choose_prompt(prompt, label_map.labels, tokenizer, max_length)
+    bound = reading_bound(max_length, tokenizer)
+    chosen = choose_prompt(prompt, label_map.labels, tokenizer, bound)
+    if max_length == AUTO:
+        lengths = [chosen.encode(r.text, tokenizer, bound)["length"] for r in train_rows]
+        overhead = chosen.encode("", tokenizer, bound)["length"]
+        max_length = choose_max_length(lengths, overhead, bound).max_length
 
     def encoded(rows: Sequence[LabeledText]) -> tuple[torch.Tensor, torch.Tensor]:
         features = text_features(model, tokenizer, [r.text for r in rows], max_length, chosen)

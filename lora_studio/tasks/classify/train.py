@@ -208,17 +208,17 @@ def final_metrics(
 
 
 def classification_metadata(
-    recipe: Recipe, label_map: LabelMap, prompt: ClassifyPrompt | None = None
+    recipe: Recipe, label_map: LabelMap, prompt: ClassifyPrompt | None = None, max_length: int | None = None
 ) -> dict[str, Any]:
-    """What `lora_studio.json` adds for a classifier: the task, the label map and the prompt texts are
-    read in (none: bare texts)."""
+    """What `lora_studio.json` adds for a classifier: the task, the label map, the prompt texts are
+    read in (none: bare texts) and the max_length they were cut at (`auto`: the one chosen)."""
     return {
         "task": "classify",
         "classification": {
             **label_map.to_dict(),
             "text_column": recipe.classify.text_column,
             "label_column": recipe.classify.label_column,
-            "max_length": recipe.data.max_length,
+            "max_length": recipe.data.max_length if max_length is None else max_length,
             "prompt": (prompt or ClassifyPrompt()).to_dict(),
         },
     }
