@@ -91,9 +91,9 @@ def test_auto_reads_a_text_longer_than_512_tokens_whole_and_says_what_it_chose(
     assert all(len(row["input_ids"]) == row["length"] and not row["truncated"] for row in prepared.train)
     report = prepared.report
     assert report.max_length == prepared.max_length and report.truncated == 0
-    said = f"max_length: {prepared.max_length} tokens, chosen from the data (99th percentile {longest} of 18 rows"
+    said = f"max_length: {prepared.max_length} tokens, chosen from the data: the 99th percentile of 18 training rows is {longest} tokens"
     assert said in caplog.text and said in "\n".join(report.lines())
-    assert f"at most {CAP}" in report.max_length_chosen
+    assert f"within {FLOOR}-{CAP}" in report.max_length_chosen
 
 
 def test_an_explicit_max_length_is_kept_and_cuts_what_is_longer(tokenizer, tmp_path: Path):

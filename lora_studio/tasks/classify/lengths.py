@@ -43,9 +43,9 @@ class LengthChoice:
 
     def line(self) -> str:
         return (
-            f"max_length: {self.max_length} tokens, chosen from the data ({PERCENTILE}th percentile "
-            f"{self.percentile} of {self.rows} rows, longest {self.longest}; at least {min(FLOOR, self.cap)}, "
-            f"at most {self.cap}); set data.max_length to choose"
+            f"max_length: {self.max_length} tokens, chosen from the data: the {PERCENTILE}th percentile of "
+            f"{self.rows} training rows is {self.percentile} tokens (longest {self.longest}), rounded up to "
+            f"a multiple of {ROUND_TO} within {min(FLOOR, self.cap)}-{self.cap}; set data.max_length to choose"
         )
 
 
