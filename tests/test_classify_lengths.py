@@ -15,8 +15,15 @@ from tiny_model import build_tokenizer
 from lora_studio import Recipe, train
 from lora_studio.config import DataSettings
 from lora_studio.errors import ConfigError
+from lora_studio.models import load_tokenizer
 from lora_studio.tasks.classify.data import LabeledText, prepare_classification
-from lora_studio.tasks.classify.lengths import CAP, FLOOR, choose_max_length, recorded_max_length
+from lora_studio.tasks.classify.lengths import (
+    CAP,
+    FLOOR,
+    choose_max_length,
+    reading_bound,
+    recorded_max_length,
+)
 from lora_studio.tasks.classify.model import Classifier
 from lora_studio.tasks.classify.probe import train_probe
 
@@ -54,6 +61,14 @@ def test_the_99th_percentile_rounded_up_at_least_the_floor_and_at_most_the_cap()
     assert (
         choose_max_length([40] * 100, overhead=700, cap=2048).max_length == 768
     )  # the prompt and some text fit
+
+
+def test_auto_reads_at_the_cap_or_the_bases_positions_and_a_set_value_as_it_is(
+    tiny_model_dir: Path, tokenizer
+):
+    assert reading_bound("auto", load_tokenizer(tiny_model_dir)) == 256  # its max_position_embeddings
+    assert reading_bound("auto", tokenizer) == CAP  # no base folder beside it
+    assert reading_bound(300, tokenizer) == 300
 
 
 def test_recorded_max_length_prefers_what_training_chose_then_the_old_recipe_value():

@@ -52,10 +52,14 @@ class LengthChoice:
 def position_limit(tokenizer: Any) -> int | None:
     """The base's max_position_embeddings, from the config.json beside its tokenizer (training loads
     both from the base's folder); None when there is none to read."""
-    config = Path(getattr(tokenizer, "name_or_path", "") or "") / "config.json"
+    folder = getattr(tokenizer, "name_or_path", None)
+    if not folder:  # a tokenizer built in memory (not the shell's folder: Path("") is ".")
+        return None
     try:
-        values = json.loads(config.read_text())
+        values = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError):
+        return None
+    if not isinstance(values, dict):
         return None
     positions = values.get("max_position_embeddings") or values.get("n_positions")
     return positions if isinstance(positions, int) and positions > 0 else None
