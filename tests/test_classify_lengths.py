@@ -9,12 +9,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from classify_helpers import TOY_WORDS, classify_recipe, toy_rows, write_jsonl
+from classify_helpers import TOY_WORDS, build_classifier_adapter, classify_recipe, toy_rows, write_jsonl
 from tiny_model import build_tokenizer
 
 from lora_studio import Recipe, train
 from lora_studio.config import DataSettings
-from lora_studio.errors import ConfigError
+from lora_studio.errors import ConfigError, ModelError
+from lora_studio.evaluation.report import EvalOptions, run_eval
 from lora_studio.models import load_tokenizer
 from lora_studio.tasks.classify.data import LabeledText, prepare_classification
 from lora_studio.tasks.classify.lengths import (
@@ -161,3 +162,14 @@ def test_the_chosen_max_length_is_recorded_and_every_later_door_reads_it(
 
 def labeled(rows: list[dict[str, str]]) -> list[LabeledText]:
     return [LabeledText(f"line {i}", r["text"], r["label"]) for i, r in enumerate(rows)]
+
+
+def test_evaluating_answers_of_a_classifier_trained_with_auto_is_refused_in_one_line(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    adapter = build_classifier_adapter(tiny_model_dir, tmp_path / "adapter", ["a", "b"])
+    meta = json.loads((adapter / "lora_studio.json").read_text())
+    meta["recipe"]["data"]["max_length"] = "auto"
+    (adapter / "lora_studio.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="it does not write text"):
+        run_eval(EvalOptions(str(adapter), str(tmp_path / "test.jsonl")))

@@ -27,6 +27,7 @@ from ..config import Baseline
 from ..data import load_examples
 from ..errors import DataError, ModelError
 from ..files import move_into_place
+from ..tasks.kinds import require_text
 from .answers import Comparison, Side, answer_side, compare_with_base, split_prompt
 from .overfit import warning_lines
 
@@ -234,9 +235,9 @@ def run_eval(opts: EvalOptions) -> EvalReport:
         raise DataError(f"unknown baseline {opts.baseline!r}; expected one of {', '.join(BASELINES)}")
     adapter_dir, run_dir = resolve_adapter(opts.adapter)
     out_dir = Path(opts.out_dir).resolve() if opts.out_dir else default_out_dir(adapter_dir, run_dir)
-    max_length = int(
-        ((read_metadata(adapter_dir).get("recipe") or {}).get("data") or {}).get("max_length", 512)
-    )
+    meta = read_metadata(adapter_dir)
+    require_text(meta, adapter_dir)  # a classifier (its max_length may be 'auto') is refused first
+    max_length = int(((meta.get("recipe") or {}).get("data") or {}).get("max_length", 512))
     examples = load_test_examples(opts.data, opts.limit, max_length)
     adapted = load_adapted(adapter_dir)
     model, tokenizer = adapted.model, adapted.tokenizer
