@@ -116,6 +116,7 @@ class DataSettings:
         "there): chosen from the training texts' lengths, and said in the log and the data report.",
         range=Range(1, 131072),  # also bounds the text tokenised per row (data.CHARS_PER_TOKEN)
         tasks={"auto": ("classify",)},
+        task_defaults={"classify": "auto"},  # tasks/classify/lengths.py
     )
     system_prompt: str | None = _f(
         None, "A system message added to chat examples that have none.", tasks=("chat",)
@@ -249,6 +250,7 @@ class Recipe:
         task = raw.get("task", "chat")
         if task not in typing.get_args(Task):
             problems.append(f"task: expected {describe(Task)}, got {task!r}")
+            task = "chat"  # the rest is checked as the default task's
         raw = _move_old_keys(raw, source)
         for key in raw:
             if key not in ("name", "task") and key not in SECTIONS:
@@ -259,10 +261,8 @@ class Recipe:
             if not isinstance(values, dict):
                 problems.append(f"{section}: expected a mapping, got {type(values).__name__}")
                 values = {}
-            if section == "data" and task == "classify":  # unset, chosen from the data (classify/lengths.py)
-                values = {"max_length": "auto", **values}
+            values = {**_task_defaults(kind, task), **values}
             sections[section] = _build_section(kind, section, values, problems)
-        task = task if task in typing.get_args(Task) else "chat"
         recipe = cls(name=name if isinstance(name, str) else "run", task=task, **sections)
         problems.extend(recipe._cross_checks())
         if problems:
@@ -363,6 +363,15 @@ def _task_problems(recipe: Recipe) -> list[str]:
                     f"task {recipe.task!r} cannot honour it (remove it or change the task)"
                 )
     return problems
+
+
+def _task_defaults(kind: type, task: str) -> dict[str, Any]:
+    """The settings of a section whose default differs for `task` (a field's `task_defaults`)."""
+    return {
+        f.name: f.metadata["task_defaults"][task]
+        for f in fields(kind)
+        if task in f.metadata.get("task_defaults", {})
+    }
 
 
 def _move_old_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
