@@ -85,10 +85,11 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     Answer a test file's prompts with the base and the adapter, score both, and write
     eval/report.md, report.json, examples.jsonl and plots beside the adapter."""
-    from ..evaluation.report import EvalOptions, run_eval
+    from ..evaluation.report import EvalOptions, resolve_adapter, run_eval
 
-    if not generates_text(read_metadata(args.adapter)):
-        return _eval_classifier(args)
+    adapter_dir, run_dir = resolve_adapter(args.adapter)
+    if not generates_text(read_metadata(adapter_dir)):
+        return _eval_classifier(args, adapter_dir, run_dir)
     if args.baseline == "probe":
         raise ConfigError(
             "--baseline probe is for classifiers (task: classify); for chat, --baseline scratch"
@@ -118,7 +119,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_classifier(args: argparse.Namespace) -> int:
+def _eval_classifier(args: argparse.Namespace, adapter_dir: Path, run_dir: Path | None) -> int:
     """A classifier is scored as `classify --file` scores it: accuracy, macro F1, per-class scores and
     the confusion matrix in --out (default: <run>/eval/test), and the probe with --baseline probe."""
     from .classify import run_classify
@@ -130,11 +131,12 @@ def _eval_classifier(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{names}: not for a classifier (task: classify); it takes --data, --out, --baseline probe"
         )
-    folder = Path(args.adapter).expanduser()
-    out = args.out or (folder.parent / "eval" / "test" if folder.name == "adapter" else folder / "eval")
+    out = args.out or (
+        run_dir / "eval" / "test" if run_dir else adapter_dir.parent / f"{adapter_dir.name}-eval"
+    )
     return run_classify(
         argparse.Namespace(
-            adapter=args.adapter,
+            adapter=str(adapter_dir),
             texts=[],
             file=args.data,
             out=None,
