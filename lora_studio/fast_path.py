@@ -306,24 +306,28 @@ class FastPath:
             )
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    def loss(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
-        """The Trainer's loss with label_only: `outputs.logits` are the final hidden states here."""
+    def loss(
+        self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None, bf16: bool = True
+    ) -> torch.Tensor:
+        """The Trainer's loss with label_only: `outputs.logits` are the final hidden states here.
+        The label rows' projection runs in bf16 with the bf16 lever, unless `bf16` is off (the check)."""
         return label_only_loss(
             outputs.logits,
             labels.to(outputs.logits.device),
             self.head.weight,
             self.head.bias,
             num_items=num_items_in_batch,
-            compute_dtype=torch.bfloat16 if self.levers.bf16 else self.head.weight.dtype,
+            compute_dtype=torch.bfloat16 if self.levers.bf16 and bf16 else self.head.weight.dtype,
         )
 
-    def fast_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One batch through the fast path, as the Trainer computes it."""
+    def fast_loss(self, batch: dict[str, torch.Tensor], bf16: bool = True) -> torch.Tensor:
+        """One batch through the fast path, as the Trainer computes it (`bf16` off: the label rows'
+        projection in the head's dtype; autocast is the caller's)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if not self.levers.label_only:
             return self.model(**batch, use_cache=False).loss
         labels = batch.pop("labels")
-        return self.loss(self.model(**batch, use_cache=False), labels)
+        return self.loss(self.model(**batch, use_cache=False), labels, bf16=bf16)
 
     @torch.no_grad()
     def check_against_plain(self) -> str | None:
@@ -344,8 +348,8 @@ class FastPath:
                 batch = self.collate(rows, [hidden[j, : len(r["input_ids"])] for j, r in enumerate(rows)])
             if self.levers.label_only:
                 self.swap_head()
-            with self.autocast(enabled=False):
-                fast = self.fast_loss(batch)
+            with self.autocast(enabled=False):  # bf16 left out, the label rows' projection too
+                fast = self.fast_loss(batch, bf16=False)
         finally:
             self.model.train(was_training)
         if not torch.isclose(fast.float(), plain.float(), rtol=CHECK_RTOL, atol=1e-5):
