@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from ..files import atomic_write_text
-from . import add_threads_flag
+from . import add_precision_flag, add_threads_flag
 from .options import command
 from .runs import adapter_arg
 
@@ -35,13 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="with a labelled --file: also fit a linear probe on the frozen base (the adapter's training "
         "rows, no LoRA) and score it on the file: what fine-tuning added",
     )
-    p.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="auto (default): bf16 autocast on CPUs with native bf16 (2-2.5x faster, probabilities within "
-        "~0.05), else fp32; fp32: exact fp32 probabilities",
-    )
+    add_precision_flag(p)
     add_threads_flag(p, "classifying")
 
 

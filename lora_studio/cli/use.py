@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import DEFAULT_BASE_MODEL, DType, GgufQuant, VerifyTarget
 from ..errors import ConfigError
-from . import add_remote_code_flag, add_threads_flag
+from . import add_precision_flag, add_remote_code_flag, add_threads_flag
 from .options import add_exposure_options, command
 from .runs import adapter_arg
 
@@ -85,13 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=16,
         help="requests that may wait for the model; more get 429 with Retry-After (default 16)",
     )
-    p.add_argument(
-        "--classify-precision",
-        choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="how classifiers read texts: auto (default) bf16 autocast on CPUs with native bf16, else "
-        "fp32; fp32: exact fp32 probabilities. Each /v1/classify response says which",
-    )
+    add_precision_flag(p, "--classify-precision")  # each /v1/classify response says which
     add_threads_flag(p, "the server")
     p.add_argument(
         "--allowed-host",
