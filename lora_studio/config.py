@@ -49,7 +49,7 @@ Quantization = Literal["none", "8bit", "4bit"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DataFormat = Literal["auto", "messages", "alpaca", "prompt_completion", "text"]
-Speedup = Literal["cache", "label_only", "bf16"]
+Speedup = Literal["cache", "label_only", "bf16", "prefix"]
 Task = Literal["chat", "classify"]
 # Choices of commands beyond the recipe, here so that the CLI's --help imports nothing heavy.
 GgufQuant = Literal["f16", "q8_0"]
@@ -178,7 +178,8 @@ class TrainSettings:
         "auto",
         "Exact shortcuts of the fast path: 'cache' (run frozen lower blocks once, with `layers`), "
         "'label_only' (logits only where the loss needs them), 'bf16' (bf16 autocast on CPUs with "
-        "native bf16). 'auto' uses each one that is exact here; 'none' or a list chooses.",
+        "native bf16), 'prefix' (task: classify: the prompt's start runs once per batch). 'auto' uses "
+        "each one that is exact here; 'none' or a list chooses.",
     )
 
 

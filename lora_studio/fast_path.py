@@ -1,10 +1,12 @@
 """The fast path: the same LoRA training, with less work wherever skipping it is exact.
 
-Three levers, each measured on its own by `lora-studio bench`:
+Three levers for every task, each measured on its own by `lora-studio bench`:
   cache       with `layers: N`, the frozen blocks below the top N run once, not in every epoch
               (their output is a fixed function of the tokens): see feature_cache.py
   label_only  the vocabulary projection and loss only where a token carries a label: label_loss.py
   bf16        bf16 autocast on CPUs with native bf16 (AVX-512 BF16 / AMX); weights stay fp32
+and one a task brings (`not_for_task` rules it out elsewhere):
+  prefix      the prompt start every row shares runs once per batch (task: classify, its prefix.py)
 
 It trains the same PEFT model with the same Trainer as the plain path (so checkpoints, resume,
 callbacks, metrics and the adapter folder are the same); only what the model computes changes.
@@ -41,11 +43,12 @@ from .version import __version__
 
 log = logging.getLogger(__name__)
 
-SPEEDUPS = ("cache", "label_only", "bf16")
+SPEEDUPS = ("cache", "label_only", "bf16", "prefix")
 CHECK_ROWS = 4  # training rows computed both ways before training
 # Below this width autocast's per-op casts cost more than bf16 matmuls save (tiny test model, hidden
 # size 32: 4x slower; SmolLM2, 576: see `lora-studio bench`).
 MIN_BF16_WIDTH = 256
+NOT_FOR_CHAT = {"prefix": "chat rows run whole (the shared-start lever is task: classify's, for its prompt)"}
 CHECK_RTOL = 2e-3  # fp16 feature storage moves the loss by ~1e-4 (SmolLM2: 6e-5); a wrong forward by far more
 
 
@@ -54,6 +57,7 @@ class Levers:
     cache: bool = False
     label_only: bool = False
     bf16: bool = False
+    prefix: bool = False
 
     def names(self) -> list[str]:
         return [name for name in SPEEDUPS if getattr(self, name)]
@@ -87,6 +91,8 @@ def _ruled_out(name: str, recipe: Recipe, model: Any) -> str | None:
         return "select_best: balanced scores general text with the whole model"
     if name == "cache":
         return _cache_ruled_out(recipe, model)
+    if name == "prefix":
+        return None  # the task that brings it checks its rows (tasks/classify/fast.py)
     if name == "label_only":
         head = base.get_output_embeddings()
         if not isinstance(head, nn.Linear):
@@ -137,7 +143,7 @@ def prepare(
     recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData, base_folder: Path
 ) -> FastPath | None:
     """The fast path for this run, or None (the plain path) when no lever is allowed and exact."""
-    levers = choose_levers(recipe, model)
+    levers = choose_levers(recipe, model, not_for_task=NOT_FOR_CHAT)
     if not levers.names():
         return None
     fast = FastPath(model, levers, tokenizer.pad_token_id, data.train + data.val, len(data.train))

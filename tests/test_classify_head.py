@@ -67,9 +67,9 @@ def _tiny_classifier(tiny_model_dir: Path, labels: list[str], layers: int | None
     return attach_classification_lora(model, LoraSettings(r=4, lora_alpha=8, lora_dropout=0.0, layers=layers))
 
 
-def _toy_data(tiny_model_dir: Path, tmp_path: Path, per_class: int = 20, **labels: str):
+def _toy_data(tiny_model_dir: Path, tmp_path: Path, per_class: int = 20, max_length: int = 32, **labels: str):
     rows = [{**r, "label": labels.get(r["label"], r["label"])} for r in toy_rows(per_class)]
-    settings = DataSettings(train_file=str(write_jsonl(tmp_path / "toy.jsonl", rows)), max_length=32)
+    settings = DataSettings(train_file=str(write_jsonl(tmp_path / "toy.jsonl", rows)), max_length=max_length)
     return prepare_classification(settings, load_tokenizer(tiny_model_dir))
 
 
@@ -104,11 +104,18 @@ def test_the_step_0_classifier_beats_chance_on_a_separable_toy_set(tiny_model_di
     assert rows[0]["step"] == 0 and rows[0]["val_accuracy"] == metrics["base_val_accuracy"]
 
 
-def test_the_classify_fast_path_gives_the_plain_loss_and_gradients(tiny_model_dir: Path, tmp_path: Path):
-    """Cached fp16 features, left padding and positions: the loss agrees to 1e-4 relative and every
-    trained gradient (LoRA of the top block and the head) to 2e-3 of its largest entry."""
-    data = _toy_data(tiny_model_dir, tmp_path)
-    model = _tiny_classifier(tiny_model_dir, list(data.label_map.labels), layers=1)
+@pytest.mark.parametrize(
+    "levers", [Levers(cache=True), Levers(cache=True, prefix=True), Levers(prefix=True)], ids=str
+)
+def test_the_classify_fast_path_gives_the_plain_loss_and_gradients(
+    tiny_model_dir: Path, tmp_path: Path, levers: Levers
+):
+    """Cached fp16 features, left padding and positions, the prompt's start run once per batch: the
+    loss agrees to 1e-4 relative and every trained gradient (LoRA of the top block, or of every block
+    without the cache, and the head) to 2e-3 of its largest entry."""
+    data = _toy_data(tiny_model_dir, tmp_path, max_length=128)
+    assert not data.prompt.plain  # the rows share the prompt's start
+    model = _tiny_classifier(tiny_model_dir, list(data.label_map.labels), layers=1 if levers.cache else None)
     torch.manual_seed(0)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -130,13 +137,24 @@ def test_the_classify_fast_path_gives_the_plain_loss_and_gradients(tiny_model_di
         [{"input_ids": r["input_ids"]} for r in rows]
     )
     plain, plain_grads = loss_and_grads(dict(plain_batch))
-    fast = ClassifyFastPath(FastPath(model, Levers(cache=True), 2, data.train + data.val, len(data.train)))
-    fast.inner.use_cache(1, "test")
+    fast = ClassifyFastPath(FastPath(model, levers, 2, data.train + data.val, len(data.train)))
+    if levers.cache:
+        fast.inner.use_cache(1, "test")
+    start = data.prompt.prefix_ids(load_tokenizer(tiny_model_dir))
+    if levers.prefix:
+        fast.use_prefix(start)
     assert fast.check_against_plain() is None
     batch = fast.collate(rows)
     batch.pop("labels")
-    assert "inputs_embeds" in batch and "input_ids" not in batch
+    assert ("inputs_embeds" in batch) == levers.cache and ("input_ids" in batch) != levers.cache
+    tokens = batch.get("inputs_embeds", batch.get("input_ids"))
+    width = max(len(r["input_ids"]) for r in rows) - (len(start) if levers.prefix else 0)
+    assert tokens.shape[1] == width and batch["attention_mask"].shape[1] == max(
+        len(r["input_ids"]) for r in rows
+    )
     got, got_grads = loss_and_grads(batch)
+    fast.restore()
+    assert loss_and_grads(dict(plain_batch))[0] == pytest.approx(plain, rel=1e-6)  # no hook left behind
     assert got == pytest.approx(plain, rel=1e-4)
     assert got_grads.keys() == plain_grads.keys() and any("score" in n for n in got_grads)
     for name, want in plain_grads.items():
@@ -144,20 +162,27 @@ def test_the_classify_fast_path_gives_the_plain_loss_and_gradients(tiny_model_di
         assert (got_grads[name] - want).abs().max() <= 2e-3 * want.abs().max(), name
 
 
-def test_a_classifier_trains_the_same_on_the_fast_path(tiny_model_dir: Path, tmp_path: Path, caplog):
+@pytest.mark.parametrize("max_length", [128, 32], ids=["prompt", "bare texts"])
+def test_a_classifier_trains_the_same_on_the_fast_path(
+    tiny_model_dir: Path, tmp_path: Path, caplog, max_length
+):
     data = write_jsonl(tmp_path / "toy.jsonl", toy_rows(20))
 
     def curve(name: str, speedups: object) -> list[tuple[int, float]]:
         recipe = classify_recipe(tiny_model_dir, data, tmp_path / name, max_steps=6, eval_every_steps=3)
-        result = train(recipe.replace(layers=1, speedups=speedups))
+        result = train(recipe.replace(layers=1, speedups=speedups, max_length=max_length))
         rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
         return [(r["step"], r.get("loss", r.get("val_loss"))) for r in rows if "loss" in r or "val_loss" in r]
 
     plain = curve("plain", "none")
     with caplog.at_level(logging.INFO, logger="lora_studio"):
         fast = curve("fast", "auto")
-    assert "fast path: cache" in caplog.text
     assert "fast path: no label_only: a classifier's head has no vocabulary projection" in caplog.text
+    if max_length == 128:  # the prompt fits: its start runs once per batch
+        assert "fast path: cache, prefix" in caplog.text
+    else:
+        assert "fast path: no prefix: the texts are read bare (no prompt)" in caplog.text
+        assert "fast path: cache" in caplog.text
     assert [s for s, _ in fast] == [s for s, _ in plain]
     assert [v for _, v in fast] == pytest.approx([v for _, v in plain], abs=1e-3)
 

@@ -268,9 +268,10 @@ def test_levers_that_are_not_exact_here_are_ruled_out_with_one_line_each(
 ):
     model = lora_model[0]
     with caplog.at_level(logging.INFO, logger="lora_studio.fast_path"):
-        levers = fp.choose_levers(tiny_recipe.replace(layers=1), model)
-    assert levers == fp.Levers(cache=True, label_only=True, bf16=False)
+        levers = fp.choose_levers(tiny_recipe.replace(layers=1), model, not_for_task=fp.NOT_FOR_CHAT)
+    assert levers == fp.Levers(cache=True, label_only=True, bf16=False, prefix=False)
     assert "no bf16" in caplog.text  # this CPU lacks native bf16, or the tiny model is too narrow for it
+    assert "no prefix: chat rows run whole" in caplog.text  # a classify lever
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lora_studio.fast_path"):
@@ -285,6 +286,7 @@ def test_levers_that_are_not_exact_here_are_ruled_out_with_one_line_each(
         assert not fp.choose_levers(tiny_recipe.replace(speedups=["bf16"]), model).bf16
     assert "no native bf16" in caplog.text
     assert fp.choose_levers(tiny_recipe.replace(speedups="none"), model) == fp.Levers()
+    assert fp.choose_levers(tiny_recipe.replace(speedups=["prefix"]), model) == fp.Levers(prefix=True)
 
     caplog.clear()  # its general-text score runs the whole model, which cache and label_only cut short
     with caplog.at_level(logging.INFO, logger="lora_studio.fast_path"):

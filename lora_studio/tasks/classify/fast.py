@@ -7,12 +7,15 @@
               (FeatureCache, filled as batches come); the model gets their output as `inputs_embeds`
   bf16        as for chat: bf16 autocast on CPUs with native bf16, weights fp32
   label_only  ruled out: the head is a labels x hidden matrix, there is no vocabulary to skip
+  prefix      the prompt's start, the same in every row, runs once per batch (prefix.py); ruled
+              out for bare texts and with gradient checkpointing
 
 transformers' sequence classifier finds each text's last real token from `input_ids`; given
 `inputs_embeds` it reads the last position. So with cached features the batches are padded on the
 left and carry `position_ids` counted from each text's first token: the top blocks see the same
 positions and masks as the plain path's right-padded batch, and the last position is the last
-token. Before training a few rows are computed both ways in fp32 (fast_path's check): if the loss
+token. With `prefix` the batches carry only what follows the start, and masks and positions count
+it. Before training a few rows are computed both ways in fp32 (fast_path's check): if the loss
 differs, the plain path runs.
 """
 
@@ -27,9 +30,11 @@ from typing import Any
 import torch
 
 from ...config import Recipe
-from ...fast_path import CHECK_ROWS, CHECK_RTOL, FastPath, choose_levers
+from ...fast_path import CHECK_ROWS, CHECK_RTOL, FastPath, Levers, choose_levers
 from ...models import model_fingerprint
+from ...trainer_setup import use_gradient_checkpointing
 from .data import ClassifyData
+from .prefix import SharedPrefix, rows_share
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,11 @@ def prepare(
 ) -> ClassifyFastPath | None:
     """The fast path for this classifier run, or None when no lever is allowed and exact."""
     levers = choose_levers(recipe, model, not_for_task=NOT_FOR_CLASSIFY)
+    start = data.prompt.prefix_ids(tokenizer) if not data.prompt.plain else []
+    reason = prefix_ruled_out(recipe, levers, start, data)
+    if levers.prefix and reason:
+        log.info("fast path: no prefix: %s", reason)
+        levers = dataclasses.replace(levers, prefix=False)
     if not levers.names():
         return None
     fast = ClassifyFastPath(
@@ -48,13 +58,26 @@ def prepare(
     )
     if levers.cache:
         fast.inner.use_cache(recipe.lora.layers, model_fingerprint(base_folder))
+    if levers.prefix:
+        fast.use_prefix(start)
     problem = fast.check_against_plain()
     if problem:
-        fast.inner.restore()
+        fast.restore()
         log.info("fast path: not used, the plain path runs: %s", problem)
         return None
     log.info("fast path: %s", ", ".join(levers.names()))
     return fast
+
+
+def prefix_ruled_out(recipe: Recipe, levers: Levers, start: list[int], data: ClassifyData) -> str | None:
+    """Why the rows' start cannot run once per batch here; None: it can."""
+    if not start:
+        return "the texts are read bare (no prompt), so the rows share no start"
+    if use_gradient_checkpointing(recipe) and not levers.cache:  # the cache lever turns it off
+        return "gradient checkpointing would run the start's keys into the cache twice"
+    if not rows_share(start, data.train + data.val):
+        return "not every row starts with the prompt's start"
+    return None
 
 
 class _PaddedEmbeds(logging.Filter):
@@ -70,33 +93,59 @@ class ClassifyFastPath:
 
     def __init__(self, inner: FastPath):
         self.inner = inner
+        self.prefix: SharedPrefix | None = None
         logging.getLogger("transformers.modeling_layers").addFilter(_PaddedEmbeds())
 
     @property
     def model(self) -> Any:
         return self.inner.model
 
+    def use_prefix(self, start: list[int]) -> None:
+        """Batches carry the rows from their text on; the start runs once per batch (prefix.py)."""
+        features = None
+        if self.inner.cache is not None:  # the start's lower-block output, once
+            ids = torch.tensor([start])
+            features = self.inner._run_lower(ids, torch.ones_like(ids)).detach()
+        self.prefix = SharedPrefix(self.model, start, self.inner.plain, features)
+        self.prefix.attach()
+
+    def restore(self) -> None:
+        """The model as it was: no hooks, every cached block back."""
+        if self.prefix is not None:
+            self.prefix.detach()
+        self.inner.restore()
+
     def collate(
         self, examples: list[dict[str, Any]], features: list[torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
-        """Token ids padded on the right, or with the cache: features padded on the left, with positions."""
+        """Token ids padded on the right, or with the cache: features padded on the left, with positions.
+        With the prefix lever the rows start after the shared start and the mask counts it first."""
         labels = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
-        lengths = [len(e["input_ids"]) for e in examples]
+        skip = self.prefix.length if self.prefix is not None else 0
+        lengths = [len(e["input_ids"]) - skip for e in examples]
         shape = (len(examples), max(lengths))
         mask = torch.zeros(shape, dtype=torch.long)
         cache = self.inner.cache
         if cache is None:
             ids = torch.full(shape, self.inner.pad_id, dtype=torch.long)
             for j, e in enumerate(examples):
-                ids[j, : lengths[j]], mask[j, : lengths[j]] = torch.as_tensor(e["input_ids"]), 1
-            return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+                ids[j, : lengths[j]], mask[j, : lengths[j]] = torch.as_tensor(e["input_ids"][skip:]), 1
+            return {"input_ids": ids, "attention_mask": self._with_start(mask), "labels": labels}
         features = features or cache.rows([e["row"] for e in examples])
         embeds = torch.zeros(*shape, cache.dim, dtype=self.inner.dtype)
         for j, row in enumerate(features):
-            embeds[j, shape[1] - lengths[j] :] = row.to(self.inner.dtype)
+            embeds[j, shape[1] - lengths[j] :] = row[skip:].to(self.inner.dtype)
             mask[j, shape[1] - lengths[j] :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each text counts from its first token
-        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, "labels": labels}
+        positions = skip + (mask.cumsum(-1) - 1).clamp(min=0)  # each text counts from its first token
+        return {
+            "inputs_embeds": embeds,
+            "attention_mask": self._with_start(mask),
+            "position_ids": positions,
+            "labels": labels,
+        }
+
+    def _with_start(self, mask: torch.Tensor) -> torch.Tensor:
+        return self.prefix.mask(mask) if self.prefix is not None else mask
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return self.inner.autocast()

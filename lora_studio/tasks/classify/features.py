@@ -5,7 +5,7 @@
 The head (`score`) of a transformers `*ForSequenceClassification` model is applied to every
 position and read at the last real token; a forward hook on it captures its input, so the
 features come from the model's own forward (plain batches or the fast path's, padded on either
-side) and need no knowledge of the architecture. `mean` is the mean over the real tokens, which the
+side, or from after a shared start) and need no knowledge of the architecture. `mean` is the mean over the real tokens, which the
 linear probe uses next to the last token. The informed head (head_init) and the linear probe
 (linear_probe) both start here.
 """
@@ -52,9 +52,11 @@ def head_inputs(model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> tuple
     last, mean = [], []
     try:
         for batch in batches:
-            mask = batch["attention_mask"]
             model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}, use_cache=False)
             hidden = captured.pop().float().cpu()
+            mask = batch["attention_mask"][
+                :, -hidden.shape[1] :
+            ]  # the rows' own columns (a shared start runs first)
             last.append(hidden[torch.arange(len(hidden)), last_positions(mask)])
             weights = mask.to(hidden.dtype)[..., None]
             mean.append((hidden * weights).sum(1) / weights.sum(1))
