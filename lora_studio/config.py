@@ -262,7 +262,7 @@ class Recipe:
             if not isinstance(values, dict):
                 problems.append(f"{section}: expected a mapping, got {type(values).__name__}")
                 values = {}
-            values = {**_task_defaults(kind, task), **values}
+            values = {**task_defaults(kind, task), **values}
             sections[section] = _build_section(kind, section, values, problems)
         recipe = cls(name=name if isinstance(name, str) else "run", task=task, **sections)
         problems.extend(recipe._cross_checks())
@@ -366,7 +366,7 @@ def _task_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
-def _task_defaults(kind: type, task: str) -> dict[str, Any]:
+def task_defaults(kind: type, task: str) -> dict[str, Any]:
     """The settings of a section whose default differs for `task` (a field's `task_defaults`)."""
     return {
         f.name: f.metadata["task_defaults"][task]

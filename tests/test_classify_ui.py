@@ -9,6 +9,7 @@ import pytest
 from adapter_helpers import index_run
 from classify_helpers import build_classifier_adapter
 
+from lora_studio.config import DataSettings
 from ui.classify_tab import ClassifierCache, classifier_choices, classify, refresh
 from ui.train_tab import recipe_from_form
 
@@ -63,6 +64,17 @@ def test_train_form_offers_the_task(tmp_path: Path):
     assert recipe_from_form(*values).task == "chat"
     recipe = recipe_from_form(*values, task="classify")
     assert recipe.task == "classify" and recipe.classify.label_column == "label"
+    assert recipe.data.max_length == 64  # a number typed in is kept
+
+
+def test_the_train_form_leaves_a_classifiers_max_length_to_the_data(tmp_path: Path):
+    """Choosing classify empties the Max length box; an empty box is the task's default: `auto`."""
+    from ui.train_tab import task_max_length
+
+    assert task_max_length("classify") is None and task_max_length("chat") == DataSettings.max_length
+    values = ["t", "base", str(tmp_path / "d.csv"), 4, None, "none", 1.0, 5e-3, None, 4, 4, 2, 1]
+    assert recipe_from_form(*values, task="classify").data.max_length == "auto"
+    assert recipe_from_form(*values, task="chat").data.max_length == DataSettings.max_length
 
 
 def test_the_chat_tab_lists_chat_adapters_only(listed_classifier: Path, tiny_adapters: dict):

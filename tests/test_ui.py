@@ -190,7 +190,7 @@ def test_the_forms_defaults_are_the_default_recipes_and_take_the_fast_path(
 
 def test_form_problems_are_reported_together(chat_file: Path, tiny_model_dir: Path):
     with pytest.raises(ConfigError) as caught:
-        recipe_from_form(*form("", tiny_model_dir, learning_rate=0, max_length=None, epochs=None))
+        recipe_from_form(*form("", tiny_model_dir, learning_rate=0, max_length=float("nan"), epochs=None))
     message = str(caught.value)
     assert (
         "the training form has 4 problem(s)" in message and "num_train_epochs: expected a number" in message

@@ -228,6 +228,13 @@ def test_train_in_the_browser(page, ui_server: dict, tmp_path: Path):
     shot(page, "02-data-checked")
 
     page.get_by_role("tab", name="Train").click()
+    box = page.locator("#train-max-length input")
+    for task, length in [("classify", ""), ("chat", "512")]:  # classify: max_length from the data
+        page.locator("#train-task input").click()
+        page.get_by_role("option", name=task, exact=True).click()
+        page.wait_for_function(
+            "([box, want]) => box.value === want", arg=[box.element_handle(), length], timeout=10_000
+        )
     pick_dropdown(page, "train-base-model", str(ui_server["model"]))
     assert "chat-" in page.locator("#train-dataset input").input_value()  # followed the Data tab's upload
     page.get_by_text("More settings").click()

@@ -27,6 +27,7 @@ from lora_studio.config import (
     Recipe,
     Task,
     TrainSettings,
+    task_defaults,
 )
 from lora_studio.files import atomic_write_text
 from lora_studio.home import studio_home
@@ -98,7 +99,8 @@ def recipe_from_form(
             },
             "data": {
                 "train_file": (dataset or "").strip(),
-                "max_length": _int(max_length),
+                # an empty box: the task's default (classify: chosen from the data, `auto`)
+                **({} if max_length is None else {"max_length": _int(max_length)}),
                 "val_fraction": DEFAULT.data.val_fraction,
             },
             "train": {
@@ -235,6 +237,11 @@ def reproduce_command(job: Job) -> str:
     )
 
 
+def task_max_length(task: str) -> int | None:
+    """The Max length box for a task: empty for one whose default is chosen from the data."""
+    return None if task_defaults(DataSettings, task).get("max_length") == "auto" else DataSettings.max_length
+
+
 def _int(value: float | None) -> int | float | None:
     """A whole number from a number box; an empty box (None) or nan/inf stays as it is, for the
     recipe check to name."""
@@ -310,6 +317,7 @@ def build(public: bool = False) -> TrainTab:
                     precision=0,
                     minimum=8,
                     info=hint("max_length"),
+                    elem_id="train-max-length",
                 )
             with gr.Accordion("More settings", open=False):
                 with gr.Row():
@@ -420,6 +428,8 @@ def build(public: bool = False) -> TrainTab:
             *values[: len(form)], public=public, where=where_value or "local", address=address
         )
 
+    # classify's default chooses max_length from the data: the box empties for it, and refills for chat
+    task.input(task_max_length, inputs=task, outputs=max_length, api_visibility="private")
     for changed in (where.input, ray_address.blur):  # the user's own changes, not restore_where's
         changed(remember_where, inputs=[where, ray_address], api_visibility="private")
     start.click(
