@@ -196,3 +196,19 @@ def test_the_linear_probe_runs_end_to_end(tiny_model_dir: Path):
     accuracy = sum(p == r["label"] for p, r in zip(predicted, test, strict=True)) / len(test)
     assert accuracy > 0.8  # chance is 1/3
     assert LabelMap.from_labels(predicted).labels <= tuple(probe.labels)
+
+
+def test_the_prefix_lever_is_ruled_out_where_it_cannot_be_exact(tiny_model_dir: Path, tmp_path: Path):
+    from lora_studio.tasks.classify.fast import prefix_ruled_out
+    from lora_studio.tasks.classify.prefix import rows_share
+
+    data = _toy_data(tiny_model_dir, tmp_path, max_length=128)
+    start = data.prompt.prefix_ids(load_tokenizer(tiny_model_dir))
+    recipe = classify_recipe(tiny_model_dir, tmp_path / "toy.jsonl", tmp_path / "run")
+    assert prefix_ruled_out(recipe, Levers(), start, data) is None
+    assert "read bare" in prefix_ruled_out(recipe, Levers(), [], data)
+    checkpointing = recipe.replace(gradient_checkpointing="on")
+    assert "gradient checkpointing" in prefix_ruled_out(checkpointing, Levers(), start, data)
+    assert prefix_ruled_out(checkpointing, Levers(cache=True), start, data) is None  # the cache turns it off
+    assert rows_share(start, data.train) and not rows_share(start[:-1] + [start[-1] + 1], data.train)
+    assert not rows_share(start, [{"input_ids": start}])  # a row must keep a token after the start
