@@ -1,12 +1,14 @@
 """Classification head vs chat LoRA vs a linear probe, side by side on three generated label sets.
 
-    python benchmarks/classify_quality.py [--sets words,ids,long] [--methods head,chat,probe]
+    python benchmarks/classify_quality.py [--sets words,ids,long] [--methods head,head-whole,chat,probe]
                                           [--out classify-quality-out] [--threads N]
     python benchmarks/classify_quality.py --measure-inference --out classify-quality-out
 
 For each set (benchmarks/classify_sets.py: few word labels; 60 opaque-id labels with 10 rows each;
 long e-mails) and each method, in one process, one after another:
     head    recipes/smollm2-classify-cpu.yaml as shipped (task: classify), only the data path set
+    head-whole  the same, with the prompt's start run in every row (speedups cache, bf16: no
+            `prefix` lever), to show what running it once per batch buys
     chat    recipes/smollm2-lora-cpu.yaml as shipped (task: chat), trained on prompt/completion
             rows whose answer is the label; scored on its greedy answer (the first label it names)
     probe   logistic regression on the frozen base's features (lora_studio.tasks.classify.probe)
@@ -231,7 +233,7 @@ def table(results: dict) -> list[str]:
     for name, methods in results["sets"].items():
         for method, r in methods.items():
             notes = ""
-            if method == "head":
+            if method.startswith("head"):
                 notes = (
                     f"step 0: {r['step0_val_accuracy']:.1%} val; stopped at epoch {r['epochs']:.1f}, "
                     f"best {'the start (frozen body)' if r.get('kept_start') else r['best_checkpoint']}"
@@ -268,7 +270,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sets", default=",".join(SETS), help="comma-separated, from: " + ", ".join(SETS))
-    parser.add_argument("--methods", default="head,chat,probe")
+    parser.add_argument("--methods", default="head,head-whole,chat,probe")
     parser.add_argument("--out", type=Path, default=Path("classify-quality-out"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument(
@@ -307,8 +309,11 @@ def main() -> int:
         results["sets"][name] = {}
         for method in args.methods.split(","):
             log.info("%s: %s (%d training rows, %d test rows)", name, method, len(train_rows), len(test))
-            if method == "head":
-                r = run_head(train_file, test, args.out / "runs" / f"{name}-head", extra + args.head_set)
+            if method in ("head", "head-whole"):  # head-whole: the prompt's start run in every row
+                whole = ["speedups=[cache,bf16]"] if method == "head-whole" else []
+                r = run_head(
+                    train_file, test, args.out / "runs" / f"{name}-{method}", extra + args.head_set + whole
+                )
             elif method == "chat":
                 r = run_chat(train_rows, test, args.out / "runs" / f"{name}-chat", extra)
             else:
