@@ -21,10 +21,12 @@ path runs instead.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import functools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +192,7 @@ class FastPath:
         self.rows, self.n_train = rows, n_train  # training rows first, then validation rows
         self.head = self.base.get_output_embeddings()
         self.cache: FeatureCache | None = None
+        self.start_features: torch.Tensor | None = None  # use_cache's `start` through the cached blocks
         self.lower: list[Skippable] = []  # the cached blocks, wrapped
         self._swapped: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, name, original)
         self.dtype = next(self.base.parameters()).dtype
@@ -224,15 +227,19 @@ class FastPath:
         self._wrap(self.base.get_submodule(parent), attr)
 
     # --- cached features ---------------------------------------------------------------------
-    def use_cache(self, top_blocks: int, base_hash: str) -> None:
-        """Skip every block below the top `top_blocks`; their output comes from a FeatureCache."""
+    def use_cache(self, top_blocks: int, base_hash: str, start: Sequence[int] = ()) -> None:
+        """Skip every block below the top `top_blocks`; their output comes from a FeatureCache.
+
+        `start`: tokens every row begins with (a task's prompt). The cache then holds each row from
+        after it, computed with the start's keys and values (run once, `start_features` its output)."""
         import transformers
 
         _, blocks = decoder_blocks(self.model)
         n_lower = len(blocks) - top_blocks
-        token_rows = [row["input_ids"] for row in self.rows]
+        token_rows = [row["input_ids"][len(start) :] for row in self.rows]
         key = cache_key(
             token_rows,
+            start=list(start),
             base=base_hash,
             revision=getattr(self.base.config, "_commit_hash", None),
             lower_blocks=n_lower,
@@ -243,7 +250,16 @@ class FastPath:
             versions=[torch.__version__, transformers.__version__, np.__version__, __version__],
         )
         self.lower = [self._wrap(blocks, str(i)) for i in range(n_lower)]
-        self.cache = FeatureCache(key, token_rows, self.base.config.hidden_size, self._run_lower)
+        lower = self._run_lower
+        if start:
+            from transformers import DynamicCache
+
+            ids = torch.tensor([list(start)])
+            self.start_features, start_cache = self._lower_with_cache(
+                ids, torch.ones_like(ids), DynamicCache(config=self.base.config)
+            )
+            lower = functools.partial(self._run_lower, start=start_cache)
+        self.cache = FeatureCache(key, token_rows, self.base.config.hidden_size, lower)
         self.model.main_input_name = "inputs_embeds"  # the Trainer counts tokens in its model's main input
 
     def plain(self) -> contextlib.AbstractContextManager:
@@ -261,22 +277,38 @@ class FastPath:
                 block.skip = True
 
     @torch.no_grad()
-    def _run_lower(self, ids: torch.Tensor, mask: torch.Tensor, autocast: bool = True) -> torch.Tensor:
-        """The cached blocks' output: the model's own forward (positions, masks), stopped after them."""
+    def _run_lower(
+        self, ids: torch.Tensor, mask: torch.Tensor, autocast: bool = True, start: Any = None
+    ) -> torch.Tensor:
+        """The cached blocks' output: the model's own forward (positions, masks), stopped after them.
+        With `start` (a key/value cache of tokens before these, `use_cache`) the rows follow on from it."""
+        if start is None:
+            return self._lower_with_cache(ids, mask, autocast=autocast)[0]
+        cache = copy.deepcopy(start)
+        cache.batch_repeat_interleave(len(ids))
+        before = torch.ones(len(ids), cache.get_seq_length(), dtype=mask.dtype)
+        return self._lower_with_cache(ids, torch.cat([before, mask], dim=1), cache, autocast)[0]
+
+    @torch.no_grad()
+    def _lower_with_cache(
+        self, ids: torch.Tensor, mask: torch.Tensor, cache: Any = None, autocast: bool = True
+    ) -> tuple[torch.Tensor, Any]:
+        """`_run_lower`, and the key/value `cache` the cached blocks filled (none kept unless given)."""
 
         def stop(module: nn.Module, args: Any, out: Any) -> None:
             raise _LowerOutput(out[0] if isinstance(out, tuple) else out)
 
+        keys = {"cache": cache} if cache is not None else {"use_cache": False}
         hook = self.lower[-1].register_forward_hook(stop)
         was_training = self.model.training
         self.model.eval()
         try:
             with self._lower_blocks_on(), self.autocast(autocast):
                 self.base.get_decoder()(
-                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **keys
                 )
         except _LowerOutput as done:
-            return done.hidden
+            return done.hidden, cache
         finally:
             hook.remove()
             self.model.train(was_training)

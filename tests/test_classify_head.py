@@ -138,13 +138,16 @@ def test_the_classify_fast_path_gives_the_plain_loss_and_gradients(
     )
     plain, plain_grads = loss_and_grads(dict(plain_batch))
     fast = ClassifyFastPath(FastPath(model, levers, 2, data.train + data.val, len(data.train)))
-    if levers.cache:
-        fast.inner.use_cache(1, "test")
     start = data.prompt.prefix_ids(load_tokenizer(tiny_model_dir))
+    if levers.cache:  # with the prefix lever the cache holds each row from after the start
+        fast.inner.use_cache(1, "test", start if levers.prefix else ())
+        assert fast.inner.cache.offsets[-1] == sum(len(r["input_ids"]) for r in data.train + data.val) - (
+            len(start) * len(data.train + data.val) if levers.prefix else 0
+        )
     if levers.prefix:
         fast.use_prefix(start)
     assert fast.check_against_plain() is None
-    batch = fast.collate(rows)
+    batch = fast.collate(rows)  # features from the cache, filled here
     batch.pop("labels")
     assert ("inputs_embeds" in batch) == levers.cache and ("input_ids" in batch) != levers.cache
     tokens = batch.get("inputs_embeds", batch.get("input_ids"))

@@ -56,8 +56,10 @@ def prepare(
     fast = ClassifyFastPath(
         FastPath(model, levers, tokenizer.pad_token_id, data.train + data.val, len(data.train))
     )
-    if levers.cache:
-        fast.inner.use_cache(recipe.lora.layers, model_fingerprint(base_folder))
+    if levers.cache:  # with the prefix lever the cache holds the rows from after the start
+        fast.inner.use_cache(
+            recipe.lora.layers, model_fingerprint(base_folder), start if levers.prefix else ()
+        )
     if levers.prefix:
         fast.use_prefix(start)
     problem = fast.check_against_plain()
@@ -102,10 +104,8 @@ class ClassifyFastPath:
 
     def use_prefix(self, start: list[int]) -> None:
         """Batches carry the rows from their text on; the start runs once per batch (prefix.py)."""
-        features = None
-        if self.inner.cache is not None:  # the start's lower-block output, once
-            ids = torch.tensor([start])
-            features = self.inner._run_lower(ids, torch.ones_like(ids)).detach()
+        features = self.inner.start_features  # with the cache: the start's lower-block output
+        assert self.inner.cache is None or features is not None, "use_cache(..., start) comes first"
         self.prefix = SharedPrefix(self.model, start, self.inner.plain, features)
         self.prefix.attach()
 
@@ -133,8 +133,8 @@ class ClassifyFastPath:
             return {"input_ids": ids, "attention_mask": self._with_start(mask), "labels": labels}
         features = features or cache.rows([e["row"] for e in examples])
         embeds = torch.zeros(*shape, cache.dim, dtype=self.inner.dtype)
-        for j, row in enumerate(features):
-            embeds[j, shape[1] - lengths[j] :] = row[skip:].to(self.inner.dtype)
+        for j, row in enumerate(features):  # the cache holds the rows from after the start
+            embeds[j, shape[1] - lengths[j] :] = row.to(self.inner.dtype)
             mask[j, shape[1] - lengths[j] :] = 1
         positions = skip + (mask.cumsum(-1) - 1).clamp(min=0)  # each text counts from its first token
         return {
@@ -167,9 +167,8 @@ class ClassifyFastPath:
             with self.inner.plain():
                 plain = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             features = None
-            if self.inner.cache is not None:  # stored as the cache stores them (fp16)
-                hidden = self.inner._run_lower(ids, mask, autocast=False).half()
-                features = [hidden[j, :n] for j, n in enumerate(lengths)]
+            if self.inner.cache is not None:  # computed as the cache computes them, stored as it stores them
+                features = [f.half() for f in self._fp32_features(rows)]
             batch = self.collate(rows, features)
             batch.pop("labels")
             fast = model(**{k: v.to(device) for k, v in batch.items()}).logits
@@ -183,6 +182,27 @@ class ClassifyFastPath:
                 f"the plain one {plain_loss.item():.6f}"
             )
         return None
+
+    def _fp32_features(self, rows: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """The cached blocks' output for `rows` as the cache computes it (from after the prompt's
+        start, with its keys and values, under the prefix lever), in fp32."""
+        from transformers import DynamicCache
+
+        skip = self.prefix.length if self.prefix is not None else 0
+        body = [r["input_ids"][skip:] for r in rows]
+        ids = torch.full((len(body), max(map(len, body))), self.inner.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, b in enumerate(body):
+            ids[j, : len(b)], mask[j, : len(b)] = torch.as_tensor(b), 1
+        start = None
+        if skip:
+            first = torch.tensor([rows[0]["input_ids"][:skip]])
+            config = self.inner.base.config
+            _, start = self.inner._lower_with_cache(
+                first, torch.ones_like(first), DynamicCache(config=config), False
+            )
+        hidden = self.inner._run_lower(ids, mask, autocast=False, start=start)
+        return [hidden[j, : len(b)] for j, b in enumerate(body)]
 
     # --- the Trainer -------------------------------------------------------------------------
     def arguments(self, args: Any) -> Any:

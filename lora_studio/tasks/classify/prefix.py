@@ -13,7 +13,9 @@ from their text on, attending to them. The gradient through the start is the sum
 in the plain path. Inference does the same once per model (model.py, `Classifier._logits`).
 With cached lower blocks (`features`: their output for the start, computed once) the start runs
 from there too; the skipped blocks' cache layers then hold zeros of the start's length, which those
-blocks never read and from which the mask takes the start's length.
+blocks never read and from which the mask takes the start's length. The feature cache itself then
+holds each row from after the start, computed once with the start's keys and values
+(`FastPath.use_cache(..., start)`): 2.3x fewer values, filled 1.3-1.5x faster on the benchmark's sets.
 
 A batch in this form carries only the rows' tokens after the start (ids or cached features) and an
 attention mask `length` columns wider: ones for the start, then the rows' own mask. A forward hook
