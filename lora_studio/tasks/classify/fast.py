@@ -123,14 +123,12 @@ class ClassifyFastPath:
         labels = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
         skip = self.prefix.length if self.prefix is not None else 0
         lengths = [len(e["input_ids"]) - skip for e in examples]
-        shape = (len(examples), max(lengths))
-        mask = torch.zeros(shape, dtype=torch.long)
         cache = self.inner.cache
         if cache is None:
-            ids = torch.full(shape, self.inner.pad_id, dtype=torch.long)
-            for j, e in enumerate(examples):
-                ids[j, : lengths[j]], mask[j, : lengths[j]] = torch.as_tensor(e["input_ids"][skip:]), 1
+            ids, mask = self._right_padded([e["input_ids"][skip:] for e in examples])
             return {"input_ids": ids, "attention_mask": self._with_start(mask), "labels": labels}
+        shape = (len(examples), max(lengths))
+        mask = torch.zeros(shape, dtype=torch.long)
         features = features or cache.rows([e["row"] for e in examples])
         embeds = torch.zeros(*shape, cache.dim, dtype=self.inner.dtype)
         for j, row in enumerate(features):  # the cache holds the rows from after the start
@@ -147,6 +145,14 @@ class ClassifyFastPath:
     def _with_start(self, mask: torch.Tensor) -> torch.Tensor:
         return self.prefix.mask(mask) if self.prefix is not None else mask
 
+    def _right_padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids padded on the right, and their attention mask."""
+        ids = torch.full((len(rows), max(map(len, rows))), self.inner.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, row in enumerate(rows):
+            ids[j, : len(row)], mask[j, : len(row)] = torch.as_tensor(row), 1
+        return ids, mask
+
     def autocast(self) -> contextlib.AbstractContextManager:
         return self.inner.autocast()
 
@@ -154,11 +160,7 @@ class ClassifyFastPath:
     def check_against_plain(self) -> str | None:
         """A few training rows both ways in fp32 (bf16 left out, as for chat): the same loss, or why not."""
         rows = [{**r, "row": i} for i, r in enumerate(self.inner.rows[: min(CHECK_ROWS, self.inner.n_train)])]
-        lengths = [len(r["input_ids"]) for r in rows]
-        ids = torch.full((len(rows), max(lengths)), self.inner.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, r in enumerate(rows):
-            ids[j, : lengths[j]], mask[j, : lengths[j]] = torch.as_tensor(r["input_ids"]), 1
+        ids, mask = self._right_padded([r["input_ids"] for r in rows])
         labels = torch.tensor([r["labels"] for r in rows])
         device, model = self.inner.device, self.model
         was_training = model.training
@@ -190,10 +192,7 @@ class ClassifyFastPath:
 
         skip = self.prefix.length if self.prefix is not None else 0
         body = [r["input_ids"][skip:] for r in rows]
-        ids = torch.full((len(body), max(map(len, body))), self.inner.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, b in enumerate(body):
-            ids[j, : len(b)], mask[j, : len(b)] = torch.as_tensor(b), 1
+        ids, mask = self._right_padded(body)
         start = None
         if skip:
             first = torch.tensor([rows[0]["input_ids"][:skip]])
